@@ -1,0 +1,54 @@
+"""The source contract: how a backend cuts a source into tasks and reads a task's records.
+
+A source has two halves that may run in different processes:
+
+* :meth:`Source.iter_tasks` runs in the main process (a feeder thread) and yields task
+  payloads in order. For an in-memory iterable the payload holds the records themselves; for
+  a splittable source (parquet row groups, jsonl lines) it holds only what a worker needs to
+  read them, so the heavy decoding happens in the workers.
+* :meth:`Source.read_task` runs where the task runs (main process or CPU worker) and yields
+  the task's records.
+
+Example subclass (a source of the squares of ``n`` numbers, read in the workers)::
+
+    class Squares(Source):
+        def __init__(self, n):
+            self.n = n
+
+        def iter_tasks(self, task_size):
+            for start in range(0, self.n, task_size):
+                yield (start, min(start + task_size, self.n))
+
+        def read_task(self, payload):
+            start, stop = payload
+            return (i * i for i in range(start, stop))
+
+        def describe(self):
+            return f"squares({self.n})"
+
+Ordering guarantee: concatenating ``read_task(p)`` over ``iter_tasks()`` in order gives the
+source's records in order; payload boundaries depend only on the source and ``task_size``,
+never on the number of workers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+
+class Source(ABC):
+    """Where records come from. Instances are pickled (with dill) to each worker once."""
+
+    @abstractmethod
+    def iter_tasks(self, task_size: int) -> Iterator[Any]:
+        """Yields task payloads in source order (main process)."""
+
+    @abstractmethod
+    def read_task(self, payload: Any) -> Iterator[Any]:
+        """Yields the records of one task (where the task runs)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """A short text for ``repr(stream)``."""

@@ -1,0 +1,265 @@
+"""Parquet: a source streamed by row group, and a writer of atomic part files.
+
+Tasks of a parquet source are row groups: the main process only lists them (reading file
+footers); the rows are decoded where the task runs, a CPU worker with the multiprocessing
+backend, in slices of ``READ_BATCH_ROWS`` so a large row group is never held whole.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, Optional
+
+from ..errors import SchemaError
+from .base import Source
+from .paths import PathLike, resolve_files
+
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+READ_BATCH_ROWS = 8192
+DEFAULT_ROW_GROUP_ROWS = 65_536
+DEFAULT_ROW_GROUP_BYTES = 64 * 1024 * 1024
+DEFAULT_ROWS_PER_FILE = 1_000_000
+
+
+def batch_to_records(batch: Any) -> list[dict[str, Any]]:
+    """Arrow RecordBatch/Table -> list of dicts (faster than ``to_pylist`` on wide tables)."""
+    names = batch.schema.names
+    columns = [column.to_pylist() for column in batch.columns]
+    return [dict(zip(names, row)) for row in zip(*columns)]
+
+
+class ParquetSource(Source):
+    """Dict records from parquet files, one task per row group.
+
+    Args:
+        path: a file, a directory (read recursively), a glob or a list of those.
+        columns: the columns to read (all when None); unknown names fail at once.
+        filesystem: a ``pyarrow.fs.FileSystem`` or an fsspec filesystem (local when None).
+    """
+
+    def __init__(self, path: PathLike, columns: Optional[list[str]] = None, filesystem: Any = None) -> None:
+        import pyarrow.parquet as pq
+
+        self.path_text = str(path)
+        self.filesystem, self.files = resolve_files(path, PARQUET_SUFFIXES, filesystem, what="read_parquet")
+        if columns is not None:
+            if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+                raise TypeError(f"read_parquet: columns must be a list of column names, got {columns!r}")
+            schema = pq.read_schema(self.files[0], filesystem=self.filesystem)
+            missing = [c for c in columns if c not in schema.names]
+            if missing:
+                raise SchemaError(
+                    f"read_parquet: unknown column(s) {missing} in {self.files[0]!r}; available: {schema.names}"
+                )
+            columns = list(columns)
+        self.columns = columns
+        self._open: Optional[tuple[str, Any]] = None
+
+    def _parquet_file(self, path: str) -> Any:
+        # Keep the last file open: consecutive tasks usually come from the same file.
+        import pyarrow.parquet as pq
+
+        if self._open is None or self._open[0] != path:
+            self._open = (path, pq.ParquetFile(path, filesystem=self.filesystem))
+        return self._open[1]
+
+    def iter_tasks(self, task_size: int) -> Iterator[tuple[str, int]]:
+        for path in self.files:
+            for row_group in range(self._parquet_file(path).num_row_groups):
+                yield path, row_group
+
+    def read_task(self, payload: tuple[str, int]) -> Iterator[dict[str, Any]]:
+        path, row_group = payload
+        batches = self._parquet_file(path).iter_batches(
+            batch_size=READ_BATCH_ROWS, row_groups=[row_group], columns=self.columns, use_threads=False
+        )
+        for batch in batches:
+            yield from batch_to_records(batch)
+
+    def describe(self) -> str:
+        cols = f", columns={self.columns}" if self.columns is not None else ""
+        return f"read_parquet({self.path_text!r}{cols}: {len(self.files)} file(s))"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"] = None  # open file handles do not travel
+        return state
+
+
+def records_to_table(records: list[Any], schema: Any = None) -> Any:
+    """Converts dict records to an Arrow table, naming the field whose values do not fit.
+
+    Runs where the chunk is finalized (a CPU worker with the multiprocessing backend).
+
+    Raises:
+        SchemaError: a field holds values of incompatible types, or a record is not a dict.
+    """
+    import pyarrow as pa
+
+    if records and not isinstance(records[0], dict):
+        raise SchemaError(f"write_parquet needs dict records, got {type(records[0]).__name__}: {records[0]!r:.80}")
+    try:
+        return pa.Table.from_pylist(records, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+        bad = [r for r in records if not isinstance(r, dict)]
+        if bad:
+            raise SchemaError(f"write_parquet needs dict records, got {type(bad[0]).__name__}: {bad[0]!r:.80}") from exc
+        names = schema.names if schema is not None else list(dict.fromkeys(k for r in records for k in r))
+        for name in names:
+            values = [r.get(name) for r in records]
+            try:
+                pa.array(values, type=schema.field(name).type if schema is not None else None)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as field_exc:
+                raise SchemaError(f"write_parquet: field {name!r} holds values of inconsistent types: {field_exc}") from exc
+        raise SchemaError(f"write_parquet: records cannot be converted to Arrow: {exc}") from exc
+
+
+class ParquetPartWriter:
+    """Writes Arrow tables in order into ``part-00000.parquet``, ``part-00001.parquet``...
+
+    Each part is written under a hidden temporary name and renamed when complete, so a part
+    appears under its final name only whole. Tables are buffered up to ``row_group_rows``
+    rows or ``row_group_bytes`` bytes, then written as one row group: memory stays bounded by
+    one row group. Runs in the main process.
+
+    Raises:
+        FileExistsError: the target directory is not empty and ``overwrite`` is False.
+        SchemaError: a table's schema cannot be cast to the part's schema (names the field).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        overwrite: bool = False,
+        schema: Any = None,
+        rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+        row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+        row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+        compression: str = "snappy",
+    ) -> None:
+        for name, value in (("rows_per_file", rows_per_file), ("row_group_rows", row_group_rows)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"write_parquet: {name} must be a positive int, got {value!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        prepare_output_dir(self.path, overwrite, PARQUET_SUFFIXES, "write_parquet")
+        self.schema = schema
+        self.rows_per_file = rows_per_file
+        self.row_group_rows = row_group_rows
+        self.row_group_bytes = row_group_bytes
+        self.compression = compression
+        self.part_paths: list[str] = []
+        self.rows_written = 0
+        self._buffer: list[Any] = []
+        self._buffer_rows = 0
+        self._buffer_bytes = 0
+        self._writer: Any = None
+        self._tmp_path: Optional[str] = None
+        self._rows_in_part = 0
+
+    def write(self, table: Any) -> None:
+        if table.num_rows == 0:
+            return
+        if self.schema is None:
+            self.schema = table.schema
+        table = self._conform(table)
+        self._buffer.append(table)
+        self._buffer_rows += table.num_rows
+        self._buffer_bytes += table.nbytes
+        if self._buffer_rows >= self.row_group_rows or self._buffer_bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _conform(self, table: Any) -> Any:
+        import pyarrow as pa
+
+        if table.schema.equals(self.schema):
+            return table
+        extra = [name for name in table.schema.names if name not in self.schema.names]
+        if extra:
+            raise SchemaError(f"write_parquet: field(s) {extra} appear after the first records, which lack them; pass schema=")
+        columns = []
+        for field in self.schema:
+            if field.name not in table.schema.names:
+                columns.append(pa.nulls(table.num_rows, field.type))
+                continue
+            column = table.column(field.name)
+            try:
+                columns.append(column.cast(field.type) if column.type != field.type else column)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise SchemaError(
+                    f"write_parquet: field {field.name!r} was {field.type} in earlier records and is "
+                    f"{column.type} now; pass schema= to write_parquet to fix it"
+                ) from exc
+        return pa.Table.from_arrays(columns, schema=self.schema)
+
+    def _flush(self, final: bool = False) -> None:
+        """Writes the buffered rows: whole row groups only, unless ``final`` or over the byte budget."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._buffer:
+            return
+        table = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        keep = 0
+        if not final and self._buffer_bytes < self.row_group_bytes:
+            keep = table.num_rows % self.row_group_rows
+        table, rest = table.slice(0, table.num_rows - keep), table.slice(table.num_rows - keep)
+        self._buffer = [rest] if keep else []
+        self._buffer_rows, self._buffer_bytes = keep, rest.nbytes if keep else 0
+        while table.num_rows:
+            if self._writer is None:
+                index = len(self.part_paths)
+                final_path = os.path.join(self.path, f"part-{index:05d}.parquet")
+                self._tmp_path = os.path.join(self.path, f".part-{index:05d}.parquet.inprogress")
+                self._writer = pq.ParquetWriter(self._tmp_path, self.schema, compression=self.compression)
+                self.part_paths.append(final_path)
+                self._rows_in_part = 0
+            room = self.rows_per_file - self._rows_in_part
+            head, table = table.slice(0, room), table.slice(room)
+            self._writer.write_table(head, row_group_size=self.row_group_rows)
+            self._rows_in_part += head.num_rows
+            self.rows_written += head.num_rows
+            if self._rows_in_part >= self.rows_per_file:
+                self._finish_part()
+
+    def _finish_part(self) -> None:
+        self._writer.close()
+        os.replace(self._tmp_path, self.part_paths[-1])
+        self._writer, self._tmp_path = None, None
+
+    def close(self) -> None:
+        """Writes what is buffered and completes the last part."""
+        self._flush(final=True)
+        if self._writer is not None:
+            self._finish_part()
+
+    def abort(self) -> None:
+        """Drops the part in progress (completed parts stay)."""
+        self._buffer = []
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                if self._tmp_path and os.path.exists(self._tmp_path):
+                    os.unlink(self._tmp_path)
+                self.part_paths.pop()
+                self._writer, self._tmp_path = None, None
+
+
+def prepare_output_dir(path: str, overwrite: bool, suffixes: tuple[str, ...], what: str) -> None:
+    """Creates the output directory, refusing (or clearing, with ``overwrite``) a non-empty one.
+
+    ``overwrite=True`` deletes only the files a previous run wrote (``suffixes``, and hidden
+    in-progress parts), never anything else the user keeps there.
+    """
+    if os.path.isfile(path):
+        raise FileExistsError(f"{what}: {path!r} is a file; give a directory path")
+    if os.path.isdir(path):
+        entries = os.listdir(path)
+        if entries and not overwrite:
+            raise FileExistsError(f"{what}: output directory {path!r} is not empty; pass overwrite=True to replace its content")
+        for name in entries:
+            full = os.path.join(path, name)
+            if os.path.isfile(full) and (name.endswith(suffixes) or name.endswith(".inprogress")):
+                os.unlink(full)
+    os.makedirs(path, exist_ok=True)

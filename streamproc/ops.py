@@ -1,0 +1,191 @@
+"""Op types: what a stream does to records, as picklable values (no I/O, no processes).
+
+Each op turns an iterator of records into an iterator of records with :meth:`Op.apply`. The
+executor chains the ops of a stream once per task (see :mod:`streamproc.execution`), so an op
+never sees records of two tasks at once: this is what makes batch composition independent of
+the backend and of the number of workers.
+
+Where ops run: in the main process with the simple backend, in a CPU worker otherwise, except
+``MapGPU.forward``, which runs wherever the execution context's forward runner sends it
+(in-process, or a GPU worker).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Optional
+
+from .batching import BatchBy, BatchSize, iter_batches
+from .errors import add_context_note
+
+if TYPE_CHECKING:
+    from .execution import ExecutionContext
+
+#: Attribute set on an exception by the first stage that sees it (so that downstream stages,
+#: through which it propagates, do not claim it).
+STAGE_ATTR = "_streamproc_stage"
+
+
+def callable_name(fn: Any) -> str:
+    """A short readable name for a user callable, for reprs and error messages."""
+    if isinstance(fn, functools.partial):
+        return callable_name(fn.func)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return name if name else type(fn).__name__
+
+
+def tag_stage(exc: BaseException, stage: str) -> None:
+    """Records on ``exc`` the stage it came from, unless an upstream stage already did."""
+    if getattr(exc, STAGE_ATTR, None) is None:
+        try:
+            setattr(exc, STAGE_ATTR, stage)
+        except AttributeError:
+            pass
+        add_context_note(exc, f"streamproc: raised in {stage}")
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base of all ops. Subclasses implement :meth:`apply` and :meth:`describe`."""
+
+    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def callables(self) -> dict[str, Any]:
+        """The user callables of this op by role, to name them in serialization errors."""
+        return {}
+
+
+def _guarded(it: Iterable[Any], stage: str) -> Iterator[Any]:
+    """Yields from ``it``, tagging an exception with ``stage`` on its way out."""
+    try:
+        yield from it
+    except Exception as exc:
+        tag_stage(exc, stage)
+        raise
+
+
+@dataclass(frozen=True)
+class Map(Op):
+    fn: Callable[..., Any]
+    kwargs: Optional[dict[str, Any]] = None
+
+    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+        fn = functools.partial(self.fn, **self.kwargs) if self.kwargs else self.fn
+        return _guarded(map(fn, records), stage)
+
+    def describe(self) -> str:
+        return f"map({callable_name(self.fn)})"
+
+    def callables(self) -> dict[str, Any]:
+        return {"map fn": self.fn, "map kwargs": self.kwargs}
+
+
+@dataclass(frozen=True)
+class Filter(Op):
+    pred: Callable[[Any], Any]
+
+    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+        return _guarded(filter(self.pred, records), stage)
+
+    def describe(self) -> str:
+        return f"filter({callable_name(self.pred)})"
+
+    def callables(self) -> dict[str, Any]:
+        return {"filter predicate": self.pred}
+
+
+@dataclass(frozen=True)
+class Flatten(Op):
+    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+        return _guarded(itertools.chain.from_iterable(records), stage)
+
+    def describe(self) -> str:
+        return "flatten()"
+
+
+@dataclass(frozen=True)
+class BatchedOp(Op):
+    """An op that groups records into batches first; its size resolves at run time."""
+
+    batch_size: Optional[BatchSize] = field(default=None, kw_only=True)
+    batch_by: BatchBy = field(default=None, kw_only=True)
+
+    def resolved(self, default_size: BatchSize, default_by: BatchBy) -> BatchedOp:
+        """This op with the stream's default batch size filled in where it has none."""
+        if self.batch_size is not None:
+            return self
+        return replace(self, batch_size=default_size, batch_by=self.batch_by if self.batch_by is not None else default_by)
+
+    def _batches(self, records: Iterator[Any]) -> Iterator[list[Any]]:
+        assert self.batch_size is not None, "resolve batch sizes before running"
+        return iter_batches(records, self.batch_size, self.batch_by)
+
+    def _size_text(self) -> str:
+        return f", batch_size='{self.batch_size}'" if self.batch_size is not None else ""
+
+
+@dataclass(frozen=True)
+class MapBatches(BatchedOp):
+    fn: Callable[[list[Any]], Iterable[Any]]
+
+    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+        return _guarded(itertools.chain.from_iterable(map(self.fn, self._batches(records))), stage)
+
+    def describe(self) -> str:
+        return f"map_batches({callable_name(self.fn)}{self._size_text()})"
+
+    def callables(self) -> dict[str, Any]:
+        return {"map_batches fn": self.fn}
+
+
+def default_postprocess(records: list[Any], outputs: Any) -> list[Any]:
+    """One output row per record: row ``i`` of every tensor/array in ``outputs``.
+
+    Tensors are converted to numpy on the way; a dict of outputs gives one dict per record, a
+    tuple gives one tuple per record.
+    """
+    from .gpu import split_rows
+
+    rows = split_rows(outputs)
+    if len(rows) != len(records):
+        raise ValueError(
+            f"forward returned {len(rows)} rows for a batch of {len(records)} records: "
+            "pass a postprocess function to map_gpu to match outputs to records"
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class MapGPU(BatchedOp):
+    """A deep-learning stage: ``prepare_batch`` and ``postprocess`` on the CPU, ``forward`` on a device."""
+
+    prepare_batch: Callable[[list[Any]], Any]
+    forward: Callable[[Any], Any]
+    postprocess: Optional[Callable[[list[Any], Any], Iterable[Any]]] = None
+
+    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+        postprocess = self.postprocess or default_postprocess
+        prepared = ((batch, self.prepare_batch(batch)) for batch in self._batches(records))
+        done = ctx.forward_runner(self, stage).run(_guarded(prepared, f"{stage}, prepare_batch"))
+        finished = itertools.starmap(postprocess, done)
+        return _guarded(itertools.chain.from_iterable(_guarded(finished, f"{stage}, postprocess")), stage)
+
+    def describe(self) -> str:
+        names = [callable_name(self.prepare_batch), callable_name(self.forward)]
+        if self.postprocess is not None:
+            names.append(callable_name(self.postprocess))
+        return f"map_gpu({', '.join(names)}{self._size_text()})"
+
+    def callables(self) -> dict[str, Any]:
+        return {
+            "map_gpu prepare_batch": self.prepare_batch,
+            "map_gpu forward": self.forward,
+            "map_gpu postprocess": self.postprocess,
+        }

@@ -1,0 +1,149 @@
+"""Processing options (``Stream.set_processing``) and their eager validation.
+
+Validation happens when ``set_processing`` is called, in the main process: a bad value raises
+``ValueError`` naming the parameter and what is allowed, never later at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .batching import BatchBy, BatchSize, validate_batch_by
+
+BACKENDS = ("simple", "multiprocessing", "ray")
+START_METHODS = ("fork", "spawn", "forkserver")
+AUTOCAST_DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_BATCH_SIZE = BatchSize(128, "records")
+DEFAULT_TASK_SIZE = 1024
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclass(frozen=True)
+class ProcessingOptions:
+    """How a stream runs. ``None`` means "derive a default at run time" (see :meth:`resolve`).
+
+    ``task_size`` is the number of consecutive source records in one task (the unit handed to
+    a worker); batches never span two tasks, which is what makes batch composition identical
+    across backends and worker counts. Parquet sources use row groups as tasks instead.
+    """
+
+    backend: Optional[str] = None
+    num_cpu_workers: Optional[int] = None
+    num_gpu_workers: Optional[int] = None
+    gpu_worker_devices: Optional[tuple[str, ...]] = None
+    deterministic: bool = True
+    batch_size: Optional[BatchSize] = None
+    batch_by: BatchBy = None
+    show_progress: bool = False
+    autocast: Any = None
+    process_start_method: Optional[str] = None
+    task_size: Optional[int] = None
+
+    def updated(self, **changes: Any) -> ProcessingOptions:
+        """Returns a copy with ``changes`` validated and applied."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"set_processing() got unknown option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **{k: _VALIDATORS[k](v) for k, v in changes.items()})
+
+    def changed_fields(self) -> dict[str, Any]:
+        """The options that differ from the defaults (used by ``repr``)."""
+        default = ProcessingOptions()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+    @property
+    def effective_gpu_workers(self) -> int:
+        if self.num_gpu_workers is not None:
+            return self.num_gpu_workers
+        return len(self.gpu_worker_devices) if self.gpu_worker_devices else 0
+
+    @property
+    def effective_backend(self) -> str:
+        """The backend to run: simple for one CPU worker and no GPU worker, else multiprocessing."""
+        if self.backend is not None:
+            return self.backend
+        if (self.num_cpu_workers or 1) > 1 or self.effective_gpu_workers > 0:
+            return "multiprocessing"
+        return "simple"
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if value is not None and value not in choices:
+        raise ValueError(f"{name}={value!r} is invalid: expected one of {', '.join(map(repr, choices))} or None")
+    return value
+
+
+def _check_backend(value: Any) -> Optional[str]:
+    _check_choice("backend", value, BACKENDS)
+    if value == "ray":
+        raise ValueError("backend='ray' is on the roadmap but not available yet: use 'simple' or 'multiprocessing'")
+    return value
+
+
+def _check_count(name: str, minimum: int):  # type: ignore[no-untyped-def]
+    def check(value: Any) -> Optional[int]:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum} or None, got {value!r}")
+        return value
+
+    return check
+
+
+def _check_bool(name: str):  # type: ignore[no-untyped-def]
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+        return value
+
+    return check
+
+
+def _check_devices(value: Any) -> Optional[tuple[str, ...]]:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(d, str) for d in value) or not value:
+        raise ValueError(f"gpu_worker_devices must be a non-empty list of device names like ['cuda:0', 'cpu'], got {value!r}")
+    bad = [d for d in value if not _DEVICE_RE.match(d)]
+    if bad:
+        raise ValueError(f"gpu_worker_devices: {bad!r} not understood; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return tuple(value)
+
+
+def _check_batch_size(value: Any) -> Optional[BatchSize]:
+    return None if value is None else BatchSize.parse(value)
+
+
+def _check_autocast(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value in AUTOCAST_DTYPES:
+        return value
+    # A torch.dtype, recognised without importing torch (the core must not import it).
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return value
+    raise ValueError(f"autocast must be None, True/False, a torch.dtype or one of {', '.join(AUTOCAST_DTYPES)}, got {value!r}")
+
+
+_VALIDATORS = {
+    "backend": _check_backend,
+    "num_cpu_workers": _check_count("num_cpu_workers", 1),
+    "num_gpu_workers": _check_count("num_gpu_workers", 0),
+    "gpu_worker_devices": _check_devices,
+    "deterministic": _check_bool("deterministic"),
+    "batch_size": _check_batch_size,
+    "batch_by": validate_batch_by,
+    "show_progress": _check_bool("show_progress"),
+    "autocast": _check_autocast,
+    "process_start_method": lambda v: _check_choice("process_start_method", v, START_METHODS),
+    "task_size": _check_count("task_size", 1),
+}

@@ -1,0 +1,56 @@
+"""The execution plan: what a backend runs, derived from a Stream with defaults resolved.
+
+A :class:`Plan` is the unit that travels to workers (pickled with dill once per worker): the
+source (its worker half), the ops with batch sizes filled in, and the task size. It is built
+in the main process, when a sink asks for records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .io.base import Source
+from .ops import BatchedOp, Op
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_TASK_SIZE, ProcessingOptions
+
+if TYPE_CHECKING:
+    from .stream import Stream
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A stream ready to run.
+
+    ``task_size`` source records form one task (parquet: one row group per task); batches
+    never span tasks. ``chunk_size`` is the most output records sent to the sink per message.
+    """
+
+    source: Source
+    ops: tuple[Op, ...]
+    options: ProcessingOptions
+    task_size: int
+    chunk_size: int
+    stage_names: tuple[str, ...]
+
+    @property
+    def has_gpu_stage(self) -> bool:
+        from .ops import MapGPU
+
+        return any(isinstance(op, MapGPU) for op in self.ops)
+
+
+def default_task_size(ops: tuple[Op, ...]) -> int:
+    """``DEFAULT_TASK_SIZE``, or the largest record-count batch size if larger, so that a
+    ``map_batches(batch_size=N)`` stage does see batches of N records."""
+    sizes = [op.batch_size.value for op in ops if isinstance(op, BatchedOp) and op.batch_size and op.batch_size.unit == "records"]
+    return max([DEFAULT_TASK_SIZE, *sizes])
+
+
+def build_plan(stream: Stream) -> Plan:
+    options = stream.options
+    default_size = options.batch_size or DEFAULT_BATCH_SIZE
+    ops = tuple(op.resolved(default_size, options.batch_by) if isinstance(op, BatchedOp) else op for op in stream.ops)
+    task_size = options.task_size or default_task_size(ops)
+    names = tuple(f"stage {i} ({op.describe()})" for i, op in enumerate(ops, start=1))
+    return Plan(stream.source, ops, options, task_size, chunk_size=task_size, stage_names=names)

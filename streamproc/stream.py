@@ -1,0 +1,268 @@
+"""Stream: the immutable, lazy builder users chain ops on. It executes nothing itself.
+
+Every op returns a new Stream; sinks (iteration, ``to_list``, ``to_pandas``,
+``write_parquet``, ``write_jsonl``) build a :class:`~streamproc.plan.Plan` and hand it to the
+backend chosen by ``set_processing``. All methods here run in the main process; the docstring
+of each op says where its callables run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Optional
+
+from .backends.base import get_backend
+from .batching import BatchBy, BatchSize, BatchSizeLike, validate_batch_by
+from .execution import ChunkFinalizer
+from .io.base import Source
+from .ops import Filter, Flatten, Map, MapBatches, MapGPU, Op
+from .options import ProcessingOptions
+from .plan import Plan, build_plan
+from .progress import with_progress
+
+
+def _check_callable(value: Any, method: str, param: str) -> None:
+    if not callable(value):
+        raise TypeError(f"{method}(): {param} must be callable, got {type(value).__name__}: {value!r:.60}")
+
+
+class Stream:
+    """A lazy sequence of records: a source, ops, and how to run them.
+
+    >>> import streamproc as sp
+    >>> sp.from_iterable(range(5)).map(lambda x: x * 10).filter(lambda x: x > 10).to_list()
+    [20, 30, 40]
+
+    Building a stream reads nothing; each sink runs it again from the source (a generator
+    source can therefore be run only once).
+    """
+
+    __slots__ = ("_source", "_ops", "_options")
+
+    def __init__(self, source: Source, ops: tuple[Op, ...] = (), options: Optional[ProcessingOptions] = None) -> None:
+        self._source = source
+        self._ops = ops
+        self._options = options or ProcessingOptions()
+
+    # -- read-only views --------------------------------------------------------------------
+    @property
+    def source(self) -> Source:
+        return self._source
+
+    @property
+    def ops(self) -> tuple[Op, ...]:
+        return self._ops
+
+    @property
+    def options(self) -> ProcessingOptions:
+        return self._options
+
+    def _with_op(self, op: Op) -> Stream:
+        return Stream(self._source, (*self._ops, op), self._options)
+
+    # -- ops ------------------------------------------------------------------------------------
+    def map(self, fn: Callable[..., Any], kwargs: Optional[dict[str, Any]] = None) -> Stream:
+        """Applies ``fn(record, **kwargs)`` to each record (CPU worker, or main process with simple).
+
+        >>> import streamproc as sp
+        >>> sp.from_iterable([1, 2]).map(pow, kwargs={"exp": 2}).to_list()
+        [1, 4]
+        """
+        _check_callable(fn, "map", "fn")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise TypeError(f"map(): kwargs must be a dict or None, got {type(kwargs).__name__}")
+        return self._with_op(Map(fn, dict(kwargs) if kwargs else None))
+
+    def filter(self, pred: Callable[[Any], Any]) -> Stream:
+        """Keeps the records for which ``pred(record)`` is truthy (CPU worker).
+
+        >>> import streamproc as sp
+        >>> sp.from_iterable(["a", "", "b"]).filter(bool).to_list()
+        ['a', 'b']
+        """
+        _check_callable(pred, "filter", "pred")
+        return self._with_op(Filter(pred))
+
+    def flatten(self) -> Stream:
+        """Replaces each record by its items (CPU worker); a record must be iterable.
+
+        >>> import streamproc as sp
+        >>> sp.from_iterable([[1, 2], [], [3]]).flatten().to_list()
+        [1, 2, 3]
+        """
+        return self._with_op(Flatten())
+
+    def map_batches(self, fn: Callable[[list[Any]], Iterable[Any]], batch_size: Optional[BatchSizeLike] = None, batch_by: BatchBy = None) -> Stream:
+        """Applies ``fn(list_of_records) -> iterable_of_records`` to batches (CPU worker).
+
+        ``fn`` may return more or fewer records than it received. Batches never span two tasks
+        (see ``set_processing(task_size=...)``), so the last batch of a task may be smaller.
+        Without ``batch_size`` the ``set_processing`` default applies (128 records).
+
+        >>> import streamproc as sp
+        >>> sp.from_iterable(range(5)).map_batches(lambda b: [sum(b)], batch_size=2).to_list()
+        [1, 5, 4]
+        """
+        _check_callable(fn, "map_batches", "fn")
+        size = None if batch_size is None else BatchSize.parse(batch_size)
+        return self._with_op(MapBatches(fn, batch_size=size, batch_by=validate_batch_by(batch_by)))
+
+    def map_gpu(
+        self,
+        prepare_batch: Callable[[list[Any]], Any],
+        forward: Callable[[Any], Any],
+        postprocess: Optional[Callable[[list[Any], Any], Iterable[Any]]] = None,
+        batch_size: Optional[BatchSizeLike] = None,
+        batch_by: BatchBy = None,
+    ) -> Stream:
+        """A deep-learning stage: batch, prepare on CPU, ``forward`` on a device, postprocess on CPU.
+
+        ``prepare_batch(records) -> batch`` runs on a CPU worker and returns CPU tensors (any
+        nesting of dict/list/tuple of tensors or numpy arrays). The engine moves the batch to
+        the device; ``forward(batch) -> outputs`` runs under ``torch.inference_mode()`` (and
+        autocast when ``set_processing(autocast=...)`` asks) on a GPU worker, or in-process when
+        there is none. Outputs return to the CPU, where ``postprocess(records, outputs) ->
+        records`` runs; by default each record is replaced by its row of the outputs (numpy).
+
+        ``torch.nn.Module``s reachable from ``forward`` (bound method, closure, globals it names,
+        attributes of a callable object) are moved to the device once, before the first batch.
+
+        >>> import streamproc as sp, torch
+        >>> sp.from_iterable([1.0, 2.0]).map_gpu(torch.tensor, lambda t: t * 2).to_list()
+        [2.0, 4.0]
+        """
+        _check_callable(prepare_batch, "map_gpu", "prepare_batch")
+        _check_callable(forward, "map_gpu", "forward")
+        if postprocess is not None:
+            _check_callable(postprocess, "map_gpu", "postprocess")
+        size = None if batch_size is None else BatchSize.parse(batch_size)
+        return self._with_op(MapGPU(prepare_batch, forward, postprocess, batch_size=size, batch_by=validate_batch_by(batch_by)))
+
+    def set_processing(self, **options: Any) -> Stream:
+        """Returns this stream with processing options changed (validated now).
+
+        Options: ``backend`` ("simple", "multiprocessing"), ``num_cpu_workers``,
+        ``num_gpu_workers``, ``gpu_worker_devices``, ``deterministic``, ``batch_size``,
+        ``batch_by``, ``show_progress``, ``autocast``, ``process_start_method``, ``task_size``.
+        Options not named keep their current value.
+
+        Raises:
+            ValueError: an invalid value, naming the option and what it accepts.
+            TypeError: an unknown option.
+        """
+        return Stream(self._source, self._ops, self._options.updated(**options))
+
+    # -- execution --------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        """The plan a sink would run now (defaults resolved)."""
+        return build_plan(self)
+
+    @contextlib.contextmanager
+    def _chunks(self, finalize: Optional[ChunkFinalizer] = None) -> Iterator[Iterator[tuple[Any, int]]]:
+        plan = build_plan(self)
+        chunks = get_backend(plan.options.effective_backend).iter_chunks(plan, finalize)
+        try:
+            yield with_progress(chunks, plan.options.show_progress)
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Runs the stream, yielding output records one by one (main process)."""
+        with self._chunks() as chunks:
+            for chunk, _ in chunks:
+                yield from chunk
+
+    def to_list(self) -> list[Any]:
+        """Runs the stream and returns its records in a list."""
+        result: list[Any] = []
+        with self._chunks() as chunks:
+            for chunk, _ in chunks:
+                result.extend(chunk)
+        return result
+
+    def to_pandas(self) -> Any:
+        """Runs the stream and returns a DataFrame (one row per dict record; column ``value`` otherwise)."""
+        import pandas as pd
+
+        records = self.to_list()
+        if records and not isinstance(records[0], dict):
+            return pd.DataFrame({"value": records})
+        return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+
+    def write_parquet(
+        self,
+        path: str | os.PathLike[str],
+        overwrite: bool = False,
+        schema: Any = None,
+        rows_per_file: int = 1_000_000,
+        row_group_size: int = 65_536,
+    ) -> list[str]:
+        """Runs the stream and writes dict records to ``path/part-00000.parquet``, ...
+
+        Records are converted to Arrow where they are produced (a CPU worker with the
+        multiprocessing backend); the main process writes row groups of ``row_group_size``
+        rows into parts of at most ``rows_per_file`` rows. Each part appears under its final
+        name only when complete. ``schema`` (a ``pyarrow.Schema``) fixes the column types;
+        otherwise the first records decide.
+
+        Returns:
+            The paths of the part files written, in order.
+
+        Raises:
+            FileExistsError: ``path`` is not empty and ``overwrite`` is False (checked first).
+            streamproc.SchemaError: records whose types do not agree, naming the field.
+        """
+        from .io.parquet import ParquetPartWriter
+
+        writer = ParquetPartWriter(os.fspath(path), overwrite, schema, rows_per_file, row_group_size)
+        finalize = _TableFinalizer(schema)
+        try:
+            with self._chunks(finalize) as chunks:
+                for table, _ in chunks:
+                    writer.write(table)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.part_paths
+
+    def write_jsonl(self, path: str | os.PathLike[str], overwrite: bool = False) -> str:
+        """Runs the stream and writes one JSON line per record to the file ``path`` (``.gz``: gzipped).
+
+        The file appears under its name only when complete. Returns its path.
+        """
+        from .io.jsonl import JsonlWriter, records_to_jsonl
+
+        writer = JsonlWriter(os.fspath(path), overwrite)
+        try:
+            with self._chunks(records_to_jsonl) as chunks:
+                for text, _ in chunks:
+                    writer.write(text)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.path
+
+    def __repr__(self) -> str:
+        lines = [f"Stream({self._source.describe()}"]
+        lines += [f"  .{op.describe()}" for op in self._ops]
+        changed = self._options.changed_fields()
+        if changed:
+            opts = ", ".join(f"{k}={str(v) if k == 'batch_size' else v!r}" for k, v in changed.items())
+            lines.append(f"  .set_processing({opts})")
+        return "\n".join(lines) + ")"
+
+
+class _TableFinalizer:
+    """Picklable ``records -> pyarrow.Table`` conversion, run where the chunk is produced."""
+
+    def __init__(self, schema: Any = None) -> None:
+        self.schema = schema
+
+    def __call__(self, records: list[Any]) -> Any:
+        from .io.parquet import records_to_table
+
+        return records_to_table(records, self.schema)
