@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
+from .backends.multiprocessing.schedule import get_dispatch_schedule
 from .errors import (
     PipelineShutdownError,
     RemoteTraceback,
@@ -78,6 +79,7 @@ __all__ = [
     "WorkerCrashedError",
     "from_iterable",
     "from_pandas",
+    "get_dispatch_schedule",
     "read_jsonl",
     "read_parquet",
 ]

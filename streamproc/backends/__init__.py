@@ -1,0 +1,1 @@
+"""Execution backends: ``simple`` (in-process) and ``multiprocessing``; nothing heavy is imported here."""

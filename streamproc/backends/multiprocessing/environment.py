@@ -1,0 +1,462 @@
+"""What the machine and the process allow: CPU budget, start method, thread caps, exit codes.
+
+Pure helpers for the multiprocessing executor, importable from a child process at no cost:
+stdlib only at module level (``psutil`` is imported lazily, as a fallback), and torch is
+*never* imported here. Where torch matters (CUDA state, torch's thread pool) it is looked up
+in ``sys.modules``: if the user has not imported it, there is nothing to inspect or to cap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Optional
+
+__all__ = [
+    "MAX_WORKERS_ENV_VAR",
+    "THREAD_ENV_VARS",
+    "cap_worker_threads",
+    "cpu_count",
+    "cuda_initialized_in_parent",
+    "default_num_cpu_workers",
+    "default_start_method",
+    "format_exit_code",
+    "resolve_start_method",
+    "worker_env_overrides",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Caps :func:`cpu_count` (and so every default worker count) when set to a positive int.
+MAX_WORKERS_ENV_VAR = "STREAMPROC_MAX_WORKERS"
+
+#: Variables that size the implicit thread pools of native libraries (OpenMP, MKL,
+#: OpenBLAS, Apple Accelerate, BLIS, numexpr), set to the per-worker thread count.
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+#: Set to "false" in workers: HF tokenizers' Rust pool would otherwise start one thread per
+#: core in every worker (and warns, then disables itself, after a fork).
+TOKENIZERS_PARALLELISM_ENV_VAR = "TOKENIZERS_PARALLELISM"
+
+# Module-level so tests can point them at fake trees (see tests/test_environment.py).
+_CGROUP_ROOT = "/sys/fs/cgroup"
+_PROC_SELF_CGROUP = "/proc/self/cgroup"
+# A cgroup v1 cpu controller is mounted under one of these names (``cpu`` is usually a
+# symlink to ``cpu,cpuacct``; reading a directory twice is harmless, we take the minimum).
+_CGROUP_V1_CPU_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
+
+_SIGNAL_REASONS = {
+    "SIGKILL": "likely the OOM killer or an external kill",
+    "SIGSEGV": "segmentation fault",
+    "SIGBUS": "bus error, e.g. a truncated memory-mapped file or /dev/shm full",
+    "SIGABRT": "aborted, e.g. a failed assertion in native code",
+    "SIGFPE": "floating-point exception",
+    "SIGILL": "illegal instruction, e.g. a binary built for another CPU",
+    "SIGTERM": "terminated",
+    "SIGINT": "interrupted",
+    "SIGHUP": "hangup",
+    "SIGPIPE": "broken pipe",
+}
+# Windows reports crashes as NTSTATUS exit codes rather than signals.
+_NTSTATUS_REASONS = {
+    0xC0000005: "access violation",
+    0xC00000FD: "stack overflow",
+    0xC0000409: "stack buffer overrun",
+}
+
+
+# --- CPU budget -------------------------------------------------------------------------------
+
+
+def cpu_count() -> int:
+    """The number of CPUs this process may actually use, at least 1.
+
+    The minimum of ``os.cpu_count()``, the affinity mask (``taskset``, Slurm, ``docker
+    --cpuset-cpus``) and the cgroup CPU quota rounded up (``docker --cpus=1.5`` gives 2),
+    then capped by the ``STREAMPROC_MAX_WORKERS`` environment variable when it is set.
+    ``os.cpu_count()`` alone counts the host's cores, so a container limited to 2 CPUs on a
+    64-core host would otherwise start 64 workers that share 2 CPUs' worth of time.
+
+    >>> cpu_count() >= 1
+    True
+
+    Returns:
+        The CPU budget, ``>= 1``.
+
+    Raises:
+        ValueError: ``STREAMPROC_MAX_WORKERS`` is set to something other than a positive int.
+    """
+    counts = [os.cpu_count() or 1]
+    affinity = _affinity_count()
+    if affinity is not None:
+        counts.append(affinity)
+    quota = _cgroup_cpu_quota(_CGROUP_ROOT, _PROC_SELF_CGROUP)
+    if quota is not None:
+        counts.append(math.ceil(quota))
+    count = max(1, min(counts))
+    cap = _max_workers_from_env()
+    return count if cap is None else min(count, cap)
+
+
+def _max_workers_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The value of ``STREAMPROC_MAX_WORKERS``, or None when unset or blank."""
+    raw = (os.environ if environ is None else environ).get(MAX_WORKERS_ENV_VAR, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_WORKERS_ENV_VAR}={raw!r} is invalid: expected a positive integer such as 4")
+    return value
+
+
+def _affinity_count() -> Optional[int]:
+    """How many CPUs the affinity mask allows, or None where it cannot be read."""
+    if hasattr(os, "sched_getaffinity"):  # Linux and some BSDs
+        try:
+            return len(os.sched_getaffinity(0)) or None
+        except OSError:
+            return None
+    try:  # Windows, FreeBSD: psutil knows how; macOS has no affinity at all
+        import psutil
+
+        return len(psutil.Process().cpu_affinity()) or None  # type: ignore[arg-type]
+    except Exception:  # ImportError, AttributeError (no cpu_affinity here), psutil.Error
+        return None
+
+
+def _cgroup_cpu_quota(root: str = _CGROUP_ROOT, proc_self_cgroup: str = _PROC_SELF_CGROUP) -> Optional[float]:
+    """The cgroup CPU quota of this process in CPUs (``1.5`` for ``docker --cpus=1.5``), or None.
+
+    Reads cgroup v2 ``cpu.max`` ("quota period", or "max period" for no limit) and cgroup v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (a quota of -1 means no limit), in the
+    process's own cgroup (found in ``/proc/self/cgroup``) and every ancestor up to ``root``,
+    since a parent's limit binds its children too. When that cgroup is not visible under
+    ``root`` (a container without a cgroup namespace mounts its own cgroup *at* ``root``), the
+    files directly under ``root`` are read instead. The smallest limit found wins; files that
+    are missing or unreadable are skipped.
+
+    >>> _cgroup_cpu_quota("/nonexistent", "/nonexistent") is None
+    True
+
+    Args:
+        root: Where the cgroup filesystem is mounted (the v1 controllers in sub-directories).
+        proc_self_cgroup: The file listing this process's cgroups.
+
+    Returns:
+        The quota in CPUs, or None when no limit is set (or none can be read).
+    """
+    v2_path, v1_cpu_path = _own_cgroup_paths(proc_self_cgroup)
+    base = Path(root)
+    quotas = [q for d in _cgroup_dirs(base, v2_path) if (q := _read_cpu_max(d / "cpu.max")) is not None]
+    for name in _CGROUP_V1_CPU_DIRS:
+        if (base / name).is_dir():
+            quotas += [q for d in _cgroup_dirs(base / name, v1_cpu_path) if (q := _read_cfs_quota(d)) is not None]
+    return min(quotas, default=None)
+
+
+def _own_cgroup_paths(proc_self_cgroup: str) -> tuple[Optional[str], Optional[str]]:
+    """This process's (cgroup v2 path, cgroup v1 ``cpu`` controller path), each None if absent.
+
+    Lines read ``hierarchy-id:controllers:path``: ``0::/path`` for v2, ``4:cpu,cpuacct:/path``
+    for v1.
+    """
+    v2 = v1 = None
+    try:
+        text = Path(proc_self_cgroup).read_text()
+    except OSError:
+        return None, None
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            v2 = path
+        elif "cpu" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _cgroup_dirs(base: Path, own_path: Optional[str]) -> Iterator[Path]:
+    """``base/own_path`` and its ancestors up to ``base`` when it exists, else ``base`` alone."""
+    parts = [p for p in (own_path or "").split("/") if p]
+    if ".." in parts or not (base.joinpath(*parts)).is_dir():
+        yield base
+        return
+    for depth in range(len(parts), -1, -1):
+        yield base.joinpath(*parts[:depth])
+
+
+def _read_cpu_max(path: Path) -> Optional[float]:
+    try:
+        fields = path.read_text().split()
+    except OSError:
+        return None
+    if not fields or fields[0] == "max":
+        return None
+    try:
+        quota = int(fields[0])
+        period = int(fields[1]) if len(fields) > 1 else 100_000  # the kernel's default period
+    except ValueError:
+        logger.debug("ignoring unparsable %s: %r", path, fields)
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _read_cfs_quota(directory: Path) -> Optional[float]:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None  # quota -1: no limit
+
+
+def default_num_cpu_workers(num_gpu_workers: int) -> int:
+    """How many CPU workers to start when the user did not say: one per spare CPU, at least 1.
+
+    Each GPU worker is given a whole CPU: its Python loop (kernel launches, host-device
+    copies) is on the critical path of the GPU, and a GPU worker that waits for a core
+    leaves the GPU idle, which costs far more than one CPU worker fewer. The main process
+    gets no CPU of its own: it mostly waits on pipes, and splittable sources are read in the
+    workers.
+
+    >>> n = cpu_count()
+    >>> default_num_cpu_workers(0) == n, default_num_cpu_workers(1) == max(1, n - 1)
+    (True, True)
+    >>> default_num_cpu_workers(10_000)
+    1
+
+    Args:
+        num_gpu_workers: How many GPU workers will run beside the CPU workers.
+
+    Returns:
+        ``max(1, cpu_count() - num_gpu_workers)``.
+
+    Raises:
+        ValueError: ``num_gpu_workers`` is not an int ``>= 0``.
+    """
+    if isinstance(num_gpu_workers, bool) or not isinstance(num_gpu_workers, int) or num_gpu_workers < 0:
+        raise ValueError(f"num_gpu_workers must be an int >= 0, got {num_gpu_workers!r}")
+    return max(1, cpu_count() - num_gpu_workers)
+
+
+# --- Start method -----------------------------------------------------------------------------
+
+
+def cuda_initialized_in_parent() -> bool:
+    """Whether CUDA has been initialised in *this* process (the parent of the workers to start).
+
+    Only looks: torch is consulted if, and only if, it is already in ``sys.modules``; this
+    function never imports it (importing torch costs seconds and can itself touch CUDA).
+
+    >>> import sys
+    >>> "torch" in sys.modules or cuda_initialized_in_parent() is False
+    True
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    try:
+        return bool(torch.cuda.is_initialized())
+    except Exception:  # a half-imported or stubbed torch: it cannot have initialised CUDA
+        return False
+
+
+def default_start_method(
+    needs_gpu_workers: bool,
+    *,
+    platform: Optional[str] = None,
+    cuda_initialized: Optional[bool] = None,
+) -> str:
+    """The safest fast start method for this run's worker processes.
+
+    On Linux, "fork" when no GPU worker is requested and CUDA was not initialised in this
+    process; otherwise "spawn". On macOS and Windows, always "spawn".
+
+    Why: fork is by far the fastest way to start a worker on Linux (no interpreter start-up,
+    no re-import, copy-on-write memory), but the CUDA runtime does not survive a fork: a
+    child forked after the parent initialised CUDA fails, or hangs, on its first CUDA call.
+    So never fork once CUDA is up in the parent, and never for a run that has GPU workers,
+    whose start-up cost (loading a model) dwarfs spawn's anyway. macOS cannot fork safely
+    (system frameworks are not fork-safe; CPython's default there is spawn since 3.8) and
+    Windows has no fork. "forkserver" is never the default but may be chosen explicitly
+    (``process_start_method``); see :func:`resolve_start_method`.
+
+    >>> default_start_method(False, platform="linux", cuda_initialized=False)
+    'fork'
+    >>> default_start_method(True, platform="linux", cuda_initialized=False)
+    'spawn'
+    >>> default_start_method(False, platform="linux", cuda_initialized=True)
+    'spawn'
+    >>> default_start_method(False, platform="darwin"), default_start_method(False, platform="win32")
+    ('spawn', 'spawn')
+
+    Args:
+        needs_gpu_workers: Whether the run starts GPU workers.
+        platform: ``sys.platform`` to decide for (default: this one); for tests.
+        cuda_initialized: Whether CUDA is initialised in this process (default:
+            :func:`cuda_initialized_in_parent`); for tests.
+
+    Returns:
+        "fork" or "spawn".
+    """
+    platform = sys.platform if platform is None else platform
+    if not platform.startswith("linux"):
+        return "spawn"
+    if cuda_initialized is None:
+        cuda_initialized = cuda_initialized_in_parent()
+    return "spawn" if needs_gpu_workers or cuda_initialized else "fork"
+
+
+def resolve_start_method(requested: Optional[str], needs_gpu_workers: bool) -> str:
+    """The start method to use: ``requested`` when given and safe, else the default.
+
+    >>> resolve_start_method("spawn", needs_gpu_workers=True)
+    'spawn'
+    >>> resolve_start_method(None, needs_gpu_workers=True)
+    'spawn'
+
+    Args:
+        requested: The user's ``process_start_method``, or None for
+            :func:`default_start_method`.
+        needs_gpu_workers: Whether the run starts GPU workers.
+
+    Returns:
+        "fork", "spawn" or "forkserver".
+
+    Raises:
+        ValueError: The method does not exist on this platform, or it is "fork" while CUDA is
+            initialised in this process (the children would fail on their first CUDA call).
+    """
+    if requested is None:
+        return default_start_method(needs_gpu_workers)
+    import multiprocessing  # absolute import: the stdlib, not this package (which shares its name)
+
+    available = multiprocessing.get_all_start_methods()
+    if requested not in available:
+        raise ValueError(f"process_start_method={requested!r} is not available here: use one of {', '.join(available)}")
+    if requested == "fork" and cuda_initialized_in_parent():
+        raise ValueError(
+            "process_start_method='fork' is unsafe: CUDA is already initialised in this process and forked "
+            "workers would fail on their first CUDA call; use 'spawn' or 'forkserver'"
+        )
+    return requested
+
+
+# --- Thread caps ------------------------------------------------------------------------------
+
+
+def worker_env_overrides(num_threads: int = 1, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """Environment variables that cap a worker's implicit thread pools, minus those already set.
+
+    Meant for the parent, before starting "spawn"/"forkserver" workers, because a native
+    library sizes its pool from these variables once, when it is loaded: setting them inside
+    a worker after numpy or torch was imported there is too late. A variable the user has
+    set (to anything) is left alone.
+
+    >>> worker_env_overrides(2, environ={"OMP_NUM_THREADS": "8"})["MKL_NUM_THREADS"]
+    '2'
+    >>> "OMP_NUM_THREADS" in worker_env_overrides(2, environ={"OMP_NUM_THREADS": "8"})
+    False
+    >>> worker_env_overrides(environ={})["TOKENIZERS_PARALLELISM"]
+    'false'
+
+    Args:
+        num_threads: Threads per worker for each native pool, at least 1.
+        environ: The environment to compare with (default: ``os.environ``).
+
+    Returns:
+        The variables to set, ``{name: value}``.
+
+    Raises:
+        ValueError: ``num_threads`` is not an int ``>= 1``.
+    """
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be an int >= 1, got {num_threads!r}")
+    environ = os.environ if environ is None else environ
+    wanted = dict.fromkeys(THREAD_ENV_VARS, str(num_threads))
+    wanted[TOKENIZERS_PARALLELISM_ENV_VAR] = "false"
+    return {name: value for name, value in wanted.items() if name not in environ}
+
+
+def cap_worker_threads(num_threads: int = 1) -> None:
+    """Caps this worker's implicit thread pools; call it first thing in every worker process.
+
+    Sets the variables of :func:`worker_env_overrides` that the user has not set (so
+    libraries imported from now on start small pools), and, if torch is already imported
+    (a forked worker inherits it), resizes torch's intra-op pool to the effective
+    ``OMP_NUM_THREADS``: the user's value when they set one, else ``num_threads``. Without
+    this, N workers each start one thread per core and the machine runs N x cores threads.
+    Never imports torch.
+
+    Args:
+        num_threads: Threads per worker for each native pool, at least 1.
+
+    Raises:
+        ValueError: ``num_threads`` is not an int ``>= 1``.
+    """
+    os.environ.update(worker_env_overrides(num_threads))
+    torch = sys.modules.get("torch")
+    set_num_threads = getattr(torch, "set_num_threads", None)
+    if set_num_threads is None:
+        return
+    try:
+        torch_threads = int(os.environ["OMP_NUM_THREADS"])
+    except ValueError:
+        torch_threads = num_threads
+    set_num_threads(torch_threads if torch_threads >= 1 else num_threads)
+
+
+# --- Exit codes -------------------------------------------------------------------------------
+
+
+def format_exit_code(exitcode: Optional[int]) -> str:
+    """Describes a worker's ``Process.exitcode`` for an error message, with the likely cause.
+
+    >>> format_exit_code(-9)
+    'SIGKILL (signal 9: likely the OOM killer or an external kill)'
+    >>> format_exit_code(-11)
+    'SIGSEGV (signal 11: segmentation fault)'
+    >>> format_exit_code(1)
+    'exit code 1'
+    >>> format_exit_code(None)
+    'no exit code (still running)'
+
+    A negative code ``-N`` means the process was killed by signal ``N`` (the convention of
+    :attr:`multiprocessing.Process.exitcode`); a signal this platform does not know is shown by
+    number. On Windows, well-known crash statuses are named too.
+
+    Args:
+        exitcode: ``Process.exitcode``: None while running, ``-N`` for signal N, else the code.
+
+    Returns:
+        A short human-readable description.
+    """
+    if exitcode is None:
+        return "no exit code (still running)"
+    if exitcode < 0:
+        signum = -exitcode
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            return f"signal {signum}"
+        reason = _SIGNAL_REASONS.get(name)
+        return f"{name} (signal {signum}: {reason})" if reason else f"{name} (signal {signum})"
+    reason = _NTSTATUS_REASONS.get(exitcode)
+    return f"exit code {exitcode} (0x{exitcode:08X}: {reason})" if reason else f"exit code {exitcode}"
