@@ -1,0 +1,108 @@
+"""The CPU worker process: runs every op of the plan on the tasks it is sent.
+
+Protocol: the worker reads ``Task`` messages from its task pipe until ``Stop``. For each task
+it sends the task's outputs as ``TaskChunk`` messages on its result pipe, the last with
+``last=True``, or a ``TaskFailed`` carrying the user's exception and traceback; it then takes
+the next task. It exits on ``Stop``, when its parent dies, or when a pipe breaks.
+
+Only what a child process needs is imported here.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from ...errors import ExceptionWithTraceback, SerializationError, WorkerCrashedError
+from ...execution import ExecutionContext, iter_task_chunks
+from .environment import cap_worker_threads
+from .messages import Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId
+from .serialization import dumps_message, loads_message
+
+#: How often the parent-death watchdog looks at ``os.getppid()``.
+PARENT_CHECK_INTERVAL_S = 1.0
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exits this process when the parent is gone (torch DataLoader's ManagerWatchdog).
+
+    A thread, so that it also fires while the main loop is blocked sending a large result.
+    """
+    stop = threading.Event()
+    while not stop.wait(PARENT_CHECK_INTERVAL_S):
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+class _ResultSender:
+    """Pickles and sends result messages; a result that cannot be pickled becomes an error."""
+
+    def __init__(self, conn: Any, worker: WorkerId) -> None:
+        self.conn = conn
+        self.worker = worker
+
+    def send(self, message: Any) -> None:
+        try:
+            data = dumps_message(message)
+        except Exception as exc:
+            task = getattr(message, "task_index", None)
+            error = SerializationError(f"an output of task {task} cannot be pickled to send it back from {self.worker}: {exc}")
+            data = dumps_message(TaskFailed(task, ExceptionWithTraceback(error, f"{self.worker}, task {task}")))
+        self.conn.send_bytes(data)
+
+
+def run_cpu_worker(index: int, plan_bytes: bytes, task_conn: Any, result_conn: Any, parent_pid: int) -> None:
+    """Entry point of process ``streamproc-cpu-<index>``. See the module docstring."""
+    faulthandler.enable()
+    # Ctrl-C reaches the whole process group: the main process handles it and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cap_worker_threads()
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name=f"streamproc-cpu-{index}-watchdog", daemon=True).start()
+    worker = WorkerId("cpu", index)
+    sender = _ResultSender(result_conn, worker)
+    try:
+        import dill
+
+        plan, finalize = dill.loads(plan_bytes)
+    except BaseException as exc:
+        sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, while loading the stream")))
+        sys.exit(1)
+    ctx = ExecutionContext(str(worker), autocast=plan.options.autocast)
+    try:
+        while True:
+            message = loads_message(task_conn.recv_bytes())
+            if isinstance(message, Stop):
+                break
+            _run_task(plan, message, ctx, finalize, sender, worker)
+    except (EOFError, BrokenPipeError):
+        pass  # the main process closed our pipes: it is shutting down
+    finally:
+        result_conn.close()
+
+
+def _run_task(plan: Any, task: Any, ctx: ExecutionContext, finalize: Any, sender: _ResultSender, worker: WorkerId) -> None:
+    previous = None
+    try:
+        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize):
+            if previous is not None:
+                sender.send(TaskChunk(task.index, previous[0], previous[1], last=False))
+            previous = (chunk, count)
+    except BaseException as exc:
+        if previous is not None:
+            sender.send(TaskChunk(task.index, previous[0], previous[1], last=False))
+        where = f"{worker}, task {task.index}"
+        if isinstance(exc, Exception):
+            sender.send(TaskFailed(task.index, ExceptionWithTraceback(exc, where)))
+            return
+        # sys.exit() or similar in user code: the worker ends, and the run fails with a
+        # streamproc error rather than exiting the user's main process.
+        crash = WorkerCrashedError(f"{worker} stopped: user code raised {type(exc).__name__}({", ".join(map(repr, exc.args))}) in task {task.index}")
+        crash.__cause__ = exc
+        sender.send(TaskFailed(task.index, ExceptionWithTraceback(crash, where)))
+        raise
+    chunk, count = previous if previous is not None else (None, 0)
+    sender.send(TaskChunk(task.index, chunk, count, last=True))

@@ -1,0 +1,64 @@
+"""Messages between the main process and CPU workers, named by their role (loky style).
+
+Every message is a small frozen dataclass pickled with the standard pickle (protocol 5) and
+sent with ``Connection.send_bytes``; control messages are never bare ints or strings.
+
+Main -> worker (task pipe):   ``Task`` ... ``Task``, then ``Stop``.
+Worker -> main (result pipe): for each task, ``TaskChunk`` x n (the last one has ``last=True``)
+or a ``TaskFailed``; ``WorkerFailed`` if the worker cannot start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkerId:
+    """Names a worker: ``WorkerId("cpu", 3)`` is shown as ``cpu worker 3``."""
+
+    kind: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.kind} worker {self.index}"
+
+
+@dataclass(frozen=True)
+class Task:
+    """A numbered unit of work: ``payload`` is what ``Source.read_task`` needs."""
+
+    index: int
+    payload: Any
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Asks a worker to exit once it has finished the tasks sent before."""
+
+
+@dataclass(frozen=True)
+class TaskChunk:
+    """Up to ``chunk_size`` outputs of task ``task_index``; chunks of a task arrive in order."""
+
+    task_index: int
+    chunk: Any
+    count: int
+    last: bool
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """Task ``task_index`` raised; ``error`` is an ``ExceptionWithTraceback`` (the user's type)."""
+
+    task_index: int
+    error: Any
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker could not start (for example, the plan failed to unpickle)."""
+
+    worker: WorkerId
+    error: Any

@@ -1,0 +1,102 @@
+"""Putting finished task outputs back in order (pure: no processes, no threads).
+
+Workers finish tasks in any order. With ``deterministic=True`` the :class:`ReorderBuffer`
+releases outputs strictly by task index, chunk by chunk, as soon as every earlier task is
+complete; with ``deterministic=False`` it releases them as they arrive.
+
+Memory invariant (deterministic): the buffered tasks are a subset of
+``[next_task, next_task + window)``, because the dispatcher never hands out task
+``k >= next_task + window`` (see :class:`~.feeder.TaskDispatcher`). So at most ``window``
+tasks' outputs are held here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Any, Optional
+
+
+class _TaskOutputs:
+    __slots__ = ("chunks", "complete", "error")
+
+    def __init__(self) -> None:
+        self.chunks: deque[tuple[Any, int]] = deque()
+        self.complete = False
+        self.error: Optional[BaseException] = None
+
+
+class ReorderBuffer:
+    """Collects ``(chunk, count)`` outputs per task and releases them in order.
+
+    >>> buf = ReorderBuffer(deterministic=True)
+    >>> buf.add_chunk(1, "b", 1, last=True)
+    >>> list(buf.pop_ready())
+    []
+    >>> buf.add_chunk(0, "a", 1, last=True)
+    >>> list(buf.pop_ready())
+    [('a', 1), ('b', 1)]
+    >>> buf.next_task, buf.tasks_done
+    (2, 2)
+
+    An error recorded for task ``k`` (``add_error``) is raised by ``pop_ready`` once the
+    outputs of every task before ``k`` have been released (deterministic), or at once.
+    """
+
+    def __init__(self, deterministic: bool) -> None:
+        self.deterministic = deterministic
+        self.next_task = 0
+        self.tasks_done = 0
+        self._tasks: dict[int, _TaskOutputs] = {}
+        self._arrived: deque[tuple[Any, int]] = deque()
+        self._error: Optional[BaseException] = None
+
+    def _entry(self, task: int) -> _TaskOutputs:
+        entry = self._tasks.get(task)
+        if entry is None:
+            entry = self._tasks[task] = _TaskOutputs()
+        return entry
+
+    def add_chunk(self, task: int, chunk: Any, count: int, last: bool) -> None:
+        if self.deterministic:
+            entry = self._entry(task)
+            if chunk is not None:
+                entry.chunks.append((chunk, count))
+            entry.complete = last
+        else:
+            if chunk is not None:
+                self._arrived.append((chunk, count))
+            if last:
+                self.tasks_done += 1
+
+    def add_error(self, task: int, error: BaseException) -> None:
+        if self.deterministic:
+            self._entry(task).error = error
+        elif self._error is None:
+            self._error = error
+
+    @property
+    def buffered_tasks(self) -> int:
+        return len(self._tasks)
+
+    def pop_ready(self) -> Iterator[tuple[Any, int]]:
+        """Yields the ``(chunk, count)`` pairs that may be released now."""
+        if not self.deterministic:
+            while self._arrived:
+                yield self._arrived.popleft()
+            if self._error is not None:
+                raise self._error
+            return
+        while True:
+            entry = self._tasks.get(self.next_task)
+            if entry is None:
+                return
+            while entry.chunks:
+                yield entry.chunks.popleft()
+            if entry.error is not None:
+                raise entry.error
+            if not entry.complete:
+                return
+            del self._tasks[self.next_task]
+            self.next_task += 1
+            self.tasks_done += 1

@@ -1,0 +1,84 @@
+"""Serializing the plan once per run (dill), and naming what cannot be serialized.
+
+The plan (source, ops and their user callables, the sink's finalizer) is dumped once in the
+main process, before any worker starts, and the same bytes go to every worker. dill handles
+lambdas, closures and functions defined in ``__main__``; ``recurse=True`` makes it pickle only
+the globals a function uses, so a script's functions work under spawn and forkserver, where
+the worker's ``__main__`` is not the script.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+from ...errors import SerializationError
+from ...ops import callable_name
+
+PICKLE_PROTOCOL = 5
+
+
+def dumps_plan(obj: Any, plan: Any) -> bytes:
+    """Dumps ``obj`` (the plan and the finalizer) with dill.
+
+    Raises:
+        SerializationError: naming the stage and the callable (or the source) that failed.
+    """
+    import dill
+
+    try:
+        return dill.dumps(obj, protocol=PICKLE_PROTOCOL, recurse=True)
+    except Exception as exc:
+        culprit = _find_unpicklable(plan)
+        raise SerializationError(
+            f"cannot serialize {culprit or 'the stream'} to send it to the worker processes: "
+            f"{type(exc).__name__}: {exc}. Everything a stream uses must be picklable by dill "
+            "(define objects at module level, or create them inside the function that uses them)."
+        ) from exc
+
+
+def _find_unpicklable(plan: Any) -> str | None:
+    import dill
+
+    def fails(value: Any) -> bool:
+        try:
+            dill.dumps(value, protocol=PICKLE_PROTOCOL, recurse=True)
+        except Exception:
+            return True
+        return False
+
+    if fails(plan.source):
+        return f"the source {plan.source.describe()}"
+    for stage, op in zip(plan.stage_names, plan.ops):
+        for role, value in op.callables().items():
+            if value is not None and fails(value):
+                return f"the {role} {callable_name(value)!r} of {stage}"
+    return None
+
+
+_STD_PICKLE = b"P"
+_DILL_PICKLE = b"D"
+
+
+def dumps_message(message: Any) -> bytes:
+    """Pickles a message: the fast standard pickle, else dill.
+
+    dill is the fallback for what only it can pickle, such as an exception class defined in
+    a script's ``__main__`` (the plan carries such classes by value, so the worker's copy is
+    not ``__main__.UserError`` for the standard pickle); dill maps it back to the user's class.
+    """
+    try:
+        return _STD_PICKLE + pickle.dumps(message, protocol=PICKLE_PROTOCOL)
+    except Exception:
+        import dill
+
+        return _DILL_PICKLE + dill.dumps(message, protocol=PICKLE_PROTOCOL, recurse=True)
+
+
+def loads_message(data: bytes) -> Any:
+    """Inverse of :func:`dumps_message`."""
+    if data[:1] == _STD_PICKLE:
+        return pickle.loads(memoryview(data)[1:])
+    import dill
+
+    return dill.loads(memoryview(data)[1:])
