@@ -100,7 +100,8 @@ def _run_task(plan: Any, task: Any, ctx: ExecutionContext, finalize: Any, sender
             return
         # sys.exit() or similar in user code: the worker ends, and the run fails with a
         # streamproc error rather than exiting the user's main process.
-        crash = WorkerCrashedError(f"{worker} stopped: user code raised {type(exc).__name__}({", ".join(map(repr, exc.args))}) in task {task.index}")
+        args = ", ".join(map(repr, exc.args))
+        crash = WorkerCrashedError(f"{worker} stopped: user code raised {type(exc).__name__}({args}) in task {task.index}")
         crash.__cause__ = exc
         sender.send(TaskFailed(task.index, ExceptionWithTraceback(crash, where)))
         raise
