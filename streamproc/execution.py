@@ -58,9 +58,9 @@ class ExecutionContext:
             if self._make_forward_runner is not None:
                 runner = self._make_forward_runner(op, stage)
             else:
-                from .gpu import LocalForwardRunner
+                from .gpu import DeviceForward, LocalForwardRunner
 
-                runner = LocalForwardRunner(op.forward, self.device, self.autocast)
+                runner = LocalForwardRunner(DeviceForward(op.forward, self.device, self.autocast, stage, op.batch_size))
             self._runners[stage] = runner
         return runner
 

@@ -11,6 +11,8 @@ import types
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
+from .errors import add_context_note
+
 #: How deep to look through closures, attributes and containers for ``torch.nn.Module``s.
 MODULE_SEARCH_DEPTH = 3
 
@@ -104,18 +106,35 @@ def resolve_autocast(autocast: Any, device_type: str) -> Optional[Any]:
     return autocast
 
 
-class LocalForwardRunner:
-    """Runs ``forward`` in this process on ``device``, under ``torch.inference_mode()``.
+class DeviceForward:
+    """Runs one stage's ``forward`` on one device, under ``torch.inference_mode()``.
 
-    Modules reachable from ``forward`` are moved to the device once, on the first batch, and
-    put in eval mode. Outputs are returned on the CPU.
+    Modules reachable from ``forward`` are moved to the device once (:meth:`start`) and put in
+    eval mode. :meth:`upload` starts a batch's host-to-device copy (from pinned memory, on a
+    side CUDA stream, so that it overlaps the forward of the batch before it);
+    :meth:`compute` runs forward on an uploaded batch and returns the outputs on the CPU. It
+    runs in the process that owns the device: the main process (simple backend), a CPU worker
+    without GPU workers, or a GPU worker.
+
+    Args:
+        stage: the stage's name, for error messages (a CUDA out-of-memory error names it).
+        batch_size: the stage's batch size, to suggest a smaller one on out-of-memory.
     """
 
-    def __init__(self, forward: Callable[[Any], Any], device: Optional[str] = None, autocast: Any = None) -> None:
+    def __init__(
+        self,
+        forward: Callable[[Any], Any],
+        device: Optional[str] = None,
+        autocast: Any = None,
+        stage: str = "map_gpu stage",
+        batch_size: Any = None,
+    ) -> None:
         self.forward = forward
         self.device_name = device
         self.autocast = autocast
-        self._started = False
+        self.stage = stage
+        self.batch_size = batch_size
+        self.started = False
 
     def start(self) -> None:
         """Picks the device and moves the models there (once)."""
@@ -126,26 +145,81 @@ class LocalForwardRunner:
             module.to(self.device)
             module.eval()
         self.autocast_dtype = resolve_autocast(self.autocast, self.device.type)
-        self._started = True
+        self.is_cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.started = True
 
-    def forward_batch(self, batch: Any) -> Any:
-        """Moves ``batch`` to the device, runs forward, and returns the outputs on the CPU."""
+    def upload(self, batch: Any) -> tuple[Any, Any]:
+        """Starts copying ``batch`` to the device; returns ``(on_device_batch, ready_event)``."""
         import torch
 
-        if not self._started:
+        if not self.started:
             self.start()
-        on_device = to_device(batch, self.device, non_blocking=self.device.type == "cuda")
-        with torch.inference_mode():
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+        if not self.is_cuda:
+            return to_device(batch, self.device), None
+        with torch.cuda.stream(self.copy_stream):
+            on_device = to_device(_pinned(batch), self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return on_device, ready
+
+    def compute(self, uploaded: tuple[Any, Any]) -> Any:
+        """Runs forward on an uploaded batch; returns the outputs on the CPU."""
+        import torch
+
+        on_device, ready = uploaded
+        try:
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
+            with torch.inference_mode():
+                if self.autocast_dtype is not None:
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                        outputs = self.forward(on_device)
+                else:
                     outputs = self.forward(on_device)
-            else:
-                outputs = self.forward(on_device)
-        return to_device(outputs, "cpu")
+            return to_device(outputs, "cpu")
+        except torch.cuda.OutOfMemoryError as exc:
+            size = f" (now {self.batch_size})" if self.batch_size is not None else ""
+            add_context_note(
+                exc,
+                f"streamproc: CUDA ran out of memory in {self.stage} on {self.device}: "
+                f"try a smaller batch_size{size} for this map_gpu stage, or autocast=True",
+            )
+            raise
+
+    def forward_batch(self, batch: Any) -> Any:
+        """Upload, then compute: the outputs of ``forward(batch)`` on the CPU."""
+        return self.compute(self.upload(batch))
+
+
+class LocalForwardRunner:
+    """Runs a stage's forward in this process, batch after batch (see :class:`DeviceForward`)."""
+
+    def __init__(self, device_forward: DeviceForward) -> None:
+        self.device_forward = device_forward
 
     def run(self, batches: Iterator[tuple[list[Any], Any]]) -> Iterator[tuple[list[Any], Any]]:
+        forward_batch = self.device_forward.forward_batch
         for records, batch in batches:
-            yield records, self.forward_batch(batch)
+            yield records, forward_batch(batch)
+
+
+def _pinned(obj: Any) -> Any:
+    """``obj`` with its CPU tensors copied to pinned memory (enables asynchronous copies)."""
+    import numpy as np
+    import torch
+
+    if isinstance(obj, np.ndarray) and obj.dtype != object:
+        obj = torch.from_numpy(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.is_pinned() or obj.device.type != "cpu" else obj.pin_memory()
+    if isinstance(obj, dict):
+        return {k: _pinned(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_pinned(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pinned(v) for v in obj)
+    return obj
 
 
 def _to_numpy(value: Any) -> Any:

@@ -10,16 +10,16 @@ Only what a child process needs is imported here.
 
 from __future__ import annotations
 
-import faulthandler
 import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Optional
 
 from ...errors import ExceptionWithTraceback, SerializationError, WorkerCrashedError
 from ...execution import ExecutionContext, iter_task_chunks
-from .environment import cap_worker_threads
+from .environment import cap_worker_threads, enable_faulthandler
+from .gpu_client import GPUClient, RemoteForwardRunner
 from .messages import Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId
 from .serialization import dumps_message, loads_message
 
@@ -27,7 +27,7 @@ from .serialization import dumps_message, loads_message
 PARENT_CHECK_INTERVAL_S = 1.0
 
 
-def _watch_parent(parent_pid: int) -> None:
+def watch_parent(parent_pid: int) -> None:
     """Exits this process when the parent is gone (torch DataLoader's ManagerWatchdog).
 
     A thread, so that it also fires while the main loop is blocked sending a large result.
@@ -55,13 +55,26 @@ class _ResultSender:
         self.conn.send_bytes(data)
 
 
-def run_cpu_worker(index: int, plan_bytes: bytes, task_conn: Any, result_conn: Any, parent_pid: int) -> None:
-    """Entry point of process ``streamproc-cpu-<index>``. See the module docstring."""
-    faulthandler.enable()
+def run_cpu_worker(
+    index: int,
+    plan_bytes: bytes,
+    task_conn: Any,
+    result_conn: Any,
+    parent_pid: int,
+    gpu_channels: Optional[dict[int, tuple[Any, Any]]] = None,
+    gpu_cycle: Optional[list[int]] = None,
+) -> None:
+    """Entry point of process ``streamproc-cpu-<index>``. See the module docstring.
+
+    With GPU workers, ``gpu_channels`` maps each GPU worker of this worker's dispatch cycle
+    ``gpu_cycle`` to its ``(batch pipe writer, output pipe reader)``; ``map_gpu`` stages then
+    send their prepared batches there instead of running forward here.
+    """
+    enable_faulthandler()
     # Ctrl-C reaches the whole process group: the main process handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cap_worker_threads()
-    threading.Thread(target=_watch_parent, args=(parent_pid,), name=f"streamproc-cpu-{index}-watchdog", daemon=True).start()
+    threading.Thread(target=watch_parent, args=(parent_pid,), name=f"streamproc-cpu-{index}-watchdog", daemon=True).start()
     worker = WorkerId("cpu", index)
     sender = _ResultSender(result_conn, worker)
     try:
@@ -71,7 +84,8 @@ def run_cpu_worker(index: int, plan_bytes: bytes, task_conn: Any, result_conn: A
     except BaseException as exc:
         sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, while loading the stream")))
         sys.exit(1)
-    ctx = ExecutionContext(str(worker), autocast=plan.options.autocast)
+    client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
+    ctx = ExecutionContext(str(worker), autocast=plan.options.autocast, make_forward_runner=_remote_runners(plan, client))
     try:
         while True:
             message = loads_message(task_conn.recv_bytes())
@@ -81,7 +95,17 @@ def run_cpu_worker(index: int, plan_bytes: bytes, task_conn: Any, result_conn: A
     except (EOFError, BrokenPipeError):
         pass  # the main process closed our pipes: it is shutting down
     finally:
+        if client is not None:
+            client.close()
         result_conn.close()
+
+
+def _remote_runners(plan: Any, client: Optional[GPUClient]) -> Any:
+    """The forward-runner factory sending ``map_gpu`` stages to GPU workers (None: run here)."""
+    if client is None:
+        return None
+    stage_index = {name: i for i, name in enumerate(plan.stage_names)}
+    return lambda op, stage: RemoteForwardRunner(client, stage_index[stage])
 
 
 def _run_task(plan: Any, task: Any, ctx: ExecutionContext, finalize: Any, sender: _ResultSender, worker: WorkerId) -> None:

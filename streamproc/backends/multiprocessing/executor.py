@@ -48,9 +48,11 @@ from ..base import Backend
 from .cpu_worker import run_cpu_worker
 from .environment import default_num_cpu_workers, format_exit_code, resolve_start_method
 from .feeder import TaskDispatcher, feed_worker
+from .gpu_worker import run_gpu_worker
 from .messages import TaskChunk, TaskFailed, WorkerFailed, WorkerId
 from .reorder import ReorderBuffer
 from .serialization import dumps_plan, loads_message
+from .topology import build_topology, resolve_gpu_devices, split_plan
 
 #: Tasks sent to one worker and not finished: one running, one waiting in its pipe.
 MAX_TASKS_IN_FLIGHT_PER_WORKER = 2
@@ -95,10 +97,19 @@ class _Run:
         self.plan = plan
         self.finalize = finalize
         options = plan.options
-        self.num_workers = options.num_cpu_workers or default_num_cpu_workers(options.effective_gpu_workers)
-        self.start_method = resolve_start_method(options.process_start_method, options.effective_gpu_workers > 0)
+        gpu_devices = resolve_gpu_devices(plan)
+        self.num_workers = options.num_cpu_workers or default_num_cpu_workers(len(gpu_devices))
+        self.topology = build_topology(self.num_workers, gpu_devices)
+        # CPU workers never touch CUDA, so they may fork (unless CUDA is initialised here);
+        # GPU workers on CUDA devices are spawned (or forkserver'd), never forked.
+        self.start_method = resolve_start_method(options.process_start_method, needs_gpu_workers=False)
+        uses_cuda = any(device.startswith("cuda") for device in gpu_devices)
+        self.gpu_start_method = resolve_start_method(options.process_start_method, needs_gpu_workers=uses_cuda)
+        if uses_cuda and self.gpu_start_method == "fork":
+            self.gpu_start_method = "spawn"
         self.deterministic = options.deterministic
         self.workers: list[_Worker] = []
+        self.gpu_workers: list[_Worker] = []
         self.dispatcher: Optional[TaskDispatcher] = None
         self._feeder_errors: collections.deque[tuple[int, BaseException]] = collections.deque()
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
@@ -117,14 +128,17 @@ class _Run:
 
     def _start(self) -> None:
         # Serialize first: an unpicklable callable fails here, before any process exists.
-        plan_bytes = dumps_plan((self.plan, self.finalize), self.plan)
+        cpu_plan, forwards = split_plan(self.plan) if self.topology.gpu_devices else (self.plan, {})
+        plan_bytes = dumps_plan((cpu_plan, self.finalize), self.plan)
+        gpu_channels = self._start_gpu_workers(forwards) if self.topology.gpu_devices else {}
         context = multiprocessing.get_context(self.start_method)
         for index in range(self.num_workers):
+            channels = gpu_channels.get(index, {})
             task_reader, task_writer = context.Pipe(duplex=False)
             result_reader, result_writer = context.Pipe(duplex=False)
             process = context.Process(
                 target=run_cpu_worker,
-                args=(index, plan_bytes, task_reader, result_writer, os.getpid()),
+                args=(index, plan_bytes, task_reader, result_writer, os.getpid(), channels, list(self.topology.cycles[index])),
                 name=f"streamproc-cpu-{index}",
                 daemon=True,
             )
@@ -134,6 +148,9 @@ class _Run:
             # The child holds its own ends; closing ours lets a dead child break the pipes.
             task_reader.close()
             result_writer.close()
+            for batch_writer, output_reader in channels.values():
+                batch_writer.close()
+                output_reader.close()
 
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
         payloads = self.plan.source.iter_tasks(self.plan.task_size)
@@ -146,6 +163,33 @@ class _Run:
                 daemon=True,
             )
             worker.feeder.start()
+
+    def _start_gpu_workers(self, forwards: dict[int, Any]) -> dict[int, dict[int, tuple[Any, Any]]]:
+        """Starts the GPU workers; returns each CPU worker's ends of its GPU channels."""
+        forwards_bytes = dumps_plan((forwards, self.plan.options.autocast), self.plan)
+        context = multiprocessing.get_context(self.gpu_start_method)
+        cpu_ends: dict[int, dict[int, tuple[Any, Any]]] = collections.defaultdict(dict)
+        gpu_ends: dict[int, list[tuple[int, Any, Any]]] = collections.defaultdict(list)
+        for key in self.topology.channels:
+            batch_reader, batch_writer = context.Pipe(duplex=False)
+            output_reader, output_writer = context.Pipe(duplex=False)
+            cpu_ends[key.src.index][key.dst.index] = (batch_writer, output_reader)
+            gpu_ends[key.dst.index].append((key.src.index, batch_reader, output_writer))
+        for index, device in enumerate(self.topology.gpu_devices):
+            status_reader, status_writer = context.Pipe(duplex=False)
+            process = context.Process(
+                target=run_gpu_worker,
+                args=(index, device, forwards_bytes, gpu_ends[index], status_writer, os.getpid()),
+                name=f"streamproc-gpu-{index}",
+                daemon=True,
+            )
+            self.gpu_workers.append(_Worker(WorkerId("gpu", index), process, None, status_reader))
+            process.start()
+            status_writer.close()
+            for _, batch_reader, output_writer in gpu_ends[index]:
+                batch_reader.close()
+                output_writer.close()
+        return cpu_ends
 
     def _on_sent(self, worker_index: int, task_index: int) -> None:
         self.workers[worker_index].dispatched.append(task_index)
@@ -174,7 +218,7 @@ class _Run:
             self._wait_and_receive(reorder)
 
     def _wait_and_receive(self, reorder: ReorderBuffer) -> None:
-        live = [w for w in self.workers if not w.finished]
+        live = [w for w in (*self.workers, *self.gpu_workers) if not w.finished]
         by_reader = {w.result_conn: w for w in live}
         by_sentinel = {w.process.sentinel: w for w in live}
         ready = multiprocessing.connection.wait([*by_reader, *by_sentinel, self._wakeup_reader], timeout=RESULT_WAIT_TIMEOUT_S)
@@ -234,6 +278,8 @@ class _Run:
             pass  # results it sent before exiting
         worker.process.join(KILL_JOIN_TIMEOUT_S)
         exitcode = worker.process.exitcode
+        # A GPU worker exits 0 once its CPU peers have all sent NoMoreBatches; a CPU worker
+        # still waiting on it would see its pipe close and fail its task with a clear error.
         if exitcode == 0 and not worker.dispatched:
             worker.finished = True
             return
@@ -254,7 +300,7 @@ class _Run:
             self._is_shut_down = True
         if self.dispatcher is not None:
             self.dispatcher.stop()
-        processes = [w.process for w in self.workers if w.process.pid is not None]
+        processes = [w.process for w in (*self.workers, *self.gpu_workers) if w.process.pid is not None]
         if broken:
             for process in processes:
                 if process.is_alive():
@@ -269,8 +315,9 @@ class _Run:
         for worker in self.workers:
             if worker.feeder is not None:
                 worker.feeder.join(SHUTDOWN_JOIN_TIMEOUT_S)
-        for worker in self.workers:
-            worker.task_conn.close()
+        for worker in (*self.workers, *self.gpu_workers):
+            if worker.task_conn is not None:
+                worker.task_conn.close()
             worker.result_conn.close()
             if worker.process.exitcode is not None:
                 worker.process.close()

@@ -62,3 +62,44 @@ class WorkerFailed:
 
     worker: WorkerId
     error: Any
+
+
+@dataclass(frozen=True)
+class ChannelKey:
+    """The endpoints of one CPU worker -> GPU worker pipe pair (batches one way, outputs back)."""
+
+    src: WorkerId
+    dst: WorkerId
+
+
+# CPU worker <-> GPU worker (one pipe pair per ChannelKey):
+#   CPU -> GPU: ForwardRequest ... ForwardRequest, then NoMoreBatches when the CPU worker stops.
+#   GPU -> CPU: one ForwardResult or ForwardFailed per request, in the order of the requests.
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """Run forward of stage ``stage`` (index into the plan's ops) on ``batch`` (CPU tensors)."""
+
+    stage: int
+    batch_id: int
+    batch: Any
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    batch_id: int
+    outputs: Any
+
+
+@dataclass(frozen=True)
+class ForwardFailed:
+    """``forward`` raised on this batch; ``error`` is an ``ExceptionWithTraceback``."""
+
+    batch_id: int
+    error: Any
+
+
+@dataclass(frozen=True)
+class NoMoreBatches:
+    """The CPU worker is stopping: it will send this GPU worker nothing more."""

@@ -1,0 +1,129 @@
+"""The GPU worker process: runs ``forward`` of every ``map_gpu`` stage, and nothing else.
+
+Protocol: the worker reads ``ForwardRequest``s from the batch pipes of its CPU peers (see
+``get_dispatch_schedule``), uploads each batch to its device as soon as it is read, runs the
+oldest uploaded batch's forward, and queues a ``ForwardResult`` (or ``ForwardFailed``) for the
+peer that asked. One sender thread per peer pickles and sends outputs, so the loop never
+blocks on a peer that is busy; it exits when every peer has sent ``NoMoreBatches`` (or closed
+its pipe), when its parent dies, or when killed by the main process.
+
+Reading every ready request before computing one means the next batch's host-to-device copy
+(on a side CUDA stream, from pinned memory) overlaps the current forward.
+"""
+
+from __future__ import annotations
+
+import collections
+import faulthandler
+import multiprocessing.connection
+import queue
+import signal
+import sys
+import threading
+from typing import Any
+
+from ...errors import ExceptionWithTraceback
+from .cpu_worker import PARENT_CHECK_INTERVAL_S, watch_parent
+from .environment import cap_worker_threads
+from .messages import ForwardFailed, ForwardRequest, ForwardResult, NoMoreBatches, WorkerFailed, WorkerId
+from .serialization import dumps_message, loads_message
+
+
+class _PeerSender:
+    """Sends outputs to one CPU peer from thread ``streamproc-gpu-<i>-to-cpu-<j>``.
+
+    The queue holds at most the peer's in-flight batches (the peer bounds them), so it is
+    bounded without blocking the GPU loop.
+    """
+
+    def __init__(self, worker: WorkerId, peer: int, conn: Any) -> None:
+        self.worker = worker
+        self.conn = conn
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"streamproc-gpu-{worker.index}-to-cpu-{peer}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            message = self.queue.get()
+            if message is None:
+                return
+            try:
+                data = dumps_message(message)
+            except Exception as exc:
+                error = TypeError(f"outputs of forward cannot be pickled to send them back from {self.worker}: {exc}")
+                data = dumps_message(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, str(self.worker))))
+            try:
+                self.conn.send_bytes(data)
+            except OSError:  # the peer is gone; the main process deals with it
+                return
+
+    def close(self, timeout: float) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout)
+
+
+def run_gpu_worker(
+    index: int,
+    device: str,
+    forwards_bytes: bytes,
+    channels: list[tuple[int, Any, Any]],
+    status_conn: Any,
+    parent_pid: int,
+) -> None:
+    """Entry point of process ``streamproc-gpu-<index>``; see the module docstring.
+
+    Args:
+        forwards_bytes: dill bytes of ``(forwards, autocast)``, ``forwards`` mapping a stage
+            index to ``(stage name, forward, batch size)``.
+        channels: ``(cpu worker index, batch pipe reader, output pipe writer)`` per peer.
+        status_conn: where a start-up failure is reported to the main process.
+    """
+    faulthandler.enable()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cap_worker_threads()
+    threading.Thread(target=watch_parent, args=(parent_pid,), name=f"streamproc-gpu-{index}-watchdog", daemon=True).start()
+    worker = WorkerId("gpu", index)
+    try:
+        import dill
+
+        from ...gpu import DeviceForward
+
+        stages, autocast = dill.loads(forwards_bytes)
+        runners = {
+            stage: DeviceForward(forward, device, autocast, name, batch_size) for stage, (name, forward, batch_size) in stages.items()
+        }
+        for runner in runners.values():
+            runner.start()
+    except BaseException as exc:
+        status_conn.send_bytes(dumps_message(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker} ({device}), at start-up"))))
+        sys.exit(1)
+
+    senders = {reader: _PeerSender(worker, peer, writer) for peer, reader, writer in channels}
+    open_readers = list(senders)
+    uploaded: collections.deque[tuple[_PeerSender, ForwardRequest, Any]] = collections.deque()
+    where = f"{worker} ({device})"
+    while open_readers or uploaded:
+        timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
+        for reader in multiprocessing.connection.wait(open_readers, timeout=timeout):
+            try:
+                message = loads_message(reader.recv_bytes())
+            except EOFError:
+                message = NoMoreBatches()
+            if isinstance(message, NoMoreBatches):
+                open_readers.remove(reader)
+                continue
+            runner = runners[message.stage]
+            try:
+                uploaded.append((senders[reader], message, runner.upload(message.batch)))
+            except Exception as exc:
+                senders[reader].queue.put(ForwardFailed(message.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}")))
+        if uploaded:
+            sender, request, batch = uploaded.popleft()
+            runner = runners[request.stage]
+            try:
+                sender.queue.put(ForwardResult(request.batch_id, runner.compute(batch)))
+            except Exception as exc:
+                sender.queue.put(ForwardFailed(request.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}")))
+    for sender in senders.values():
+        sender.close(timeout=PARENT_CHECK_INTERVAL_S * 5)
