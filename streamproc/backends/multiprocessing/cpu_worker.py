@@ -85,7 +85,9 @@ def run_cpu_worker(
         sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, while loading the stream")))
         sys.exit(1)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
-    ctx = ExecutionContext(str(worker), autocast=plan.options.autocast, make_forward_runner=_remote_runners(plan, client))
+    # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
+    # never initialise CUDA (see design.md section 3).
+    ctx = ExecutionContext(str(worker), device="cpu", autocast=plan.options.autocast, make_forward_runner=_remote_runners(plan, client))
     try:
         while True:
             message = loads_message(task_conn.recv_bytes())
