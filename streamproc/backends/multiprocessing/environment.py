@@ -25,6 +25,7 @@ __all__ = [
     "cuda_initialized_in_parent",
     "default_num_cpu_workers",
     "default_start_method",
+    "enable_faulthandler",
     "format_exit_code",
     "resolve_start_method",
     "worker_env_overrides",
@@ -421,6 +422,26 @@ def cap_worker_threads(num_threads: int = 1) -> None:
     except ValueError:
         torch_threads = num_threads
     set_num_threads(torch_threads if torch_threads >= 1 else num_threads)
+
+
+def enable_faulthandler() -> None:
+    """Turns on :mod:`faulthandler` in a worker, writing to the process's real stderr.
+
+    ``faulthandler.enable()`` writes to ``sys.stderr``'s file descriptor and raises when it
+    has none: a forked worker inherits the parent's ``sys.stderr``, which Jupyter, IDEs and
+    pytest's ``capsys`` replace with in-memory streams, and the worker would die before its
+    first task. Falls back to ``sys.__stderr__`` (fd 2), and to nothing if that fails too.
+    """
+    import faulthandler
+
+    for stream in (sys.stderr, sys.__stderr__):
+        if stream is None:
+            continue
+        try:
+            faulthandler.enable(file=stream)
+            return
+        except (AttributeError, ValueError, OSError, RuntimeError):  # no usable fileno()
+            continue
 
 
 # --- Exit codes -------------------------------------------------------------------------------

@@ -84,6 +84,11 @@ class TaskDispatcher:
                 self._finish(index)
                 return None
             except BaseException as exc:
+                with self._cond:
+                    # A failed generator raises StopIteration on the next call: never make one,
+                    # or a feeder waiting for the lock would end the run at ``index`` as if the
+                    # source were complete, and the error would be lost.
+                    self._next_index = index + 1
                 self._finish(index + 1)
                 raise SourceFailed(index, exc) from exc
             with self._cond:
@@ -153,8 +158,11 @@ def feed_worker(
                 break
             on_sent(worker.index, task.index)
             task_conn.send_bytes(data)
-        if not dispatcher.stopping:
-            task_conn.send_bytes(dumps_message(Stop()))
+        # Always: after a complete run, shutdown() stops the dispatcher (waking this thread
+        # out of next_task) before the last feeders got here, and a worker without Stop would
+        # wait for SHUTDOWN_JOIN_TIMEOUT_S and be killed. On a broken run the workers are
+        # terminated first, so this send cannot block for long (it fails with EPIPE).
+        task_conn.send_bytes(dumps_message(Stop()))
     except OSError:  # BrokenPipeError: the worker is gone; its sentinel tells the collector.
         pass
     finally:
