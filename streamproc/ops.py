@@ -118,10 +118,17 @@ class BatchedOp(Op):
     batch_by: BatchBy = field(default=None, kw_only=True)
 
     def resolved(self, default_size: BatchSize, default_by: BatchBy) -> BatchedOp:
-        """This op with the stream's default batch size filled in where it has none."""
-        if self.batch_size is not None:
+        """This op with the stream's defaults filled in where it has none.
+
+        Size and ``batch_by`` are filled in independently: a stage with its own
+        ``batch_size="8192 tokens"`` but no ``batch_by`` measures records with the stream's
+        ``set_processing(batch_by=...)``.
+        """
+        size = self.batch_size if self.batch_size is not None else default_size
+        by = self.batch_by if self.batch_by is not None else default_by
+        if size is self.batch_size and by is self.batch_by:
             return self
-        return replace(self, batch_size=default_size, batch_by=self.batch_by if self.batch_by is not None else default_by)
+        return replace(self, batch_size=size, batch_by=by)
 
     def _batches(self, records: Iterator[Any]) -> Iterator[list[Any]]:
         assert self.batch_size is not None, "resolve batch sizes before running"
@@ -173,7 +180,10 @@ class MapGPU(BatchedOp):
     def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
         postprocess = self.postprocess or default_postprocess
         prepared = ((batch, self.prepare_batch(batch)) for batch in self._batches(records))
-        done = ctx.forward_runner(self, stage).run(_guarded(prepared, f"{stage}, prepare_batch"))
+        # Each part is guarded separately so an error names the callable that raised it: the
+        # first guard an exception crosses tags it (see tag_stage), so forward errors must be
+        # tagged before they reach the postprocess guard downstream.
+        done = _guarded(ctx.forward_runner(self, stage).run(_guarded(prepared, f"{stage}, prepare_batch")), f"{stage}, forward")
         finished = itertools.starmap(postprocess, done)
         return _guarded(itertools.chain.from_iterable(_guarded(finished, f"{stage}, postprocess")), stage)
 

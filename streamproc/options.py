@@ -111,7 +111,9 @@ def _check_bool(name: str):  # type: ignore[no-untyped-def]
 def _check_devices(value: Any) -> Optional[tuple[str, ...]]:
     if value is None:
         return None
-    if isinstance(value, str) or not all(isinstance(d, str) for d in value) or not value:
+    # A list or tuple only: an int is not iterable, and an iterator would be consumed by the
+    # check below and leave no devices.
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(d, str) for d in value):
         raise ValueError(f"gpu_worker_devices must be a non-empty list of device names like ['cuda:0', 'cpu'], got {value!r}")
     bad = [d for d in value if not _DEVICE_RE.match(d)]
     if bad:

@@ -20,7 +20,9 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjso
 
 
 def _open_text(fs: Any, path: str) -> Any:
-    raw = fs.open_input_stream(path)
+    # compression=None: pyarrow would otherwise detect ".gz" and decompress too, and the
+    # GzipFile below would then read plain text ("Not a gzipped file").
+    raw = fs.open_input_stream(path, compression=None)
     stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
     return io.TextIOWrapper(stream, encoding="utf-8")
 
@@ -35,7 +37,7 @@ class JsonlSource(Source):
     def iter_tasks(self, task_size: int) -> Iterator[tuple[str, int, list[str]]]:
         for path in self.files:
             with _open_text(self.filesystem, path) as lines:
-                first_line, chunk = 1, []
+                first_line, chunk = 1, list[str]()
                 for line_no, line in enumerate(lines, start=1):
                     if not chunk:
                         first_line = line_no
@@ -91,8 +93,9 @@ class JsonlWriter:
         directory, name = os.path.split(self.path)
         os.makedirs(directory, exist_ok=True)
         self.tmp_path = os.path.join(directory, f".{name}.inprogress")
-        raw: Any = open(self.tmp_path, "wb")
-        self._file: Optional[Any] = io.TextIOWrapper(gzip.GzipFile(fileobj=raw, mode="wb") if name.endswith(".gz") else raw, encoding="utf-8")
+        raw: Any = open(self.tmp_path, "wb")  # noqa: SIM115 (owned by the writer: closed by close() or abort())
+        binary = gzip.GzipFile(fileobj=raw, mode="wb") if name.endswith(".gz") else raw
+        self._file: Optional[Any] = io.TextIOWrapper(binary, encoding="utf-8")
         self._raw = raw
         self.records_written = 0
 

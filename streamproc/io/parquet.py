@@ -97,15 +97,16 @@ def records_to_table(records: list[Any], schema: Any = None) -> Any:
     """
     import pyarrow as pa
 
-    if records and not isinstance(records[0], dict):
-        raise SchemaError(f"write_parquet needs dict records, got {type(records[0]).__name__}: {records[0]!r:.80}")
+    bad = next((r for r in records if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise SchemaError(f"write_parquet needs dict records, got {type(bad).__name__}: {bad!r:.80}")
+    # Every field of every record, in order of first appearance: ``Table.from_pylist`` would
+    # take the names from the first record only and silently drop a field that a later record
+    # of the chunk adds. Building columns also converts several times faster.
+    names = schema.names if schema is not None else list(dict.fromkeys(k for r in records for k in r))
     try:
-        return pa.Table.from_pylist(records, schema=schema)
+        return pa.Table.from_pydict({name: [r.get(name) for r in records] for name in names}, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
-        bad = [r for r in records if not isinstance(r, dict)]
-        if bad:
-            raise SchemaError(f"write_parquet needs dict records, got {type(bad[0]).__name__}: {bad[0]!r:.80}") from exc
-        names = schema.names if schema is not None else list(dict.fromkeys(k for r in records for k in r))
         for name in names:
             values = [r.get(name) for r in records]
             try:
@@ -113,6 +114,25 @@ def records_to_table(records: list[Any], schema: Any = None) -> Any:
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as field_exc:
                 raise SchemaError(f"write_parquet: field {name!r} holds values of inconsistent types: {field_exc}") from exc
         raise SchemaError(f"write_parquet: records cannot be converted to Arrow: {exc}") from exc
+
+
+def _type_kind(arrow_type: Any) -> str:
+    """Coarse kind of an Arrow type: casts between types of one kind only (int32 -> int64...)."""
+    import pyarrow.types as pat
+
+    if pat.is_null(arrow_type):
+        return "null"
+    if pat.is_boolean(arrow_type):
+        return "bool"
+    if pat.is_integer(arrow_type) or pat.is_floating(arrow_type) or pat.is_decimal(arrow_type):
+        return "number"
+    if pat.is_string(arrow_type) or pat.is_large_string(arrow_type):
+        return "string"
+    if pat.is_binary(arrow_type) or pat.is_large_binary(arrow_type) or pat.is_fixed_size_binary(arrow_type):
+        return "binary"
+    if pat.is_temporal(arrow_type):
+        return "temporal"
+    return "nested"  # lists, structs, maps: Arrow's cast checks their children
 
 
 class ParquetPartWriter:
@@ -184,6 +204,10 @@ class ParquetPartWriter:
                 continue
             column = table.column(field.name)
             try:
+                if column.type != field.type and _type_kind(column.type) not in ("null", _type_kind(field.type)):
+                    # Arrow would cast "5" to 5, 7 to "7" or 2 to True: a change of kind is an
+                    # error, as it is within one chunk, not a silent conversion.
+                    raise pa.ArrowTypeError(f"no implicit cast from {column.type} to {field.type}")
                 columns.append(column.cast(field.type) if column.type != field.type else column)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
                 raise SchemaError(
@@ -223,6 +247,7 @@ class ParquetPartWriter:
                 self._finish_part()
 
     def _finish_part(self) -> None:
+        assert self._tmp_path is not None
         self._writer.close()
         os.replace(self._tmp_path, self.part_paths[-1])
         self._writer, self._tmp_path = None, None

@@ -31,12 +31,19 @@ def _is_hidden(path: str) -> bool:
     return name.startswith((".", "_"))
 
 
+def _has_hidden_part(path: str, base: str) -> bool:
+    """Whether a part of ``path`` below the directory ``base`` is a hidden name."""
+    return any(_is_hidden(part) for part in os.path.relpath(path, base).split(os.sep))
+
+
 def resolve_files(path: PathLike, suffixes: tuple[str, ...], filesystem: Any = None, what: str = "read") -> tuple[Any, list[str]]:
     """Expands ``path`` into a sorted list of files and the pyarrow filesystem to read them with.
 
     A directory yields the files under it (recursively) whose names end with one of
     ``suffixes``, skipping hidden and ``_``-prefixed files (``_SUCCESS``, in-progress parts).
-    A glob is expanded; a list is expanded item by item, keeping its order.
+    A glob is expanded; a list is expanded item by item, keeping its order. A file that
+    several items match (a directory and a file in it, a recursive glob) is read once, where
+    it first appears.
 
     Raises:
         FileNotFoundError: a path (or a glob) that matches nothing, or a directory without
@@ -52,25 +59,33 @@ def resolve_files(path: PathLike, suffixes: tuple[str, ...], filesystem: Any = N
         if not items:
             raise FileNotFoundError(f"{what}: the list of paths is empty")
     files: list[str] = []
+    resolved_fs = fs
     for item in items:
+        # Each item is resolved on its own: a relative path later in a list is made absolute
+        # too, and a URI picks its filesystem, whatever the items before it were.
         item_fs = fs
         if item_fs is None:
             if "://" in item:
                 item_fs, item = pafs.FileSystem.from_uri(item)
             else:
                 item_fs, item = pafs.LocalFileSystem(), os.path.abspath(item)
-        fs = item_fs
+        resolved_fs = item_fs
         if _GLOB_CHARS & set(item):
             if not isinstance(item_fs, pafs.LocalFileSystem):
                 raise ValueError(f"{what}: globs are supported on the local filesystem only, got {item!r}")
             matches = sorted(globlib.glob(item, recursive=True))
             if not matches:
                 raise FileNotFoundError(f"{what}: no file matches {item!r}")
+            # As in a directory, "_SUCCESS" and other hidden names are skipped (unless the
+            # pattern itself asks for them).
+            base = os.path.dirname(item[: min(item.index(c) for c in _GLOB_CHARS if c in item)])
+            if not _has_hidden_part(item, base):
+                matches = [match for match in matches if not _has_hidden_part(match, base)]
             for match in matches:
                 files.extend(_expand_one(item_fs, match, suffixes, what))
         else:
             files.extend(_expand_one(item_fs, item, suffixes, what))
-    return fs, files
+    return resolved_fs, list(dict.fromkeys(files))
 
 
 def _expand_one(fs: Any, path: str, suffixes: tuple[str, ...], what: str) -> list[str]:

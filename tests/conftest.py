@@ -1,0 +1,103 @@
+"""Fixtures shared by the whole suite: backend parametrization and the leak check."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.utils import BACKEND_CONFIGS, config_id
+
+#: How long a test's processes and threads may take to go away after it ends. Backends join
+#: their workers with timeouts before returning; this only absorbs the last reaping steps.
+LEAK_CHECK_TIMEOUT_S = 5.0
+LEAK_CHECK_POLL_S = 0.02
+THREAD_PREFIX = "streamproc-"
+
+
+@pytest.fixture(params=BACKEND_CONFIGS, ids=config_id)
+def backend_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """``set_processing`` kwargs of one backend configuration (see ``tests.utils.BACKEND_CONFIGS``).
+
+    A test that takes this fixture runs once per configuration; a fresh dict each time, so a
+    test may change it.
+    """
+    return dict(request.param)
+
+
+#: Server processes that ``multiprocessing`` starts once and keeps for the life of the
+#: interpreter (spawn and forkserver start them): stdlib infrastructure, not our leaks.
+#: Recognised by their command line, and only as *direct* children: a forkserver's own
+#: children (our ``streamproc-cpu-*`` workers under forkserver) carry the same command line
+#: and must still count.
+MULTIPROCESSING_SERVERS = ("from multiprocessing.resource_tracker import main", "from multiprocessing.forkserver import main")
+
+
+def _is_multiprocessing_server(proc: psutil.Process, parent_pid: int) -> bool:
+    try:
+        return proc.ppid() == parent_pid and any(server in " ".join(proc.cmdline()) for server in MULTIPROCESSING_SERVERS)
+    except psutil.Error:  # gone, or a zombie whose command line cannot be read
+        return False
+
+
+def _live_children() -> list[psutil.Process]:
+    # Zombies count: a child that exited but was never reaped (joined) is a leak too.
+    me = psutil.Process()
+    return [child for child in me.children(recursive=True) if not _is_multiprocessing_server(child, me.pid)]
+
+
+def _live_streamproc_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid}: {' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes_or_threads() -> Any:
+    """Fails a test that leaves a child process or a ``streamproc-*`` thread alive.
+
+    Waits up to ``LEAK_CHECK_TIMEOUT_S`` (a deadline loop, not a fixed sleep) for them to go,
+    then kills and reaps the leaked processes, so that one leaking test does not fail all the
+    next ones.
+    """
+    yield
+    deadline = time.monotonic() + LEAK_CHECK_TIMEOUT_S
+    children, threads = _live_children(), _live_streamproc_threads()
+    while (children or threads) and time.monotonic() < deadline:
+        time.sleep(LEAK_CHECK_POLL_S)
+        children, threads = _live_children(), _live_streamproc_threads()
+    if not children and not threads:
+        return
+    described = [_describe(child) for child in children]
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=LEAK_CHECK_TIMEOUT_S)
+    pytest.fail(
+        f"leaked after the test: {len(children)} child process(es) {described}, "
+        f"{len(threads)} thread(s) {[t.name for t in threads]}"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips ``@pytest.mark.gpu`` tests without a CUDA device (torch imported only if needed)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)
