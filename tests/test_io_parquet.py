@@ -81,6 +81,11 @@ def test_column_selection(backend_options, tmp_path):
     assert repr(sp.read_parquet(tmp_path, columns=["id"])).startswith("Stream(read_parquet(")
 
 
+def test_empty_column_selection_keeps_one_record_per_row(backend_options, tmp_path):
+    pq.write_table(numbers(0, 5), tmp_path / "a.parquet", row_group_size=2)
+    assert assert_same_as_simple(sp.read_parquet(tmp_path, columns=[]), **backend_options) == [{}] * 5
+
+
 @pytest.mark.parametrize(
     "path_form",
     ["directory", "directory-str", "glob", "recursive-glob", "list", "list-of-dirs", "file"],

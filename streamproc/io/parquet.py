@@ -25,6 +25,8 @@ DEFAULT_ROWS_PER_FILE = 1_000_000
 def batch_to_records(batch: Any) -> list[dict[str, Any]]:
     """Arrow RecordBatch/Table -> list of dicts (faster than ``to_pylist`` on wide tables)."""
     names = batch.schema.names
+    if not names:  # columns=[]: one empty record per row, not zero records
+        return [{} for _ in range(batch.num_rows)]
     columns = [column.to_pylist() for column in batch.columns]
     return [dict(zip(names, row)) for row in zip(*columns)]
 
