@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-from ...errors import PipelineShutdownError
+from ...errors import WorkerCrashedError
 from .messages import ForwardFailed, ForwardRequest, NoMoreBatches, WorkerId
 from .serialization import dumps_message, loads_message
 
@@ -43,7 +43,11 @@ class GPUClient:
 
     def send(self, stage: int, batch: Any, gpu: int) -> int:
         batch_id = next(self._batch_ids)
-        self.channels[gpu][0].send_bytes(dumps_message(ForwardRequest(stage, batch_id, batch)))
+        data = dumps_message(ForwardRequest(stage, batch_id, batch))
+        try:
+            self.channels[gpu][0].send_bytes(data)
+        except OSError:  # BrokenPipeError, ConnectionResetError
+            raise self._gpu_worker_gone(gpu) from None
         return batch_id
 
     def wait_outputs(self, gpu: int, batch_id: int) -> Any:
@@ -55,7 +59,7 @@ class GPUClient:
             try:
                 message = loads_message(reader.recv_bytes())
             except EOFError:
-                raise PipelineShutdownError(f"gpu worker {gpu} closed its connection to {self.worker}") from None
+                raise self._gpu_worker_gone(gpu) from None
             if message.batch_id in self._forgotten:
                 self._forgotten.discard(message.batch_id)
             else:
@@ -64,6 +68,13 @@ class GPUClient:
         if isinstance(message, ForwardFailed):
             raise message.error
         return message.outputs
+
+    def _gpu_worker_gone(self, gpu: int) -> WorkerCrashedError:
+        # A GPU worker only closes its pipes once all its CPU peers said NoMoreBatches, so a
+        # closed pipe while this worker still needs it means the GPU worker ended abnormally.
+        # Not PipelineShutdownError: when the GPU worker exits with status 0 (os._exit(0) in
+        # forward), the main process sees no crash, and this error is the one the user gets.
+        return WorkerCrashedError(f"{WorkerId('gpu', gpu)} stopped before answering {self.worker} (its pipe closed)")
 
     def forget(self, batch_id: int) -> None:
         """Drops the answer to ``batch_id`` when it comes (its task failed)."""

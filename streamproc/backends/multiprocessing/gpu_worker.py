@@ -14,7 +14,6 @@ Reading every ready request before computing one means the next batch's host-to-
 from __future__ import annotations
 
 import collections
-import faulthandler
 import multiprocessing.connection
 import queue
 import signal
@@ -22,9 +21,9 @@ import sys
 import threading
 from typing import Any
 
-from ...errors import ExceptionWithTraceback
+from ...errors import ExceptionWithTraceback, WorkerCrashedError
 from .cpu_worker import PARENT_CHECK_INTERVAL_S, watch_parent
-from .environment import cap_worker_threads
+from .environment import cap_worker_threads, enable_faulthandler
 from .messages import ForwardFailed, ForwardRequest, ForwardResult, NoMoreBatches, WorkerFailed, WorkerId
 from .serialization import dumps_message, loads_message
 
@@ -77,9 +76,12 @@ def run_gpu_worker(
         forwards_bytes: dill bytes of ``(forwards, autocast)``, ``forwards`` mapping a stage
             index to ``(stage name, forward, batch size)``.
         channels: ``(cpu worker index, batch pipe reader, output pipe writer)`` per peer.
-        status_conn: where a start-up failure is reported to the main process.
+        status_conn: where a start-up failure, or forward ending the worker (``sys.exit``), is
+            reported to the main process (a ``WorkerFailed``, which the main process raises).
     """
-    faulthandler.enable()
+    # Not faulthandler.enable(): it raises when a forked worker inherits a sys.stderr without
+    # a file descriptor (pytest capsys, Jupyter), and the worker would die before reporting.
+    enable_faulthandler()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cap_worker_threads()
     threading.Thread(target=watch_parent, args=(parent_pid,), name=f"streamproc-gpu-{index}-watchdog", daemon=True).start()
@@ -91,12 +93,20 @@ def run_gpu_worker(
 
         stages, autocast = dill.loads(forwards_bytes)
         runners = {
-            stage: DeviceForward(forward, device, autocast, name, batch_size) for stage, (name, forward, batch_size) in stages.items()
+            stage: DeviceForward(forward, device, autocast, name, batch_size)
+            for stage, (name, forward, batch_size) in stages.items()
         }
         for runner in runners.values():
             runner.start()
     except BaseException as exc:
-        status_conn.send_bytes(dumps_message(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker} ({device}), at start-up"))))
+        if not isinstance(exc, Exception):
+            # sys.exit() in a model's __setstate__ or .to(): re-raised as is in the main process,
+            # it would exit the user's program (same as the CPU worker's start-up).
+            crash = WorkerCrashedError(f"{worker} stopped while starting: user code raised {exc!r}")
+            crash.__cause__, exc = exc, crash
+        status_conn.send_bytes(
+            dumps_message(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker} ({device}), at start-up")))
+        )
         sys.exit(1)
 
     senders = {reader: _PeerSender(worker, peer, writer) for peer, reader, writer in channels}
@@ -117,7 +127,9 @@ def run_gpu_worker(
             try:
                 uploaded.append((senders[reader], message, runner.upload(message.batch)))
             except Exception as exc:
-                senders[reader].queue.put(ForwardFailed(message.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}")))
+                senders[reader].queue.put(
+                    ForwardFailed(message.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}"))
+                )
         if uploaded:
             sender, request, batch = uploaded.popleft()
             runner = runners[request.stage]
@@ -125,5 +137,31 @@ def run_gpu_worker(
                 sender.queue.put(ForwardResult(request.batch_id, runner.compute(batch)))
             except Exception as exc:
                 sender.queue.put(ForwardFailed(request.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}")))
+            except BaseException as exc:
+                # sys.exit() in forward: this worker ends. Say why, to the main process (which
+                # raises it at once) and to the CPU worker that sent the batch: with exit status
+                # 0, the main process would take the exit for a normal end.
+                _report_exit(sender, status_conn, request.batch_id, exc, worker, f"{where}, {runner.stage}")
+                _close_senders(senders)
+                raise
+    _close_senders(senders)
+
+
+def _report_exit(sender: _PeerSender, status_conn: Any, batch_id: int, exc: BaseException, worker: WorkerId, where: str) -> None:
+    args = ", ".join(map(repr, exc.args))
+
+    def crash() -> ExceptionWithTraceback:  # one per message: sending one consumes its traceback
+        error = WorkerCrashedError(f"{worker} stopped: user code raised {type(exc).__name__}({args}) in forward")
+        error.__cause__ = exc
+        return ExceptionWithTraceback(error, where)
+
+    sender.queue.put(ForwardFailed(batch_id, crash()))
+    try:
+        status_conn.send_bytes(dumps_message(WorkerFailed(worker, crash())))
+    except OSError:  # the main process is gone or shutting down
+        pass
+
+
+def _close_senders(senders: dict[Any, _PeerSender]) -> None:
     for sender in senders.values():
         sender.close(timeout=PARENT_CHECK_INTERVAL_S * 5)

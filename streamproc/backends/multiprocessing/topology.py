@@ -6,7 +6,10 @@ only for streams with a ``map_gpu`` stage). Runs in the main process before work
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -37,9 +40,30 @@ def resolve_gpu_devices(plan: Plan, cuda_device_count: Optional[int] = None) -> 
         cuda_device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     count = options.num_gpu_workers if options.num_gpu_workers is not None else cuda_device_count
     if count and not cuda_device_count:
-        warnings.warn(f"num_gpu_workers={count} but no CUDA device is visible: the GPU workers run on the CPU", stacklevel=4)
+        message = f"num_gpu_workers={count} but no CUDA device is visible: the GPU workers run on the CPU"
+        warnings.warn(message, stacklevel=_stacklevel_outside_streamproc())
         return ["cpu"] * count
     return [f"cuda:{i % cuda_device_count}" for i in range(count)]
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
+
+
+def _is_internal(filename: str) -> bool:
+    return filename.startswith(_PACKAGE_DIR) or filename == contextlib.__file__
+
+
+def _stacklevel_outside_streamproc() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside streamproc.
+
+    A fixed level cannot: the sink (``to_list``, ``iter``, ``write_parquet``...) reaches the
+    backend through a varying number of frames, some of them ``contextlib``'s (pandas'
+    ``find_stack_level`` walks the stack the same way).
+    """
+    frame, level = sys._getframe(1), 1  # level 1: our caller, the function that warns
+    while frame is not None and _is_internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass(frozen=True)
@@ -69,7 +93,9 @@ def build_topology(num_cpu_workers: int, gpu_devices: list[str]) -> Topology:
     ((0,), (0,), (1,), (1,))
     """
     num_gpu = len(gpu_devices)
-    cycles = tuple(tuple(get_dispatch_schedule(cpu, num_cpu_workers, num_gpu)) if num_gpu else () for cpu in range(num_cpu_workers))
+    cycles = tuple(
+        tuple(get_dispatch_schedule(cpu, num_cpu_workers, num_gpu)) if num_gpu else () for cpu in range(num_cpu_workers)
+    )
     return Topology(num_cpu_workers, tuple(gpu_devices), cycles)
 
 
