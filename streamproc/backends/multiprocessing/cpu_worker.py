@@ -10,6 +10,7 @@ Only what a child process needs is imported here.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from ...execution import ExecutionContext, iter_task_chunks
 from .environment import cap_worker_threads, enable_faulthandler
 from .gpu_client import GPUClient, RemoteForwardRunner
 from .messages import Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId
-from .serialization import dumps_message, loads_message
+from .serialization import dill_loads, dumps_message, loads_message
 
 #: How often the parent-death watchdog looks at ``os.getppid()``.
 PARENT_CHECK_INTERVAL_S = 1.0
@@ -32,9 +33,15 @@ def watch_parent(parent_pid: int) -> None:
 
     A thread, so that it also fires while the main loop is blocked sending a large result.
     """
+    # Under forkserver the parent is the fork server, not ``parent_pid``, and it outlives a killed
+    # main process (every worker holds its "alive" pipe open): there, only multiprocessing's
+    # parent sentinel (a pipe the main process holds open) tells. Under fork, a sibling worker
+    # inherits that pipe too, so os.getppid() is what tells.
+    parents = {parent_pid, os.getppid()}
+    sentinel_parent = multiprocessing.parent_process()
     stop = threading.Event()
     while not stop.wait(PARENT_CHECK_INTERVAL_S):
-        if os.getppid() != parent_pid:
+        if os.getppid() not in parents or (sentinel_parent is not None and not sentinel_parent.is_alive()):
             os._exit(1)
 
 
@@ -78,10 +85,12 @@ def run_cpu_worker(
     worker = WorkerId("cpu", index)
     sender = _ResultSender(result_conn, worker)
     try:
-        import dill
-
-        plan, finalize = dill.loads(plan_bytes)
+        plan, finalize = dill_loads(plan_bytes)
     except BaseException as exc:
+        if not isinstance(exc, Exception):
+            # sys.exit() in a user __setstate__: re-raised as is, it would exit the main process.
+            crash = WorkerCrashedError(f"{worker} stopped while loading the stream: user code raised {exc!r}")
+            crash.__cause__, exc = exc, crash
         sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, while loading the stream")))
         sys.exit(1)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None

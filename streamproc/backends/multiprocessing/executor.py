@@ -237,7 +237,7 @@ class _Run:
                 self._check_exited(by_sentinel[obj], reorder)
 
     def _receive_available(self, worker: _Worker, reorder: ReorderBuffer) -> bool:
-        """Reads every message already waiting on ``worker``'s result pipe; False at end of pipe."""
+        """Reads the messages waiting on ``worker``'s result pipe, up to one finished task; False at end of pipe."""
         conn = worker.result_conn
         while True:
             try:
@@ -249,7 +249,10 @@ class _Run:
             except Exception as exc:
                 raise SerializationError(f"a result from {worker.id} cannot be unpickled in the main process: {exc}") from exc
             self._handle(worker, message, reorder)
-            if not conn.poll():
+            # Stop after a finished task: each one frees an in-flight slot, the feeder sends the
+            # worker another, and with fast workers this loop would go on receiving results, an
+            # unbounded number of them buffered before the sink reads any (deterministic=False).
+            if getattr(message, "last", True) or not conn.poll():
                 return True
 
     def _handle(self, worker: _Worker, message: Any, reorder: ReorderBuffer) -> None:

@@ -10,6 +10,7 @@ the worker's ``__main__`` is not the script.
 from __future__ import annotations
 
 import pickle
+import sys
 from typing import Any
 
 from ...errors import SerializationError
@@ -79,6 +80,35 @@ def loads_message(data: bytes) -> Any:
     """Inverse of :func:`dumps_message`."""
     if data[:1] == _STD_PICKLE:
         return pickle.loads(memoryview(data)[1:])
+    return dill_loads(memoryview(data)[1:])
+
+
+def dill_loads(data: Any) -> Any:
+    """``dill.loads``, except that a class of ``__main__`` becomes this process's own class of that name.
+
+    dill sends the classes of a script's ``__main__`` by value, and loading one creates a copy:
+    a record of class ``Doc`` sent by the main process (by reference) would then fail
+    ``isinstance(doc, Doc)`` in the user's function, and outputs would not compare equal to
+    the simple backend's. Where the loading process has the class (fork; spawn and forkserver
+    re-import the script), it is used instead; otherwise (a notebook, a class defined under
+    ``if __name__ == "__main__":``) the copy is kept, as before.
+    """
+    import io
+
     import dill
 
-    return dill.loads(memoryview(data)[1:])
+    class _Unpickler(dill.Unpickler):  # type: ignore[misc]
+        def find_class(self, module: str, name: str) -> Any:
+            found = super().find_class(module, name)
+            return _create_type_or_main_twin if found is dill._dill._create_type else found
+
+    return _Unpickler(io.BytesIO(data)).load()
+
+
+def _create_type_or_main_twin(metaclass: Any, *args: Any) -> Any:
+    if len(args) == 3 and isinstance(args[2], dict) and args[2].get("__module__") == "__main__":
+        name = args[0]
+        twin = getattr(sys.modules.get("__main__"), name, None)
+        if isinstance(twin, type) and twin.__qualname__ == name and type(twin) is metaclass:
+            return twin
+    return metaclass(*args)
