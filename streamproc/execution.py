@@ -7,11 +7,10 @@ It runs wherever the backend calls it; it starts no process and no thread.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
-from .ops import MapGPU, _guarded
+from .ops import MapGPU, _tagged
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -65,26 +64,33 @@ class ExecutionContext:
         return runner
 
 
-def iter_task_outputs(plan: Plan, payload: Any, ctx: ExecutionContext) -> Iterator[Any]:
-    """Streams the output records of one task (source read included)."""
-    records: Iterator[Any] = _guarded(plan.source.read_task(payload), "the source")
+def iter_task_outputs(plan: Plan, payload: Any, ctx: ExecutionContext) -> Iterator[list[Any]]:
+    """Streams the output records of one task, in chunks (source read included)."""
+    chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
     for op, stage in zip(plan.ops, plan.stage_names):
-        records = op.apply(records, ctx, stage)
-    return records
+        chunks = op.apply(chunks, ctx, stage)
+    return chunks
 
 
 def iter_task_chunks(
     plan: Plan, payload: Any, ctx: ExecutionContext, finalize: Optional[ChunkFinalizer] = None
 ) -> Iterator[tuple[Any, int]]:
-    """Runs one task and yields ``(chunk, record_count)`` pairs of at most ``plan.chunk_size`` records.
+    """Runs one task and yields ``(chunk, record_count)`` pairs.
 
-    ``finalize`` (for example records -> Arrow table for parquet sinks) is applied to every
-    chunk where the task runs, so a worker does that conversion rather than the main process.
+    Small output lists (after a filter, or per batch) are merged until they hold at least
+    ``plan.chunk_size`` records, so that a message carries many records. ``finalize`` (for
+    example records -> Arrow table for parquet sinks) is applied to every chunk where the task
+    runs, so a worker does that conversion rather than the main process.
     """
-    outputs = iter_task_outputs(plan, payload, ctx)
     size = plan.chunk_size
-    while True:
-        chunk = list(itertools.islice(outputs, size))
-        if not chunk:
-            return
-        yield (finalize(chunk) if finalize is not None else chunk), len(chunk)
+    pending: list[Any] = []
+    for chunk in iter_task_outputs(plan, payload, ctx):
+        if pending:
+            pending.extend(chunk)
+        else:
+            pending = chunk
+        if len(pending) >= size:
+            yield (finalize(pending) if finalize is not None else pending), len(pending)
+            pending = []
+    if pending:
+        yield (finalize(pending) if finalize is not None else pending), len(pending)

@@ -1,9 +1,16 @@
 """Op types: what a stream does to records, as picklable values (no I/O, no processes).
 
-Each op turns an iterator of records into an iterator of records with :meth:`Op.apply`. The
+Each op turns an iterator of *chunks* (lists of records) into an iterator of chunks with
+:meth:`Op.apply`. Working on lists keeps the per-record cost of the engine to the builtin
+``map``/``filter`` call itself: error tagging and generator hops happen once per chunk. The
 executor chains the ops of a stream once per task (see :mod:`streamproc.execution`), so an op
 never sees records of two tasks at once: this is what makes batch composition independent of
 the backend and of the number of workers.
+
+Error attribution: every stage runs inside :func:`_tagged`, and an exception is tagged by the
+first stage it crosses (see :func:`tag_stage`). An exception from upstream has already been
+tagged by its own stage when it passes through a downstream one, so each error names the
+stage (and, for ``map_gpu``, the callable) that raised it.
 
 Where ops run: in the main process with the simple backend, in a CPU worker otherwise, except
 ``MapGPU.forward``, which runs wherever the execution context's forward runner sends it
@@ -51,7 +58,7 @@ def tag_stage(exc: BaseException, stage: str) -> None:
 class Op:
     """Base of all ops. Subclasses implement :meth:`apply` and :meth:`describe`."""
 
-    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -62,7 +69,7 @@ class Op:
         return {}
 
 
-def _guarded(it: Iterable[Any], stage: str) -> Iterator[Any]:
+def _tagged(it: Iterable[Any], stage: str) -> Iterator[Any]:
     """Yields from ``it``, tagging an exception with ``stage`` on its way out."""
     try:
         yield from it
@@ -71,14 +78,19 @@ def _guarded(it: Iterable[Any], stage: str) -> Iterator[Any]:
         raise
 
 
+def records_of(chunks: Iterator[list[Any]]) -> Iterator[Any]:
+    """The records of consecutive chunks, one by one (for ops that regroup records)."""
+    return itertools.chain.from_iterable(chunks)
+
+
 @dataclass(frozen=True)
 class Map(Op):
     fn: Callable[..., Any]
     kwargs: Optional[dict[str, Any]] = None
 
-    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
         fn = functools.partial(self.fn, **self.kwargs) if self.kwargs else self.fn
-        return _guarded(map(fn, records), stage)
+        return _tagged((list(map(fn, chunk)) for chunk in chunks), stage)
 
     def describe(self) -> str:
         return f"map({callable_name(self.fn)})"
@@ -91,8 +103,9 @@ class Map(Op):
 class Filter(Op):
     pred: Callable[[Any], Any]
 
-    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
-        return _guarded(filter(self.pred, records), stage)
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
+        pred = self.pred
+        return _tagged((list(filter(pred, chunk)) for chunk in chunks), stage)
 
     def describe(self) -> str:
         return f"filter({callable_name(self.pred)})"
@@ -103,8 +116,8 @@ class Filter(Op):
 
 @dataclass(frozen=True)
 class Flatten(Op):
-    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
-        return _guarded(itertools.chain.from_iterable(records), stage)
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
+        return _tagged((list(itertools.chain.from_iterable(chunk)) for chunk in chunks), stage)
 
     def describe(self) -> str:
         return "flatten()"
@@ -130,9 +143,10 @@ class BatchedOp(Op):
             return self
         return replace(self, batch_size=size, batch_by=by)
 
-    def _batches(self, records: Iterator[Any]) -> Iterator[list[Any]]:
+    def _batches(self, chunks: Iterator[list[Any]]) -> Iterator[list[Any]]:
+        """The batches of this stage: records regrouped across the chunks of one task."""
         assert self.batch_size is not None, "resolve batch sizes before running"
-        return iter_batches(records, self.batch_size, self.batch_by)
+        return iter_batches(records_of(chunks), self.batch_size, self.batch_by)
 
     def _size_text(self) -> str:
         return f", batch_size='{self.batch_size}'" if self.batch_size is not None else ""
@@ -142,8 +156,9 @@ class BatchedOp(Op):
 class MapBatches(BatchedOp):
     fn: Callable[[list[Any]], Iterable[Any]]
 
-    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
-        return _guarded(itertools.chain.from_iterable(map(self.fn, self._batches(records))), stage)
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
+        fn = self.fn
+        return _tagged((list(fn(batch)) for batch in self._batches(chunks)), stage)
 
     def describe(self) -> str:
         return f"map_batches({callable_name(self.fn)}{self._size_text()})"
@@ -177,15 +192,14 @@ class MapGPU(BatchedOp):
     forward: Callable[[Any], Any]
     postprocess: Optional[Callable[[list[Any], Any], Iterable[Any]]] = None
 
-    def apply(self, records: Iterator[Any], ctx: ExecutionContext, stage: str) -> Iterator[Any]:
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
         postprocess = self.postprocess or default_postprocess
-        prepared = ((batch, self.prepare_batch(batch)) for batch in self._batches(records))
-        # Each part is guarded separately so an error names the callable that raised it: the
-        # first guard an exception crosses tags it (see tag_stage), so forward errors must be
-        # tagged before they reach the postprocess guard downstream.
-        done = _guarded(ctx.forward_runner(self, stage).run(_guarded(prepared, f"{stage}, prepare_batch")), f"{stage}, forward")
-        finished = itertools.starmap(postprocess, done)
-        return _guarded(itertools.chain.from_iterable(_guarded(finished, f"{stage}, postprocess")), stage)
+        prepare_batch = self.prepare_batch
+        # Each part is tagged separately so that an error names the callable that raised it.
+        batches = _tagged(self._batches(chunks), stage)
+        prepared = _tagged(((batch, prepare_batch(batch)) for batch in batches), f"{stage}, prepare_batch")
+        done = _tagged(ctx.forward_runner(self, stage).run(prepared), f"{stage}, forward")
+        return _tagged((list(postprocess(records, outputs)) for records, outputs in done), f"{stage}, postprocess")
 
     def describe(self) -> str:
         names = [callable_name(self.prepare_batch), callable_name(self.forward)]

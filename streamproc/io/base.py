@@ -33,6 +33,7 @@ never on the number of workers.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +49,15 @@ class Source(ABC):
     @abstractmethod
     def read_task(self, payload: Any) -> Iterator[Any]:
         """Yields the records of one task (where the task runs)."""
+
+    def read_task_chunks(self, payload: Any, chunk_size: int) -> Iterator[list[Any]]:
+        """The records of one task as lists of at most ``chunk_size`` (override when cheaper)."""
+        records = iter(self.read_task(payload))
+        while True:
+            chunk = list(itertools.islice(records, chunk_size))
+            if not chunk:
+                return
+            yield chunk
 
     @abstractmethod
     def describe(self) -> str:

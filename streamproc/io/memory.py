@@ -45,6 +45,9 @@ class IterableSource(Source):
     def read_task(self, payload: list[Any]) -> Iterator[Any]:
         return iter(payload)
 
+    def read_task_chunks(self, payload: list[Any], chunk_size: int) -> Iterator[list[Any]]:
+        yield payload  # already a list of at most task_size records
+
     def describe(self) -> str:
         return f"from_iterable({_short_repr(self.iterable)})"
 

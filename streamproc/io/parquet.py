@@ -72,12 +72,17 @@ class ParquetSource(Source):
                 yield path, row_group
 
     def read_task(self, payload: tuple[str, int]) -> Iterator[dict[str, Any]]:
+        for records in self.read_task_chunks(payload, READ_BATCH_ROWS):
+            yield from records
+
+    def read_task_chunks(self, payload: tuple[str, int], chunk_size: int) -> Iterator[list[dict[str, Any]]]:
+        """One list of dicts per decoded slice of ``max(chunk_size, READ_BATCH_ROWS)`` rows."""
         path, row_group = payload
         batches = self._parquet_file(path).iter_batches(
-            batch_size=READ_BATCH_ROWS, row_groups=[row_group], columns=self.columns, use_threads=False
+            batch_size=max(chunk_size, READ_BATCH_ROWS), row_groups=[row_group], columns=self.columns, use_threads=False
         )
         for batch in batches:
-            yield from batch_to_records(batch)
+            yield batch_to_records(batch)
 
     def describe(self) -> str:
         cols = f", columns={self.columns}" if self.columns is not None else ""
