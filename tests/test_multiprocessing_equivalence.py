@@ -111,7 +111,8 @@ FORK_CONFIGS = {
     "w3-ts3-nondet": {"num_cpu_workers": 3, "task_size": 3, "deterministic": False},
 }
 # Spawn and forkserver start slowly: a representative subset.
-OTHER_METHOD_PIPELINES = ["map_batches_tokens", "map_gpu", "parquet", "pandas"]
+# map_gpu first: it gets the 2-worker configuration (each spawned worker imports torch).
+OTHER_METHOD_PIPELINES = ["map_gpu", "map_batches_tokens", "pandas", "parquet"]
 OTHER_METHOD_CONFIGS = {
     "w2-ts7": {"num_cpu_workers": 2, "task_size": 7},
     "w3-ts3-nondet": {"num_cpu_workers": 3, "task_size": 3, "deterministic": False},
