@@ -7,6 +7,7 @@ backend, in slices of ``READ_BATCH_ROWS`` so a large row group is never held who
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -110,7 +111,7 @@ def records_to_table(records: list[Any], schema: Any = None) -> Any:
     # Every field of every record, in order of first appearance: ``Table.from_pylist`` would
     # take the names from the first record only and silently drop a field that a later record
     # of the chunk adds. Building columns also converts several times faster.
-    names = schema.names if schema is not None else list(dict.fromkeys(k for r in records for k in r))
+    names = schema.names if schema is not None else list(dict.fromkeys(itertools.chain.from_iterable(records)))
     try:
         return pa.Table.from_pydict({name: [r.get(name) for r in records] for name in names}, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
