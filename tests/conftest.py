@@ -65,15 +65,20 @@ def no_leaked_processes_or_threads() -> Any:
     """Fails a test that leaves a child process or a ``streamproc-*`` thread alive.
 
     Waits up to ``LEAK_CHECK_TIMEOUT_S`` (a deadline loop, not a fixed sleep) for them to go,
-    then kills and reaps the leaked processes, so that one leaking test does not fail all the
-    next ones.
+    then kills and reaps the leaked processes. Threads cannot be killed: those alive before the
+    test started are not blamed on it, so that one leaking test does not fail all the next ones.
     """
+    threads_before = set(_live_streamproc_threads())
     yield
+
+    def leaks() -> tuple[list[psutil.Process], list[threading.Thread]]:
+        return _live_children(), [t for t in _live_streamproc_threads() if t not in threads_before]
+
     deadline = time.monotonic() + LEAK_CHECK_TIMEOUT_S
-    children, threads = _live_children(), _live_streamproc_threads()
+    children, threads = leaks()
     while (children or threads) and time.monotonic() < deadline:
         time.sleep(LEAK_CHECK_POLL_S)
-        children, threads = _live_children(), _live_streamproc_threads()
+        children, threads = leaks()
     if not children and not threads:
         return
     described = [_describe(child) for child in children]

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 import streamproc as sp
-from tests.utils import UserError, always_true, batch_as_record, collect_until_error, fn_raises, identity, is_simple, stage_notes
+from tests.utils import (
+    UserError,
+    always_true,
+    batch_as_record,
+    collect_until_error,
+    fn_raises,
+    identity,
+    is_deterministic,
+    is_simple,
+    stage_notes,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -56,8 +66,9 @@ def test_user_error_keeps_its_type_and_names_the_stage(backend_options, case):
     assert type(exc) is UserError, exc
     assert exc.args == ("raised at 5",)
     assert stage_notes(exc) == [f"streamproc: raised in {where}"]
-    # Records 0-4 are in the first task (0-7), whose chunk never completes.
-    assert outputs == []
+    if is_deterministic(backend_options):
+        # Records 0-4 are in the first task (0-7), whose chunk never completes.
+        assert outputs == []
     if not is_simple(backend_options):
         # The worker's traceback is attached, with the line that raised.
         assert isinstance(exc.__cause__, sp.RemoteTraceback)
@@ -68,7 +79,10 @@ def test_outputs_of_earlier_tasks_come_out_before_the_error(backend_options):
     stream = sp.from_iterable(range(100)).map(fn_raises(at=42)).set_processing(task_size=10, **backend_options)
     outputs, exc = collect_until_error(stream)
     assert type(exc) is UserError
-    assert outputs == list(range(40))  # tasks 0-3 complete; task 4 (40-49) fails
+    if is_deterministic(backend_options):
+        assert outputs == list(range(40))  # tasks 0-3 complete; task 4 (40-49) fails
+    else:  # other tasks may finish first, but nothing of the failed task comes out, nor twice
+        assert len(set(outputs)) == len(outputs) and not set(outputs) & set(range(40, 50))
 
 
 def test_note_names_the_task(backend_options):

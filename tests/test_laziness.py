@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import pytest
 
 import streamproc as sp
@@ -13,6 +15,7 @@ from tests.utils import (
     batch_as_record,
     collect_until_error,
     identity,
+    is_deterministic,
     is_simple,
 )
 
@@ -24,6 +27,15 @@ def _assert_pulled_one_task(source: CountingSource, task_size: int, config: dict
     else:
         assert source.pulled % task_size == 0 or source.pulled == len(source.items)
         assert task_size <= source.pulled <= MAX_PREFETCHED_TASKS * task_size
+
+
+def _assert_outputs_before_error(outputs: list, expected: list, config: dict) -> None:
+    """Deterministic: exactly the outputs of the records read before the error, in order.
+    Otherwise some of them, in any order, none twice, none from beyond the error."""
+    if is_deterministic(config):
+        assert outputs == expected
+    else:
+        assert len(set(outputs)) == len(outputs) and set(outputs) <= set(expected)
 
 
 def test_building_a_stream_pulls_nothing(backend_options):
@@ -56,49 +68,48 @@ def test_building_a_gpu_stage_pulls_nothing():
 def test_first_output_pulls_one_task(backend_options, task_size):
     source = CountingSource(range(10_000))
     stream = sp.from_iterable(source).map(identity).set_processing(task_size=task_size, **backend_options)
-    iterator = iter(stream)
-    assert next(iterator) == 0
-    _assert_pulled_one_task(source, task_size, backend_options)
-    iterator.close()
+    with closing(iter(stream)) as iterator:
+        first = next(iterator)
+        assert first == 0 or not is_deterministic(backend_options)
+        _assert_pulled_one_task(source, task_size, backend_options)
 
 
 def test_first_output_pulls_default_task_size(backend_options):
     # Default task size: 1024 source records.
     source = CountingSource(range(10_000))
-    iterator = iter(sp.from_iterable(source).map(identity).set_processing(**backend_options))
-    next(iterator)
-    _assert_pulled_one_task(source, 1024, backend_options)
-    iterator.close()
+    with closing(iter(sp.from_iterable(source).map(identity).set_processing(**backend_options))) as iterator:
+        next(iterator)
+        _assert_pulled_one_task(source, 1024, backend_options)
 
 
 def test_first_output_pulls_task_sized_to_largest_batch(backend_options):
     # A batch of 2,000 records must fit in one task, so the default task grows to 2,000.
     source = CountingSource(range(10_000))
     stream = sp.from_iterable(source).map_batches(batch_as_record, batch_size=2000).set_processing(**backend_options)
-    iterator = iter(stream)
-    assert next(iterator) == list(range(2000))
-    _assert_pulled_one_task(source, 2000, backend_options)
-    iterator.close()
+    with closing(iter(stream)) as iterator:
+        first = next(iterator)
+        assert first == list(range(first[0], first[0] + 2000))  # one whole task
+        assert first[0] == 0 or not is_deterministic(backend_options)
+        _assert_pulled_one_task(source, 2000, backend_options)
 
 
 def test_pulls_as_consumer_advances(backend_options):
     source = CountingSource(range(1000))
     stream = sp.from_iterable(source).set_processing(task_size=10, **backend_options)
-    iterator = iter(stream)
-    for _ in range(25):  # records 0..24: three tasks
-        next(iterator)
-    if is_simple(backend_options):
-        assert source.pulled == 30
-    else:
-        assert 30 <= source.pulled <= 30 + MAX_PREFETCHED_TASKS * 10
-    iterator.close()
+    with closing(iter(stream)) as iterator:
+        for _ in range(25):  # 25 records: from three tasks at least
+            next(iterator)
+        if is_simple(backend_options):
+            assert source.pulled == 30
+        else:
+            assert 30 <= source.pulled <= 30 + MAX_PREFETCHED_TASKS * 10
 
 
 def test_breaking_out_early_stops_pulling(backend_options):
     source = CountingSource(range(10_000))
     stream = sp.from_iterable(source).map(identity).set_processing(task_size=5, **backend_options)
-    for record in stream:
-        if record == 12:
+    for count, _ in enumerate(stream, start=1):
+        if count == 13:
             break
     pulled = source.pulled
     assert pulled < len(source.items)
@@ -115,14 +126,14 @@ def test_source_error_after_k_items_surfaces_after_k_outputs(backend_options, fa
     stream = sp.from_iterable(source).map(identity).set_processing(task_size=task_size, **backend_options)
     outputs, exc = collect_until_error(stream)
     assert type(exc) is UserError
-    assert outputs == list(range(fail_after))
+    _assert_outputs_before_error(outputs, list(range(fail_after)), backend_options)
 
 
 def test_source_error_after_exhausting_items(backend_options):
     source = CountingSource(range(4), fail_after=4)
     outputs, exc = collect_until_error(sp.from_iterable(source).set_processing(task_size=3, **backend_options))
     assert type(exc) is UserError
-    assert outputs == [0, 1, 2, 3]
+    _assert_outputs_before_error(outputs, [0, 1, 2, 3], backend_options)
 
 
 def test_generator_source_runs_once():
