@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 from .backends.multiprocessing.schedule import get_dispatch_schedule
 from .errors import (

@@ -8,8 +8,8 @@ backend), a CPU worker without GPU workers, or a GPU worker.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
 
 from .errors import add_context_note
 

@@ -39,7 +39,7 @@ class Stream:
     source can therefore be run only once).
     """
 
-    __slots__ = ("_source", "_ops", "_options")
+    __slots__ = ("_ops", "_options", "_source")
 
     def __init__(self, source: Source, ops: tuple[Op, ...] = (), options: Optional[ProcessingOptions] = None) -> None:
         self._source = source
@@ -94,7 +94,12 @@ class Stream:
         """
         return self._with_op(Flatten())
 
-    def map_batches(self, fn: Callable[[list[Any]], Iterable[Any]], batch_size: Optional[BatchSizeLike] = None, batch_by: BatchBy = None) -> Stream:
+    def map_batches(
+        self,
+        fn: Callable[[list[Any]], Iterable[Any]],
+        batch_size: Optional[BatchSizeLike] = None,
+        batch_by: BatchBy = None,
+    ) -> Stream:
         """Applies ``fn(list_of_records) -> iterable_of_records`` to batches (CPU worker).
 
         ``fn`` may return more or fewer records than it received. Batches never span two tasks

@@ -22,10 +22,11 @@ class SimpleBackend(Backend):
     def iter_chunks(self, plan: Plan, finalize: Optional[ChunkFinalizer] = None) -> Iterator[tuple[Any, int]]:
         devices = plan.options.gpu_worker_devices
         ctx = ExecutionContext("main process", device=devices[0] if devices else None, autocast=plan.options.autocast)
-        task_index = -1
+        task_index = 0
         try:
-            for task_index, payload in enumerate(plan.source.iter_tasks(plan.task_size)):
+            for payload in plan.source.iter_tasks(plan.task_size):
                 yield from iter_task_chunks(plan, payload, ctx, finalize)
+                task_index += 1
         except Exception as exc:
             add_context_note(exc, f"streamproc: while running task {task_index} in the main process (simple backend)")
             raise

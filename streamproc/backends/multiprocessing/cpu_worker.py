@@ -58,7 +58,8 @@ class _ResultSender:
         except Exception as exc:
             task = getattr(message, "task_index", None)
             error = SerializationError(f"an output of task {task} cannot be pickled to send it back from {self.worker}: {exc}")
-            data = dumps_message(TaskFailed(task, ExceptionWithTraceback(error, f"{self.worker}, task {task}")))
+            carrier = ExceptionWithTraceback(error, f"{self.worker}, task {task}")
+            data = dumps_message(TaskFailed(task, carrier) if task is not None else WorkerFailed(self.worker, carrier))
         self.conn.send_bytes(data)
 
 
@@ -96,7 +97,9 @@ def run_cpu_worker(
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
     # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
     # never initialise CUDA (see design.md section 3).
-    ctx = ExecutionContext(str(worker), device="cpu", autocast=plan.options.autocast, make_forward_runner=_remote_runners(plan, client))
+    ctx = ExecutionContext(
+        str(worker), device="cpu", autocast=plan.options.autocast, make_forward_runner=_remote_runners(plan, client)
+    )
     try:
         while True:
             message = loads_message(task_conn.recv_bytes())

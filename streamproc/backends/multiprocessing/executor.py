@@ -131,7 +131,7 @@ class _Run:
         cpu_plan, forwards = split_plan(self.plan) if self.topology.gpu_devices else (self.plan, {})
         plan_bytes = dumps_plan((cpu_plan, self.finalize), self.plan)
         gpu_channels = self._start_gpu_workers(forwards) if self.topology.gpu_devices else {}
-        context = multiprocessing.get_context(self.start_method)
+        context: Any = multiprocessing.get_context(self.start_method)
         for index in range(self.num_workers):
             channels = gpu_channels.get(index, {})
             task_reader, task_writer = context.Pipe(duplex=False)
@@ -167,7 +167,7 @@ class _Run:
     def _start_gpu_workers(self, forwards: dict[int, Any]) -> dict[int, dict[int, tuple[Any, Any]]]:
         """Starts the GPU workers; returns each CPU worker's ends of its GPU channels."""
         forwards_bytes = dumps_plan((forwards, self.plan.options.autocast), self.plan)
-        context = multiprocessing.get_context(self.gpu_start_method)
+        context: Any = multiprocessing.get_context(self.gpu_start_method)
         cpu_ends: dict[int, dict[int, tuple[Any, Any]]] = collections.defaultdict(dict)
         gpu_ends: dict[int, list[tuple[int, Any, Any]]] = collections.defaultdict(list)
         for key in self.topology.channels:

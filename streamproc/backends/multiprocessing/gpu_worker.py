@@ -115,7 +115,8 @@ def run_gpu_worker(
     where = f"{worker} ({device})"
     while open_readers or uploaded:
         timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
-        for reader in multiprocessing.connection.wait(open_readers, timeout=timeout):
+        ready: list[Any] = multiprocessing.connection.wait(open_readers, timeout=timeout)
+        for reader in ready:
             try:
                 message = loads_message(reader.recv_bytes())
             except EOFError:
