@@ -25,7 +25,7 @@ from ...errors import ExceptionWithTraceback, WorkerCrashedError
 from .cpu_worker import PARENT_CHECK_INTERVAL_S, watch_parent
 from .environment import cap_worker_threads, enable_faulthandler
 from .messages import ForwardFailed, ForwardRequest, ForwardResult, NoMoreBatches, WorkerFailed, WorkerId
-from .serialization import dumps_message, loads_message
+from .serialization import dill_loads, dumps_message, loads_message
 
 
 class _PeerSender:
@@ -87,11 +87,9 @@ def run_gpu_worker(
     threading.Thread(target=watch_parent, args=(parent_pid,), name=f"streamproc-gpu-{index}-watchdog", daemon=True).start()
     worker = WorkerId("gpu", index)
     try:
-        import dill
-
         from ...gpu import DeviceForward
 
-        stages, autocast = dill.loads(forwards_bytes)
+        stages, autocast = dill_loads(forwards_bytes)
         runners = {
             stage: DeviceForward(forward, device, autocast, name, batch_size)
             for stage, (name, forward, batch_size) in stages.items()

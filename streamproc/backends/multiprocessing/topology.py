@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Optional
 
 from ...ops import MapGPU
@@ -60,7 +61,8 @@ def _stacklevel_outside_streamproc() -> int:
     backend through a varying number of frames, some of them ``contextlib``'s (pandas'
     ``find_stack_level`` walks the stack the same way).
     """
-    frame, level = sys._getframe(1), 1  # level 1: our caller, the function that warns
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1  # our caller, the function that warns
     while frame is not None and _is_internal(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     return level
