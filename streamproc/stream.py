@@ -222,15 +222,7 @@ class Stream:
         from .io.parquet import ParquetPartWriter
 
         writer = ParquetPartWriter(os.fspath(path), overwrite, schema, rows_per_file, row_group_size)
-        finalize = _TableFinalizer(schema)
-        try:
-            with self._chunks(finalize) as chunks:
-                for table, _ in chunks:
-                    writer.write(table)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+        self._write_chunks(writer, _TableFinalizer(schema))
         return writer.part_paths
 
     def write_jsonl(self, path: str | os.PathLike[str], overwrite: bool = False) -> str:
@@ -241,15 +233,19 @@ class Stream:
         from .io.jsonl import JsonlWriter, records_to_jsonl
 
         writer = JsonlWriter(os.fspath(path), overwrite)
+        self._write_chunks(writer, records_to_jsonl)
+        return writer.path
+
+    def _write_chunks(self, writer: Any, finalize: ChunkFinalizer) -> None:
+        """Runs the stream into ``writer``: complete output on success, nothing half-written on failure."""
         try:
-            with self._chunks(records_to_jsonl) as chunks:
-                for text, _ in chunks:
-                    writer.write(text)
+            with self._chunks(finalize) as chunks:
+                for chunk, _ in chunks:
+                    writer.write(chunk)
             writer.close()
         except BaseException:
             writer.abort()
             raise
-        return writer.path
 
     def __repr__(self) -> str:
         lines = [f"Stream({self._source.describe()}"]
