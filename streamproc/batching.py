@@ -54,8 +54,8 @@ class BatchSize:
                     f"{', '.join(BATCH_UNITS)} (for example '64 records' or '8192 tokens')"
                 )
             value, unit = int(match.group(1)), match.group(2) or "records"
-            if unit == "record":
-                unit = "records"
+            if unit + "s" in BATCH_UNITS:  # "1 record", "1 token", "1 padded_token"
+                unit += "s"
             if unit not in BATCH_UNITS:
                 raise ValueError(f"{param}={spec!r}: unknown unit {unit!r}, expected one of {', '.join(BATCH_UNITS)}")
         else:
