@@ -165,7 +165,7 @@ class Stream:
         return build_plan(self)
 
     @contextlib.contextmanager
-    def _chunks(self, finalize: Optional[ChunkFinalizer] = None) -> Iterator[Iterator[tuple[Any, int]]]:
+    def _chunks(self, finalize: Any = None) -> Iterator[Iterator[tuple[Any, int]]]:
         plan = build_plan(self)
         chunks = get_backend(plan.options.effective_backend).iter_chunks(plan, finalize)
         try:
@@ -208,9 +208,12 @@ class Stream:
 
         Records are converted to Arrow where they are produced (a CPU worker with the
         multiprocessing backend); the main process writes row groups of ``row_group_size``
-        rows into parts of at most ``rows_per_file`` rows. Each part appears under its final
-        name only when complete. ``schema`` (a ``pyarrow.Schema``) fixes the column types;
-        otherwise the first records decide.
+        rows into parts of at most ``rows_per_file`` rows, in order. With the multiprocessing
+        backend and ``deterministic=False`` each CPU worker writes its own parts instead
+        (``part-w000-00000.parquet``, ...) and the main process only coordinates. Each part
+        appears under its final name only when complete; after a failure, completed parts
+        stay and no in-progress file is left. ``schema`` (a ``pyarrow.Schema``) fixes the
+        column types; otherwise the first records decide.
 
         Returns:
             The paths of the part files written, in order.
@@ -219,11 +222,30 @@ class Stream:
             FileExistsError: ``path`` is not empty and ``overwrite`` is False (checked first).
             streamproc.SchemaError: records whose types do not agree, naming the field.
         """
-        from .io.parquet import ParquetPartWriter
+        from .io import parquet_writer
 
-        writer = ParquetPartWriter(os.fspath(path), overwrite, schema, rows_per_file, row_group_size)
-        self._write_chunks(writer, _TableFinalizer(schema))
+        if self._options.effective_backend == "multiprocessing" and not self._options.deterministic:
+            return self._write_parquet_in_workers(os.fspath(path), overwrite, schema, rows_per_file, row_group_size)
+        writer = parquet_writer.ParquetPartWriter(os.fspath(path), overwrite, schema, rows_per_file, row_group_size)
+        self._write_chunks(writer, parquet_writer.ArrowTableFinalizer(schema))
         return writer.part_paths
+
+    def _write_parquet_in_workers(
+        self, path: str, overwrite: bool, schema: Any, rows_per_file: int, row_group_size: int
+    ) -> list[str]:
+        from .io import parquet_writer
+
+        parquet_writer.check_part_sizes(rows_per_file, row_group_size)
+        target = os.path.abspath(path)
+        parquet_writer.prepare_output_dir(target, overwrite, parquet_writer.PARQUET_SUFFIXES, "write_parquet")
+        try:
+            with self._chunks(parquet_writer.WorkerParquetSink(target, schema, rows_per_file, row_group_size)) as chunks:
+                for _ in chunks:
+                    pass
+        except BaseException:
+            parquet_writer.remove_in_progress(target)
+            raise
+        return parquet_writer.list_parts(target)
 
     def write_jsonl(self, path: str | os.PathLike[str], overwrite: bool = False) -> str:
         """Runs the stream and writes one JSON line per record to the file ``path`` (``.gz``: gzipped).
@@ -255,15 +277,3 @@ class Stream:
             opts = ", ".join(f"{k}={str(v) if k == 'batch_size' else v!r}" for k, v in changed.items())
             lines.append(f"  .set_processing({opts})")
         return "\n".join(lines) + ")"
-
-
-class _TableFinalizer:
-    """Picklable ``records -> pyarrow.Table`` conversion, run where the chunk is produced."""
-
-    def __init__(self, schema: Any = None) -> None:
-        self.schema = schema
-
-    def __call__(self, records: list[Any]) -> Any:
-        from .io.parquet import records_to_table
-
-        return records_to_table(records, self.schema)

@@ -21,7 +21,7 @@ from ...errors import ExceptionWithTraceback, SerializationError, WorkerCrashedE
 from ...execution import ExecutionContext, iter_task_chunks
 from .environment import cap_worker_threads, enable_faulthandler
 from .gpu_client import GPUClient, RemoteForwardRunner
-from .messages import Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId
+from .messages import SinkClosed, Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId
 from .serialization import dill_loads, dumps_message, loads_message
 
 #: How often the parent-death watchdog looks at ``os.getppid()``.
@@ -100,15 +100,29 @@ def run_cpu_worker(
     ctx = ExecutionContext(
         str(worker), device="cpu", autocast=plan.options.autocast, make_forward_runner=_remote_runners(plan, client)
     )
+    # A worker-side sink (write_parquet with deterministic=False) writes here; its writer's
+    # ``write`` is then the chunk finalizer, and only counts go back.
+    sink = finalize.open_in_worker(index) if hasattr(finalize, "open_in_worker") else None
+    sink_closed = False
     try:
         while True:
             message = loads_message(task_conn.recv_bytes())
             if isinstance(message, Stop):
                 break
-            _run_task(plan, message, ctx, finalize, sender, worker)
+            _run_task(plan, message, ctx, sink.write if sink is not None else finalize, sender, worker)
+        if sink is not None:
+            try:
+                paths, rows = sink.close()
+                sink_closed = True
+            except Exception as exc:
+                sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
+            else:
+                sender.send(SinkClosed(worker, paths, rows))
     except (EOFError, BrokenPipeError):
         pass  # the main process closed our pipes: it is shutting down
     finally:
+        if sink is not None and not sink_closed:
+            sink.abort()
         if client is not None:
             client.close()
         result_conn.close()

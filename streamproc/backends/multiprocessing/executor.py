@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from ...errors import SerializationError, WorkerCrashedError, add_context_note
+from ...errors import PipelineShutdownError, SerializationError, WorkerCrashedError, add_context_note
 from ...execution import ChunkFinalizer
 from ...plan import Plan
 from ..base import Backend
@@ -49,7 +49,7 @@ from .cpu_worker import run_cpu_worker
 from .environment import default_num_cpu_workers, format_exit_code, resolve_start_method
 from .feeder import TaskDispatcher, feed_worker
 from .gpu_worker import run_gpu_worker
-from .messages import TaskChunk, TaskFailed, WorkerFailed, WorkerId
+from .messages import SinkClosed, TaskChunk, TaskFailed, WorkerFailed, WorkerId
 from .reorder import ReorderBuffer
 from .serialization import dumps_plan, loads_message
 from .topology import build_topology, resolve_gpu_devices, split_plan
@@ -87,6 +87,8 @@ class _Worker:
         #: Task indices sent and not finished, oldest first (appended by the feeder thread).
         self.dispatched: collections.deque[int] = collections.deque()
         self.last_error: Optional[BaseException] = None
+        #: Rows the worker wrote, once it reported its part files complete (worker-side sinks).
+        self.sink_rows: Optional[int] = None
         self.finished = False
 
 
@@ -108,6 +110,7 @@ class _Run:
         if uses_cuda and self.gpu_start_method == "fork":
             self.gpu_start_method = "spawn"
         self.deterministic = options.deterministic
+        self.worker_sink = hasattr(finalize, "open_in_worker")
         self.workers: list[_Worker] = []
         self.gpu_workers: list[_Worker] = []
         self.dispatcher: Optional[TaskDispatcher] = None
@@ -209,13 +212,28 @@ class _Run:
         assert self.dispatcher is not None
         dispatcher = self.dispatcher
         reorder = ReorderBuffer(self.deterministic)
+        records_out = 0
         while True:
-            yield from reorder.pop_ready()
+            for chunk, count in reorder.pop_ready():
+                records_out += count
+                yield chunk, count
             if self.deterministic:
                 dispatcher.set_released(reorder.next_task)
             if dispatcher.total_tasks is not None and reorder.tasks_done >= dispatcher.total_tasks:
-                return
+                if not self.worker_sink:
+                    return
+                # Worker-side sink: done once every worker has completed its part files.
+                if all(w.sink_rows is not None for w in self.workers):
+                    self._check_sink_rows(records_out)
+                    return
             self._wait_and_receive(reorder)
+
+    def _check_sink_rows(self, records_out: int) -> None:
+        written = sum(w.sink_rows or 0 for w in self.workers)
+        if written != records_out:
+            raise PipelineShutdownError(
+                f"the workers wrote {written} rows but produced {records_out} records: some part files are incomplete"
+            )
 
     def _wait_and_receive(self, reorder: ReorderBuffer) -> None:
         live = [w for w in (*self.workers, *self.gpu_workers) if not w.finished]
@@ -270,6 +288,8 @@ class _Run:
             if worker.dispatched and worker.dispatched[0] == message.task_index:
                 worker.dispatched.popleft()
                 self.dispatcher.task_finished(worker.id.index)
+        elif isinstance(message, SinkClosed):
+            worker.sink_rows = message.rows
         elif isinstance(message, WorkerFailed):
             raise message.error
         else:

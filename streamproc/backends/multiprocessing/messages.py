@@ -5,7 +5,9 @@ sent with ``Connection.send_bytes``; control messages are never bare ints or str
 
 Main -> worker (task pipe):   ``Task`` ... ``Task``, then ``Stop``.
 Worker -> main (result pipe): for each task, ``TaskChunk`` x n (the last one has ``last=True``)
-or a ``TaskFailed``; ``WorkerFailed`` if the worker cannot start.
+or a ``TaskFailed``; ``WorkerFailed`` if the worker cannot start. With a worker-side sink
+(``write_parquet`` with ``deterministic=False``), chunks carry only counts, and the worker
+answers ``Stop`` with ``SinkClosed`` once its last part file is complete.
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ class TaskFailed:
 
     task_index: int
     error: Any
+
+
+@dataclass(frozen=True)
+class SinkClosed:
+    """The worker wrote its last part file (worker-side sinks): the parts and their rows."""
+
+    worker: WorkerId
+    paths: list[str]
+    rows: int
 
 
 @dataclass(frozen=True)
