@@ -87,5 +87,5 @@ def test_failure_mid_write_leaves_no_in_progress_file(tmp_path, fn, expected, ma
         stream.write_parquet(tmp_path / "out", rows_per_file=500, row_group_size=100)
     leftovers = [name for name in _files(tmp_path / "out") if not re.fullmatch(r"part-w\d{3}-\d{5}\.parquet", name)]
     assert leftovers == []
-    for name in _files(tmp_path / "out"):  # completed parts stay, and are whole
-        assert pq.read_table(tmp_path / "out" / name).num_rows == 500
+    for name in _files(tmp_path / "out"):  # completed parts stay, and are whole (a worker's last may be short)
+        assert 0 < pq.read_table(tmp_path / "out" / name).num_rows <= 500
