@@ -15,6 +15,7 @@ Either way a part is written under a hidden ``.inprogress`` name and renamed whe
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 from typing import Any, Optional
 
@@ -42,10 +43,21 @@ def records_to_table(records: list[Any], schema: Any = None) -> Any:
         raise SchemaError(f"write_parquet needs dict records, got {type(bad).__name__}: {bad!r:.80}")
     # Every field of every record, in order of first appearance: ``Table.from_pylist`` would
     # take the names from the first record only and silently drop a field that a later record
-    # of the chunk adds. Building columns also converts several times faster.
-    names = schema.names if schema is not None else list(dict.fromkeys(itertools.chain.from_iterable(records)))
+    # of the chunk adds. Usually every record has the first one's fields (same count, none
+    # missing), and the columns are built with itemgetter; otherwise with ``get`` over the union.
+    columns = None
+    if schema is None and records:
+        names = list(records[0])
+        if sum(map(len, records)) == len(names) * len(records):
+            try:
+                columns = {name: list(map(operator.itemgetter(name), records)) for name in names}
+            except KeyError:
+                columns = None
+    if columns is None:
+        names = schema.names if schema is not None else list(dict.fromkeys(itertools.chain.from_iterable(records)))
+        columns = {name: [r.get(name) for r in records] for name in names}
     try:
-        return pa.Table.from_pydict({name: [r.get(name) for r in records] for name in names}, schema=schema)
+        return pa.Table.from_pydict(columns, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
         for name in names:
             values = [r.get(name) for r in records]

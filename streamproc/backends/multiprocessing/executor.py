@@ -32,9 +32,11 @@ NOTE [ streamproc shutdown ]
 from __future__ import annotations
 
 import collections
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import threading
 import time
 import weakref
@@ -62,6 +64,22 @@ REORDER_WINDOW_TASKS_PER_WORKER = 4
 RESULT_WAIT_TIMEOUT_S = 1.0
 SHUTDOWN_JOIN_TIMEOUT_S = 5.0
 KILL_JOIN_TIMEOUT_S = 2.0
+
+
+def _prepare_parent_for_fork() -> None:
+    """Makes forked workers cheaper: shared imports done once, the parent's objects left alone.
+
+    pyarrow imports pandas on its first conversion; done here, the forked workers inherit it
+    instead of each importing it (about 0.3 s of CPU per worker). ``gc.freeze()`` keeps the
+    workers' collections from traversing, and so copying on write, every object inherited from
+    the parent; the parent unfreezes once the workers have started.
+    """
+    if "pyarrow" in sys.modules and "pandas" not in sys.modules:
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            pass
+    gc.freeze()
 
 
 class MultiprocessingBackend(Backend):
@@ -135,25 +153,14 @@ class _Run:
         plan_bytes = dumps_plan((cpu_plan, self.finalize), self.plan)
         gpu_channels = self._start_gpu_workers(forwards) if self.topology.gpu_devices else {}
         context: Any = multiprocessing.get_context(self.start_method)
-        for index in range(self.num_workers):
-            channels = gpu_channels.get(index, {})
-            task_reader, task_writer = context.Pipe(duplex=False)
-            result_reader, result_writer = context.Pipe(duplex=False)
-            process = context.Process(
-                target=run_cpu_worker,
-                args=(index, plan_bytes, task_reader, result_writer, os.getpid(), channels, list(self.topology.cycles[index])),
-                name=f"streamproc-cpu-{index}",
-                daemon=True,
-            )
-            worker = _Worker(WorkerId("cpu", index), process, task_writer, result_reader)
-            self.workers.append(worker)
-            process.start()
-            # The child holds its own ends; closing ours lets a dead child break the pipes.
-            task_reader.close()
-            result_writer.close()
-            for batch_writer, output_reader in channels.values():
-                batch_writer.close()
-                output_reader.close()
+        if self.start_method == "fork":
+            _prepare_parent_for_fork()
+        try:
+            for index in range(self.num_workers):
+                self._start_cpu_worker(context, index, plan_bytes, gpu_channels.get(index, {}))
+        finally:
+            if self.start_method == "fork":
+                gc.unfreeze()
 
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
         payloads = self.plan.source.iter_tasks(self.plan.task_size)
@@ -166,6 +173,25 @@ class _Run:
                 daemon=True,
             )
             worker.feeder.start()
+
+    def _start_cpu_worker(self, context: Any, index: int, plan_bytes: bytes, channels: dict[int, tuple[Any, Any]]) -> None:
+        task_reader, task_writer = context.Pipe(duplex=False)
+        result_reader, result_writer = context.Pipe(duplex=False)
+        cycle = list(self.topology.cycles[index])
+        process = context.Process(
+            target=run_cpu_worker,
+            args=(index, plan_bytes, task_reader, result_writer, os.getpid(), channels, cycle),
+            name=f"streamproc-cpu-{index}",
+            daemon=True,
+        )
+        self.workers.append(_Worker(WorkerId("cpu", index), process, task_writer, result_reader))
+        process.start()
+        # The child holds its own ends; closing ours lets a dead child break the pipes.
+        task_reader.close()
+        result_writer.close()
+        for batch_writer, output_reader in channels.values():
+            batch_writer.close()
+            output_reader.close()
 
     def _start_gpu_workers(self, forwards: dict[int, Any]) -> dict[int, dict[int, tuple[Any, Any]]]:
         """Starts the GPU workers; returns each CPU worker's ends of its GPU channels."""
