@@ -88,6 +88,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from a checkout without installing streamproc
     sys.path.insert(0, REPO_ROOT)
 
+from _cpu_clock import busy_cpu_s, own_cpu_s  # noqa: E402  (sibling module of this script)
+
 import streamproc as sp  # noqa: E402
 
 #: Hash buckets for words (id 0 is padding).
@@ -220,23 +222,6 @@ def alarm(seconds: int) -> Iterator[None]:
 # --- measuring -----------------------------------------------------------------------------------
 
 
-def _busy_cpu_s() -> float:
-    """CPU seconds all processes of the machine spent busy since boot (``/proc/stat``)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds of this process and of its reaped children (the workers)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def wait_for_idle(max_wait_s: float, max_busy_cores: float = 0.3, window_s: float = 0.5) -> float:
     """Waits (up to ``max_wait_s``) until other processes use under ``max_busy_cores`` cores.
 
@@ -245,9 +230,9 @@ def wait_for_idle(max_wait_s: float, max_busy_cores: float = 0.3, window_s: floa
     """
     deadline = time.monotonic() + max_wait_s
     while True:
-        busy0 = _busy_cpu_s()
+        busy0 = busy_cpu_s()
         time.sleep(window_s)
-        busy = (_busy_cpu_s() - busy0) / window_s
+        busy = (busy_cpu_s() - busy0) / window_s
         if busy < max_busy_cores or time.monotonic() >= deadline:
             if busy >= max_busy_cores and max_wait_s > 0:
                 log(f"  (machine still busy after {max_wait_s:.0f} s: {busy:.2f} cores; measuring anyway)")
@@ -319,13 +304,13 @@ class GPUUtilizationSampler:
 
 def measure(side: Side, gpu_device: Optional[str] = None) -> tuple[Sample, list[dict[str, Any]]]:
     sampler = GPUUtilizationSampler(gpu_device) if gpu_device and GPUUtilizationSampler.available(gpu_device) else None
-    busy0, own0 = _busy_cpu_s(), _own_cpu_s()
+    busy0, own0 = busy_cpu_s(), own_cpu_s()
     with torch_threads(side.threads), sampler if sampler is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         result = side.run()
         seconds = time.perf_counter() - t0
-    own = _own_cpu_s() - own0
-    bg = max(0.0, (_busy_cpu_s() - busy0) - own) / seconds
+    own = own_cpu_s() - own0
+    bg = max(0.0, (busy_cpu_s() - busy0) - own) / seconds
     busy = sampler.busy if sampler is not None else None
     return Sample(seconds, bg, own, busy), result
 

@@ -71,6 +71,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _cpu_clock import busy_cpu_s, own_cpu_s  # sibling module of this script
 
 import streamproc as sp
 
@@ -137,23 +138,6 @@ def add_length(record: dict[str, Any]) -> dict[str, Any]:
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def _busy_cpu_s() -> float:
-    """CPU seconds all processes of the machine spent busy since boot (``/proc/stat``)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
-    except OSError:
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds of this process and of its reaped children (workers, child scripts)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 @dataclass
 class Sample:
     seconds: float
@@ -169,12 +153,12 @@ def measure(fn: Callable[[], Any], check: Optional[Callable[[Any], Optional[str]
     copy-on-write) it: after an edsnlp run, streamproc's parquet row took ~20% more CPU.
     """
     gc.collect()
-    busy0, own0 = _busy_cpu_s(), _own_cpu_s()
+    busy0, own0 = busy_cpu_s(), own_cpu_s()
     t0 = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - t0
-    own = _own_cpu_s() - own0
-    bg = max(0.0, (_busy_cpu_s() - busy0) - own) / seconds
+    own = own_cpu_s() - own0
+    bg = max(0.0, (busy_cpu_s() - busy0) - own) / seconds
     error = check(result) if check is not None else None
     return Sample(seconds, bg, own), error
 
@@ -256,9 +240,9 @@ def wait_for_idle(max_wait_s: float, threshold_cores: float = 0.25) -> None:
     deadline = time.monotonic() + max_wait_s
     bg = float("nan")
     while time.monotonic() < deadline:
-        busy0, own0, t0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+        busy0, own0, t0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
         time.sleep(1.0)
-        bg = ((_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / (time.perf_counter() - t0)
+        bg = ((busy_cpu_s() - busy0) - (own_cpu_s() - own0)) / (time.perf_counter() - t0)
         if bg < threshold_cores:
             return
     log(f"machine still busy after {max_wait_s:.0f} s (other processes use {bg:.2f} cores): measuring anyway")
@@ -669,11 +653,11 @@ def workload_rss(sizes: Sizes, tmp: Path) -> list[Row]:
     for _ in range(sizes.repeats):  # rounds, small then large
         for n in (small_n, large_n):
             wait_for_idle(WAIT_IDLE_S)
-            busy0, own0, wall0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+            busy0, own0, wall0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
             result = run_child_sampled([sys.executable, str(script), str(n)])
             wall = time.perf_counter() - wall0
-            result["cpu_s"] = _own_cpu_s() - own0
-            result["bg_cores"] = max(0.0, (_busy_cpu_s() - busy0) - result["cpu_s"]) / wall
+            result["cpu_s"] = own_cpu_s() - own0
+            result["bg_cores"] = max(0.0, (busy_cpu_s() - busy0) - result["cpu_s"]) / wall
             if result["count"] != n:
                 raise RuntimeError(f"rss child produced {result['count']} records, expected {n}")
             log(
@@ -755,15 +739,15 @@ def workload_ttfo(sizes: Sizes, eds: Optional[str], tmp: Path) -> list[Row]:
     for _ in range(sizes.ttfo_repeats):  # rounds over the cases
         for case in cases:
             wait_for_idle(WAIT_IDLE_S)
-            busy0, own0, wall0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+            busy0, own0, wall0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
             out = subprocess.run([sys.executable, str(script), *case], capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
             wall = time.perf_counter() - wall0
             if out.returncode != 0:
                 raise RuntimeError(f"ttfo child failed: {out.stderr[-2000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
             torch_seen[case] = torch_seen[case] or result["torch_before"] or result["torch_after"]
-            own = _own_cpu_s() - own0
-            samples[case].append(Sample(result["ttfo"], max(0.0, (_busy_cpu_s() - busy0) - own) / wall, own))
+            own = own_cpu_s() - own0
+            samples[case].append(Sample(result["ttfo"], max(0.0, (busy_cpu_s() - busy0) - own) / wall, own))
             log(f"  {case[0]} {case[1]}: {result['ttfo']:.3f} s")
     rows = []
     for system, method in cases:
