@@ -15,6 +15,7 @@ from typing import Optional
 
 import pytest
 
+from streamproc.backends.multiprocessing import cpu_budget
 from streamproc.backends.multiprocessing import environment as env
 from streamproc.backends.multiprocessing.environment import (
     MAX_WORKERS_ENV_VAR,
@@ -66,8 +67,8 @@ def machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Pretends to be a 16-core machine with no affinity limit, no cgroup and no env cap."""
     monkeypatch.setattr(env.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(env.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(env, "_CGROUP_ROOT", str(tmp_path / "fs"))
-    monkeypatch.setattr(env, "_PROC_SELF_CGROUP", str(tmp_path / "proc_self_cgroup"))
+    monkeypatch.setattr(cpu_budget, "_CGROUP_ROOT", str(tmp_path / "fs"))
+    monkeypatch.setattr(cpu_budget, "_PROC_SELF_CGROUP", str(tmp_path / "proc_self_cgroup"))
     monkeypatch.delenv(MAX_WORKERS_ENV_VAR, raising=False)
     return tmp_path
 
@@ -81,7 +82,7 @@ def machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 )
 def test_cgroup_v2_cpu_max(tmp_path: Path, cpu_max: str, expected: Optional[float]) -> None:
     proc = fake_v2(tmp_path, cpu_max)
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == expected
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == expected
 
 
 @pytest.mark.parametrize(
@@ -89,29 +90,29 @@ def test_cgroup_v2_cpu_max(tmp_path: Path, cpu_max: str, expected: Optional[floa
 )
 def test_cgroup_v1_cfs_quota(tmp_path: Path, quota: str, period: str, expected: Optional[float]) -> None:
     proc = fake_v1(tmp_path, quota, period)
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == expected
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == expected
 
 
 @pytest.mark.parametrize("controller_dir", ["cpu", "cpu,cpuacct", "cpuacct,cpu"])
 def test_cgroup_v1_controller_mount_names(tmp_path: Path, controller_dir: str) -> None:
     proc = fake_v1(tmp_path, "300000", controller_dir=controller_dir)
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 3.0
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 3.0
 
 
 def test_cgroup_v2_own_cgroup_found_via_proc_self_cgroup(tmp_path: Path) -> None:
     proc = fake_v2(tmp_path, "400000 100000", own="/system.slice/job.scope")
     write(tmp_path / "fs" / "cpu.max", "max 100000\n")
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 4.0
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 4.0
 
 
 def test_cgroup_v2_parent_limit_binds_the_child(tmp_path: Path) -> None:
     proc = fake_v2(tmp_path, "800000 100000", own="/a/b", parents={"a": "200000 100000"})
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 2.0
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 2.0
 
 
 def test_cgroup_v1_nested_own_cgroup(tmp_path: Path) -> None:
     proc = fake_v1(tmp_path, "150000", own="/docker/abc")
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 1.5
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 1.5
 
 
 def test_container_without_cgroup_namespace_falls_back_to_root_files(tmp_path: Path) -> None:
@@ -119,12 +120,12 @@ def test_container_without_cgroup_namespace_falls_back_to_root_files(tmp_path: P
     proc = tmp_path / "proc_self_cgroup"
     write(proc, "0::/system.slice/docker-0123.scope\n")
     write(tmp_path / "fs" / "cpu.max", "200000 100000\n")
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 2.0
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 2.0
 
 
 def test_no_proc_self_cgroup_reads_root_files(tmp_path: Path) -> None:
     write(tmp_path / "fs" / "cpu.max", "100000 100000\n")
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "missing")) == 1.0
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "missing")) == 1.0
 
 
 def test_hybrid_v1_and_v2_takes_the_smallest(tmp_path: Path) -> None:
@@ -133,17 +134,17 @@ def test_hybrid_v1_and_v2_takes_the_smallest(tmp_path: Path) -> None:
     write(tmp_path / "fs" / "cpu.max", "600000 100000\n")
     write(tmp_path / "fs" / "cpu" / "cpu.cfs_quota_us", "300000\n")
     write(tmp_path / "fs" / "cpu" / "cpu.cfs_period_us", "100000\n")
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 3.0
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 3.0
 
 
 @pytest.mark.parametrize("garbage", ["", "lots 100000", "100000 none"])
 def test_unparsable_cgroup_files_are_ignored(tmp_path: Path, garbage: str) -> None:
     proc = fake_v2(tmp_path, garbage)
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) is None
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) is None
 
 
 def test_no_cgroup_at_all(tmp_path: Path) -> None:
-    assert env._cgroup_cpu_quota(str(tmp_path / "nothing"), str(tmp_path / "nothing")) is None
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "nothing"), str(tmp_path / "nothing")) is None
 
 
 def test_path_traversal_in_proc_self_cgroup_is_not_followed(tmp_path: Path) -> None:
@@ -151,7 +152,7 @@ def test_path_traversal_in_proc_self_cgroup_is_not_followed(tmp_path: Path) -> N
     write(proc, "0::/../../elsewhere\n")
     write(tmp_path / "elsewhere" / "cpu.max", "100000 100000\n")
     write(tmp_path / "fs" / "cpu.max", "500000 100000\n")
-    assert env._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 5.0
+    assert cpu_budget._cgroup_cpu_quota(str(tmp_path / "fs"), str(proc)) == 5.0
 
 
 # --- cpu_count --------------------------------------------------------------------------------
