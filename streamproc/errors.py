@@ -8,7 +8,6 @@ in the main process with the worker's formatted traceback attached as ``__cause_
 
 from __future__ import annotations
 
-import sys
 import traceback
 from typing import Any
 
@@ -67,31 +66,7 @@ def add_context_note(exc: BaseException, note: str) -> None:
             pass
 
 
-def _main_module_twin(exc: BaseException) -> BaseException:
-    """The same exception as an instance of the main process's own ``__main__`` class.
-
-    dill ships classes defined in a script's ``__main__`` by value, so a worker raises a copy
-    of ``__main__.UserError``, and ``except UserError`` in the script would not catch it.
-    Rebuilding it as the class of that name in this process's ``__main__`` keeps the user's
-    own type.
-    """
-    cls = type(exc)
-    if cls.__module__ not in ("__main__", "__mp_main__"):
-        return exc
-    twin = getattr(sys.modules.get("__main__"), cls.__qualname__, None)
-    if twin is None or twin is cls or not isinstance(twin, type) or not issubclass(twin, BaseException):
-        return exc
-    try:
-        rebuilt = twin.__new__(twin, *exc.args)
-        rebuilt.args = exc.args
-        rebuilt.__dict__.update(getattr(exc, "__dict__", {}))
-    except Exception:
-        return exc
-    return rebuilt
-
-
 def _rebuild_exception(exc: BaseException, tb: str) -> BaseException:
-    exc = _main_module_twin(exc)
     exc.__cause__ = RemoteTraceback(tb)
     return exc
 
