@@ -229,6 +229,17 @@ def make_row(workload: str, system: str, samples: list[Sample], records: Optiona
     )
 
 
+def judge_speedup(rows: list[Row], target: float, baseline: str) -> None:
+    """Sets each row's speedup over the first row (the baseline), and judges streamproc's rows."""
+    base = rows[0]
+    for row in rows:
+        if row.times:
+            row.ratio = base.best / row.best
+        if row.system.startswith("streamproc"):
+            row.target = f">= {target}x vs {baseline}"
+            row.met = (row.ratio or 0) >= target and not row.note
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -431,13 +442,7 @@ def workload_cpu(sizes: Sizes, eds: Optional[str]) -> list[Row]:
     rows = run_sides(name, sides, sizes.repeats)
     if not eds:
         rows.append(Row(name, "edsnlp mp", [], note="not installed"))
-    base = rows[0]
-    for row in rows:
-        if row.times:
-            row.ratio = base.best / row.best
-        if row.system.startswith("streamproc"):
-            row.target = f">= {TARGET_CPU_SPEEDUP}x vs 1 process"
-            row.met = (row.ratio or 0) >= TARGET_CPU_SPEEDUP and not row.note
+    judge_speedup(rows, TARGET_CPU_SPEEDUP, "1 process")
     return rows
 
 
@@ -540,13 +545,7 @@ def workload_parquet(sizes: Sizes, eds: Optional[str], tmp: Path) -> list[Row]:
     rows = run_sides(name, sides, sizes.repeats)
     if not eds:
         rows.append(Row(name, "edsnlp mp", [], note="not installed"))
-    base = rows[0]
-    for row in rows:
-        if row.times:
-            row.ratio = base.best / row.best
-        if row.system.startswith("streamproc"):
-            row.target = f">= {TARGET_PARQUET_SPEEDUP}x vs pyarrow loop"
-            row.met = (row.ratio or 0) >= TARGET_PARQUET_SPEEDUP and not row.note
+    judge_speedup(rows, TARGET_PARQUET_SPEEDUP, "pyarrow loop")
     shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     return rows
