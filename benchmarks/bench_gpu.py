@@ -88,7 +88,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from a checkout without installing streamproc
     sys.path.insert(0, REPO_ROOT)
 
-from _cpu_clock import busy_cpu_s, own_cpu_s  # noqa: E402  (sibling module of this script)
+from _machine import busy_cpu_s, cpu_model_name, own_cpu_s  # noqa: E402  (sibling module of this script)
 
 import streamproc as sp  # noqa: E402
 
@@ -703,13 +703,7 @@ def print_table(sides: list[Side], n_docs: int, baselines: dict[str, float]) -> 
 
 
 def machine() -> str:
-    model_name = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model_name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model_name}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{cpu_model_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -71,7 +71,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _cpu_clock import busy_cpu_s, own_cpu_s  # sibling module of this script
+from _machine import busy_cpu_s, cpu_model_name, own_cpu_s  # sibling module of this script
 
 import streamproc as sp
 
@@ -764,12 +764,7 @@ def workload_ttfo(sizes: Sizes, eds: Optional[str], tmp: Path) -> list[Row]:
 
 
 def environment() -> dict[str, str]:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model_name()
     # The checkout that streamproc is imported from (PYTHONPATH may point at a snapshot).
     package = Path(sp.__file__).resolve().parent
     git = f"{package}, not a git checkout"
