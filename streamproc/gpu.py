@@ -24,22 +24,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def to_device(obj: Any, device: Any, non_blocking: bool = False) -> Any:
-    """Moves every tensor (and numpy array, as a tensor) in a dict/list/tuple nesting to ``device``."""
+def map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """Applies ``fn`` to every tensor (numpy arrays become tensors first) in a dict/list/tuple nesting."""
     import numpy as np
     import torch
 
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, np.ndarray) and obj.dtype != object:
-        return torch.from_numpy(obj).to(device, non_blocking=non_blocking)
+        obj = torch.from_numpy(obj)
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(to_device(v, device, non_blocking) for v in obj))
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, non_blocking) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def to_device(obj: Any, device: Any, non_blocking: bool = False) -> Any:
+    """Moves every tensor (and numpy array, as a tensor) in a dict/list/tuple nesting to ``device``."""
+    return map_tensors(obj, lambda tensor: tensor.to(device, non_blocking=non_blocking))
 
 
 def find_modules(obj: Any, depth: int = MODULE_SEARCH_DEPTH) -> list[Any]:
@@ -206,20 +211,7 @@ class LocalForwardRunner:
 
 def _pinned(obj: Any) -> Any:
     """``obj`` with its CPU tensors copied to pinned memory (enables asynchronous copies)."""
-    import numpy as np
-    import torch
-
-    if isinstance(obj, np.ndarray) and obj.dtype != object:
-        obj = torch.from_numpy(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.is_pinned() or obj.device.type != "cpu" else obj.pin_memory()
-    if isinstance(obj, dict):
-        return {k: _pinned(v) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_pinned(v) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_pinned(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t if t.is_pinned() or t.device.type != "cpu" else t.pin_memory())
 
 
 def _to_numpy(value: Any) -> Any:
