@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .io.base import Source
-from .ops import BatchedOp, Op
+from .ops import BatchedOp, MapGPU, Op
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_TASK_SIZE, ProcessingOptions
 
 if TYPE_CHECKING:
@@ -35,8 +35,6 @@ class Plan:
 
     @property
     def has_gpu_stage(self) -> bool:
-        from .ops import MapGPU
-
         return any(isinstance(op, MapGPU) for op in self.ops)
 
 
