@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from .backends.multiprocessing.schedule import get_dispatch_schedule
+from .execution.schedule import get_dispatch_schedule
 from .errors import (
     PipelineShutdownError,
     RemoteTraceback,

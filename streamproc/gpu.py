@@ -124,6 +124,8 @@ class DeviceForward:
     Args:
         stage: the stage's name, for error messages (a CUDA out-of-memory error names it).
         batch_size: the stage's batch size, to suggest a smaller one on out-of-memory.
+        torch_threads: torch's intra-op thread count while ``forward`` runs (restored after);
+            None leaves it as it is.
     """
 
     def __init__(
@@ -133,8 +135,10 @@ class DeviceForward:
         autocast: Any = None,
         stage: str = "map_gpu stage",
         batch_size: Any = None,
+        torch_threads: Optional[int] = None,
     ) -> None:
         self.forward = forward
+        self.torch_threads = torch_threads
         self.device_name = device
         self.autocast = autocast
         self.stage = stage
@@ -173,7 +177,10 @@ class DeviceForward:
         import torch
 
         on_device, ready = uploaded
+        threads_before = torch.get_num_threads()
         try:
+            if self.torch_threads is not None and threads_before != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
             with torch.inference_mode():
@@ -191,6 +198,9 @@ class DeviceForward:
                 f"try a smaller batch_size{size} for this map_gpu stage, or autocast=True",
             )
             raise
+        finally:
+            if torch.get_num_threads() != threads_before:
+                torch.set_num_threads(threads_before)
 
     def forward_batch(self, batch: Any) -> Any:
         """Upload, then compute: the outputs of ``forward(batch)`` on the CPU."""

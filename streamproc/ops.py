@@ -3,7 +3,7 @@
 Each op turns an iterator of *chunks* (lists of records) into an iterator of chunks with
 :meth:`Op.apply`. Working on lists keeps the per-record cost of the engine to the builtin
 ``map``/``filter`` call itself: error tagging and generator hops happen once per chunk. The
-executor chains the ops of a stream once per task (see :mod:`streamproc.execution`), so an op
+executor chains the ops of a stream once per task (see :mod:`streamproc.execution.task`), so an op
 never sees records of two tasks at once: this is what makes batch composition independent of
 the backend and of the number of workers.
 
@@ -29,7 +29,8 @@ from .batching import BatchBy, BatchSize, iter_batches
 from .errors import add_context_note
 
 if TYPE_CHECKING:
-    from .execution import ExecutionContext
+    from .execution.context import ExecutionContext
+    from .plan import Stage
 
 #: Attribute set on an exception by the first stage that sees it (so that downstream stages,
 #: through which it propagates, do not claim it).
@@ -58,7 +59,7 @@ def tag_stage(exc: BaseException, stage: str) -> None:
 class Op:
     """Base of all ops. Subclasses implement :meth:`apply` and :meth:`describe`."""
 
-    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -88,9 +89,9 @@ class Map(Op):
     fn: Callable[..., Any]
     kwargs: Optional[dict[str, Any]] = None
 
-    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         fn = functools.partial(self.fn, **self.kwargs) if self.kwargs else self.fn
-        return _tagged((list(map(fn, chunk)) for chunk in chunks), stage)
+        return _tagged((list(map(fn, chunk)) for chunk in chunks), stage.name)
 
     def describe(self) -> str:
         return f"map({callable_name(self.fn)})"
@@ -103,9 +104,9 @@ class Map(Op):
 class Filter(Op):
     pred: Callable[[Any], Any]
 
-    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         pred = self.pred
-        return _tagged((list(filter(pred, chunk)) for chunk in chunks), stage)
+        return _tagged((list(filter(pred, chunk)) for chunk in chunks), stage.name)
 
     def describe(self) -> str:
         return f"filter({callable_name(self.pred)})"
@@ -116,8 +117,8 @@ class Filter(Op):
 
 @dataclass(frozen=True)
 class Flatten(Op):
-    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
-        return _tagged((list(itertools.chain.from_iterable(chunk)) for chunk in chunks), stage)
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
+        return _tagged((list(itertools.chain.from_iterable(chunk)) for chunk in chunks), stage.name)
 
     def describe(self) -> str:
         return "flatten()"
@@ -156,9 +157,9 @@ class BatchedOp(Op):
 class MapBatches(BatchedOp):
     fn: Callable[[list[Any]], Iterable[Any]]
 
-    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         fn = self.fn
-        return _tagged((list(fn(batch)) for batch in self._batches(chunks)), stage)
+        return _tagged((list(fn(batch)) for batch in self._batches(chunks)), stage.name)
 
     def describe(self) -> str:
         return f"map_batches({callable_name(self.fn)}{self._size_text()})"
@@ -192,14 +193,14 @@ class MapGPU(BatchedOp):
     forward: Callable[[Any], Any]
     postprocess: Optional[Callable[[list[Any], Any], Iterable[Any]]] = None
 
-    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: str) -> Iterator[list[Any]]:
+    def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         postprocess = self.postprocess or default_postprocess
         prepare_batch = self.prepare_batch
         # Each part is tagged separately so that an error names the callable that raised it.
-        batches = _tagged(self._batches(chunks), stage)
-        prepared = _tagged(((batch, prepare_batch(batch)) for batch in batches), f"{stage}, prepare_batch")
-        done = _tagged(ctx.forward_runner(self, stage).run(prepared), f"{stage}, forward")
-        return _tagged((list(postprocess(records, outputs)) for records, outputs in done), f"{stage}, postprocess")
+        batches = _tagged(self._batches(chunks), stage.name)
+        prepared = _tagged(((batch, prepare_batch(batch)) for batch in batches), f"{stage.name}, prepare_batch")
+        done = _tagged(ctx.forward_runner(stage).run(prepared), f"{stage.name}, forward")
+        return _tagged((list(postprocess(records, outputs)) for records, outputs in done), f"{stage.name}, postprocess")
 
     def describe(self) -> str:
         names = [callable_name(self.prepare_batch), callable_name(self.forward)]

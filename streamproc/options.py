@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from .batching import BatchBy, BatchSize, validate_batch_by
 
-BACKENDS = ("simple", "multiprocessing", "ray")
+BACKENDS = ("simple", "threads", "multiprocessing", "ray")
 START_METHODS = ("fork", "spawn", "forkserver")
 AUTOCAST_DTYPES = ("float16", "bfloat16", "float32")
 DEFAULT_BATCH_SIZE = BatchSize(128, "records")
@@ -42,6 +42,7 @@ class ProcessingOptions:
     autocast: Any = None
     process_start_method: Optional[str] = None
     task_size: Optional[int] = None
+    torch_threads: Optional[int] = None
 
     def updated(self, **changes: Any) -> ProcessingOptions:
         """Returns a copy with ``changes`` validated and applied."""
@@ -58,6 +59,18 @@ class ProcessingOptions:
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != getattr(default, f.name)
         }
+
+    @property
+    def forward_threads(self) -> Optional[int]:
+        """torch's intra-op threads while ``forward`` runs, in every backend (None: leave torch's).
+
+        ``torch_threads`` when set; else 1 with ``deterministic=True``, the count workers run
+        with, so that a CPU forward computes the same bits in the main process as in a
+        worker (float reductions depend on how work is split across threads).
+        """
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return 1 if self.deterministic else None
 
     @property
     def effective_gpu_workers(self) -> int:
@@ -84,7 +97,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
 def _check_backend(value: Any) -> Optional[str]:
     _check_choice("backend", value, BACKENDS)
     if value == "ray":
-        raise ValueError("backend='ray' is on the roadmap but not available yet: use 'simple' or 'multiprocessing'")
+        raise ValueError("backend='ray' is on the roadmap but not available yet: use 'simple', 'threads' or 'multiprocessing'")
     return value
 
 
@@ -148,4 +161,5 @@ _VALIDATORS = {
     "autocast": _check_autocast,
     "process_start_method": lambda v: _check_choice("process_start_method", v, START_METHODS),
     "task_size": _check_count("task_size", 1),
+    "torch_threads": _check_count("torch_threads", 1),
 }

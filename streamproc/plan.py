@@ -1,8 +1,8 @@
 """The execution plan: what a backend runs, derived from a Stream with defaults resolved.
 
 A :class:`Plan` is the unit that travels to workers (pickled with dill once per worker): the
-source (its worker half), the ops with batch sizes filled in, and the task size. It is built
-in the main process, when a sink asks for records.
+source (its worker half), the stages with batch sizes filled in, and the task size. It is
+built in the main process, when a sink asks for records.
 """
 
 from __future__ import annotations
@@ -19,6 +19,18 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One op of a plan and its place: ``index`` counts from 1 in source-to-sink order.
+
+    ``name`` (``"stage 2 (map(clean))"``) is for messages only; code keys on ``index``.
+    """
+
+    index: int
+    name: str
+    op: Op
+
+
+@dataclass(frozen=True)
 class Plan:
     """A stream ready to run.
 
@@ -27,15 +39,27 @@ class Plan:
     """
 
     source: Source
-    ops: tuple[Op, ...]
+    stages: tuple[Stage, ...]
     options: ProcessingOptions
     task_size: int
     chunk_size: int
-    stage_names: tuple[str, ...]
+
+    @property
+    def ops(self) -> tuple[Op, ...]:
+        return tuple(stage.op for stage in self.stages)
 
     @property
     def has_gpu_stage(self) -> bool:
-        return any(isinstance(op, MapGPU) for op in self.ops)
+        return any(isinstance(stage.op, MapGPU) for stage in self.stages)
+
+    def stage(self, index: int) -> Stage:
+        """The stage numbered ``index`` (1-based)."""
+        return self.stages[index - 1]
+
+
+def make_stages(ops: tuple[Op, ...]) -> tuple[Stage, ...]:
+    """Numbers ``ops`` from 1 and names each stage after its op."""
+    return tuple(Stage(index, f"stage {index} ({op.describe()})", op) for index, op in enumerate(ops, start=1))
 
 
 def default_task_size(ops: tuple[Op, ...]) -> int:
@@ -50,5 +74,4 @@ def build_plan(stream: Stream) -> Plan:
     default_size = options.batch_size or DEFAULT_BATCH_SIZE
     ops = tuple(op.resolved(default_size, options.batch_by) if isinstance(op, BatchedOp) else op for op in stream.ops)
     task_size = options.task_size or default_task_size(ops)
-    names = tuple(f"stage {i} ({op.describe()})" for i, op in enumerate(ops, start=1))
-    return Plan(stream.source, ops, options, task_size, chunk_size=task_size, stage_names=names)
+    return Plan(stream.source, make_stages(ops), options, task_size, chunk_size=task_size)

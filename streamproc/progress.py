@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .execution.task import TaskOutput
 
 
-def with_progress(chunks: Iterator[tuple[Any, int]], enabled: bool, desc: str = "streamproc") -> Iterator[tuple[Any, int]]:
-    """Passes ``(chunk, count)`` pairs through, advancing a tqdm bar by ``count`` when enabled."""
+def with_progress(outputs: Iterable[TaskOutput], enabled: bool, desc: str = "streamproc") -> Iterator[TaskOutput]:
+    """Passes outputs through, advancing a tqdm bar by each one's ``count`` when enabled."""
     if not enabled:
-        yield from chunks
+        yield from outputs
         return
     from tqdm.auto import tqdm
 
     with tqdm(desc=desc, unit=" records", unit_scale=True, dynamic_ncols=True) as bar:
-        for chunk, count in chunks:
-            bar.update(count)
-            yield chunk, count
+        for output in outputs:
+            bar.update(output.count)
+            yield output

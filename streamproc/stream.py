@@ -8,19 +8,15 @@ of each op says where its callables run.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
-from .backends.base import get_backend
 from .batching import BatchBy, BatchSize, BatchSizeLike, validate_batch_by
-from .execution import ChunkFinalizer
 from .io.base import Source
 from .ops import Filter, Flatten, Map, MapBatches, MapGPU, Op
 from .options import ProcessingOptions
 from .plan import Plan, build_plan
-from .progress import with_progress
 
 
 def _check_callable(value: Any, method: str, param: str) -> None:
@@ -164,28 +160,18 @@ class Stream:
         """The plan a sink would run now (defaults resolved)."""
         return build_plan(self)
 
-    @contextlib.contextmanager
-    def _chunks(self, finalize: Any = None) -> Iterator[Iterator[tuple[Any, int]]]:
-        plan = build_plan(self)
-        chunks = get_backend(plan.options.effective_backend).iter_chunks(plan, finalize)
-        try:
-            yield with_progress(chunks, plan.options.show_progress)
-        finally:
-            chunks.close()  # type: ignore[attr-defined]
-
     def __iter__(self) -> Iterator[Any]:
         """Runs the stream, yielding output records one by one (main process)."""
-        with self._chunks() as chunks:
-            for chunk, _ in chunks:
-                yield from chunk
+        from .io.sinks import iter_records
+
+        return iter_records(build_plan(self))
 
     def to_list(self) -> list[Any]:
         """Runs the stream and returns its records in a list."""
-        result: list[Any] = []
-        with self._chunks() as chunks:
-            for chunk, _ in chunks:
-                result.extend(chunk)
-        return result
+        from .io.sinks import ListSink, run_into
+
+        records: list[Any] = run_into(build_plan(self), ListSink())
+        return records
 
     def to_pandas(self) -> Any:
         """Runs the stream and returns a DataFrame (one row per dict record; column ``value`` otherwise)."""
@@ -208,8 +194,9 @@ class Stream:
 
         Records are converted to Arrow where they are produced (a CPU worker with the
         multiprocessing backend); the main process writes row groups of ``row_group_size``
-        rows into parts of at most ``rows_per_file`` rows, in order. With the multiprocessing
-        backend and ``deterministic=False`` each CPU worker writes its own parts instead
+        rows into parts of at most ``rows_per_file`` rows, in order. With
+        ``deterministic=False`` on a backend that can write in its workers
+        (multiprocessing), each CPU worker writes its own parts instead
         (``part-w000-00000.parquet``, ...) and the main process only coordinates. Each part
         appears under its final name only when complete; after a failure, completed parts
         stay and no in-progress file is left. ``schema`` (a ``pyarrow.Schema``) fixes the
@@ -222,52 +209,21 @@ class Stream:
             FileExistsError: ``path`` is not empty and ``overwrite`` is False (checked first).
             streamproc.SchemaError: records whose types do not agree, naming the field.
         """
-        from .io import parquet_writer
+        from .io.sinks import ParquetSink, run_into
 
-        if self._options.effective_backend == "multiprocessing" and not self._options.deterministic:
-            return self._write_parquet_in_workers(os.fspath(path), overwrite, schema, rows_per_file, row_group_size)
-        writer = parquet_writer.ParquetPartWriter(os.fspath(path), overwrite, schema, rows_per_file, row_group_size)
-        self._write_chunks(writer, parquet_writer.ArrowTableFinalizer(schema))
-        return writer.part_paths
-
-    def _write_parquet_in_workers(
-        self, path: str, overwrite: bool, schema: Any, rows_per_file: int, row_group_size: int
-    ) -> list[str]:
-        from .io import parquet_writer
-
-        parquet_writer.check_part_sizes(rows_per_file, row_group_size)
-        target = os.path.abspath(path)
-        parquet_writer.prepare_output_dir(target, overwrite, parquet_writer.PARQUET_SUFFIXES, "write_parquet")
-        try:
-            with self._chunks(parquet_writer.WorkerParquetSink(target, schema, rows_per_file, row_group_size)) as chunks:
-                for _ in chunks:
-                    pass
-        except BaseException:
-            parquet_writer.remove_in_progress(target)
-            raise
-        return parquet_writer.list_parts(target)
+        sink = ParquetSink(path, overwrite, schema, rows_per_file, row_group_size)
+        paths: list[str] = run_into(build_plan(self), sink)
+        return paths
 
     def write_jsonl(self, path: str | os.PathLike[str], overwrite: bool = False) -> str:
         """Runs the stream and writes one JSON line per record to the file ``path`` (``.gz``: gzipped).
 
         The file appears under its name only when complete. Returns its path.
         """
-        from .io.jsonl import JsonlWriter, records_to_jsonl
+        from .io.sinks import JsonlSink, run_into
 
-        writer = JsonlWriter(os.fspath(path), overwrite)
-        self._write_chunks(writer, records_to_jsonl)
-        return writer.path
-
-    def _write_chunks(self, writer: Any, finalize: ChunkFinalizer) -> None:
-        """Runs the stream into ``writer``: complete output on success, nothing half-written on failure."""
-        try:
-            with self._chunks(finalize) as chunks:
-                for chunk, _ in chunks:
-                    writer.write(chunk)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+        written: str = run_into(build_plan(self), JsonlSink(path, overwrite))
+        return written
 
     def __repr__(self) -> str:
         lines = [f"Stream({self._source.describe()}"]

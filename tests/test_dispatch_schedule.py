@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import streamproc as sp
-from streamproc.backends.multiprocessing.schedule import get_dispatch_schedule
+from streamproc.execution.schedule import get_dispatch_schedule
 
 counts = st.integers(min_value=1, max_value=16)
 ALL_PAIRS = [(p, c) for p in range(1, 17) for c in range(1, 17)]

@@ -13,9 +13,10 @@ from typing import Any, Optional
 import pytest
 
 from streamproc import SerializationError
-from streamproc.backends.multiprocessing.feeder import SourceFailed, TaskDispatcher, feed_worker
+from streamproc.backends.multiprocessing.feeder import feed_worker
+from streamproc.execution.dispatch import SourceFailed, TaskDispatcher
 from streamproc.backends.multiprocessing.messages import Stop, Task, WorkerId
-from streamproc.backends.multiprocessing.serialization import loads_message
+from streamproc.execution.serialization import loads_message
 from tests.utils import UserError
 
 #: How long a call that must stay blocked is watched (a negative check needs some time).

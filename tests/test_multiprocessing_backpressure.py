@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import streamproc as sp
-from streamproc.backends.multiprocessing.executor import MAX_TASKS_IN_FLIGHT_PER_WORKER, REORDER_WINDOW_TASKS_PER_WORKER
+from streamproc.backends.multiprocessing.run import MAX_TASKS_IN_FLIGHT_PER_WORKER, REORDER_WINDOW_TASKS_PER_WORKER
 from tests import multiprocessing_fakes as fakes
 from tests.utils import CountingSource, identity, wait_for_condition
 

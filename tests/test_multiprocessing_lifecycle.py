@@ -22,8 +22,10 @@ import psutil
 import pytest
 
 import streamproc as sp
-from streamproc.backends.multiprocessing import cpu_worker, executor
-from streamproc.backends.multiprocessing.executor import MultiprocessingBackend
+from streamproc.backends.multiprocessing import cpu_worker
+from streamproc.backends.multiprocessing import run as executor
+from streamproc.backends.multiprocessing.backend import MultiprocessingBackend
+from streamproc.io.sinks import ListSink
 from tests import multiprocessing_fakes as fakes
 from tests.utils import CountingSource, UserError, collect_until_error, identity, wait_for_condition
 
@@ -101,10 +103,10 @@ def test_gc_of_a_half_consumed_iterator_in_a_reference_cycle():
 def test_gc_of_the_backend_iterator_itself():
     # The backend's own iterator, without Stream's context manager: weakref.finalize stops it.
     plan = sp.from_iterable(range(1000)).map(identity).set_processing(**options()).plan()
-    chunks = MultiprocessingBackend().iter_chunks(plan)
-    chunk, count = next(chunks)
-    assert chunk == [0, 1, 2, 3, 4] and count == 5
-    del chunks
+    handle = MultiprocessingBackend().run(plan, ListSink())
+    output = next(handle)
+    assert output.chunk == [0, 1, 2, 3, 4] and output.count == 5
+    del handle, output
     gc.collect()
     assert_everything_stopped()
 

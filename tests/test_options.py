@@ -56,7 +56,7 @@ def test_torch_dtype_autocast_is_accepted():
 
 INVALID = [
     ("backend", "Simple"),
-    ("backend", "threads"),
+    ("backend", "dask"),
     ("backend", "ray"),  # on the roadmap, not available yet
     ("backend", 1),
     ("num_cpu_workers", 0),

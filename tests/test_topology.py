@@ -14,9 +14,10 @@ import pytest
 
 import streamproc as sp
 from streamproc.backends.multiprocessing.messages import ChannelKey, WorkerId
-from streamproc.backends.multiprocessing.schedule import get_dispatch_schedule
-from streamproc.backends.multiprocessing.serialization import dumps_plan
-from streamproc.backends.multiprocessing.topology import Topology, build_topology, resolve_gpu_devices, split_plan
+from streamproc.execution.schedule import get_dispatch_schedule
+from streamproc.execution.serialization import dumps_plan
+from streamproc.backends.multiprocessing.topology import Topology, build_topology, resolve_gpu_devices
+from streamproc.execution.split import ForwardStage, split_plan
 from streamproc.ops import Map, MapGPU
 from streamproc.plan import Plan, build_plan
 from tests.utils import identity
@@ -197,7 +198,7 @@ def test_split_plan_replaces_forward_and_keeps_the_rest():
     plan = two_stage_plan(model)
     cpu_plan, forwards = split_plan(plan)
 
-    assert cpu_plan.stage_names == plan.stage_names
+    assert [(s.index, s.name) for s in cpu_plan.stages] == [(s.index, s.name) for s in plan.stages]
     assert (cpu_plan.source, cpu_plan.options, cpu_plan.task_size, cpu_plan.chunk_size) == (
         plan.source,
         plan.options,
@@ -219,12 +220,12 @@ def test_split_plan_replaces_forward_and_keeps_the_rest():
         with pytest.raises(RuntimeError, match="runs on GPU workers"):
             op.forward(torch.zeros(1))
 
-    # For GPU workers: the original forwards, by index into the plan's ops.
+    # For GPU workers: the original forwards, by stage index (1-based).
     assert forwards == {
-        1: (plan.stage_names[1], model, plan.ops[1].batch_size),
-        3: (plan.stage_names[3], identity, plan.ops[3].batch_size),
+        2: ForwardStage(2, plan.stages[1].name, model, plan.ops[1].batch_size),
+        4: ForwardStage(4, plan.stages[3].name, identity, plan.ops[3].batch_size),
     }
-    assert forwards[1][1] is model
+    assert forwards[2].forward is model
     assert plan.ops[1].forward is model  # the plan itself is unchanged
 
 

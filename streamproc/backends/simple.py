@@ -8,24 +8,41 @@ given, else on CUDA when available, else on the CPU.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING
 
 from ..errors import add_context_note
-from ..execution import ChunkFinalizer, ExecutionContext, iter_task_chunks
+from ..execution.context import ExecutionContext
+from ..execution.task import Task, TaskOutput, run_task
 from ..plan import Plan
-from .base import Backend
+from ..stats import RunStats
+from .base import Backend, RunHandle
+
+if TYPE_CHECKING:
+    from ..io.sinks import Sink
+
+
+def forward_context(plan: Plan, where: str) -> ExecutionContext:
+    """The context of a process or thread that runs ``forward`` itself (no GPU workers)."""
+    options = plan.options
+    devices = options.gpu_worker_devices
+    return ExecutionContext(
+        where, device=devices[0] if devices else None, autocast=options.autocast, torch_threads=options.forward_threads
+    )
 
 
 class SimpleBackend(Backend):
     name = "simple"
 
-    def iter_chunks(self, plan: Plan, finalize: Optional[ChunkFinalizer] = None) -> Iterator[tuple[Any, int]]:
-        devices = plan.options.gpu_worker_devices
-        ctx = ExecutionContext("main process", device=devices[0] if devices else None, autocast=plan.options.autocast)
+    def run(self, plan: Plan, sink: Sink) -> RunHandle:
+        return RunHandle(self._outputs(plan, sink), RunStats(self.name))
+
+    def _outputs(self, plan: Plan, sink: Sink) -> Iterator[TaskOutput]:
+        ctx = forward_context(plan, "main process")
+        finalize = sink.finalizer()
         task_index = 0
         try:
             for payload in plan.source.iter_tasks(plan.task_size):
-                yield from iter_task_chunks(plan, payload, ctx, finalize)
+                yield from run_task(plan, Task(task_index, payload), ctx, finalize)
                 task_index += 1
         except Exception as exc:
             add_context_note(exc, f"streamproc: while running task {task_index} in the main process (simple backend)")

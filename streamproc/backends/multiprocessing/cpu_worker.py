@@ -18,11 +18,12 @@ import threading
 from typing import Any, Optional
 
 from ...errors import ExceptionWithTraceback, SerializationError, WorkerCrashedError
-from ...execution import ExecutionContext, iter_task_chunks
+from ...execution.context import ExecutionContext
+from ...execution.task import run_task
 from .environment import cap_worker_threads, enable_faulthandler
 from .gpu_client import GPUClient, RemoteForwardRunner
 from .messages import SinkClosed, Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId
-from .serialization import dill_loads, dumps_message, loads_message
+from ...execution.serialization import dill_loads, dumps_message, loads_message
 
 #: How often the parent-death watchdog looks at ``os.getppid()``.
 PARENT_CHECK_INTERVAL_S = 1.0
@@ -86,7 +87,7 @@ def run_cpu_worker(
     worker = WorkerId("cpu", index)
     sender = _ResultSender(result_conn, worker)
     try:
-        plan, finalize = dill_loads(plan_bytes)
+        plan, finalize, writers = dill_loads(plan_bytes)
     except BaseException as exc:
         if not isinstance(exc, Exception):
             # sys.exit() in a user __setstate__: re-raised as is, it would exit the main process.
@@ -98,11 +99,15 @@ def run_cpu_worker(
     # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
     # never initialise CUDA (see design.md section 3).
     ctx = ExecutionContext(
-        str(worker), device="cpu", autocast=plan.options.autocast, make_forward_runner=_remote_runners(plan, client)
+        str(worker),
+        device="cpu",
+        autocast=plan.options.autocast,
+        torch_threads=plan.options.forward_threads,
+        make_forward_runner=_remote_runners(client),
     )
     # A worker-side sink (write_parquet with deterministic=False) writes here; its writer's
     # ``write`` is then the chunk finalizer, and only counts go back.
-    sink = finalize.open_in_worker(index) if hasattr(finalize, "open_in_worker") else None
+    sink = writers.open_in_worker(index) if writers is not None else None
     sink_closed = False
     try:
         while True:
@@ -128,24 +133,18 @@ def run_cpu_worker(
         result_conn.close()
 
 
-def _remote_runners(plan: Any, client: Optional[GPUClient]) -> Any:
+def _remote_runners(client: Optional[GPUClient]) -> Any:
     """The forward-runner factory sending ``map_gpu`` stages to GPU workers (None: run here)."""
     if client is None:
         return None
-    stage_index = {name: i for i, name in enumerate(plan.stage_names)}
-    return lambda op, stage: RemoteForwardRunner(client, stage_index[stage])
+    return lambda stage: RemoteForwardRunner(client, stage.index)
 
 
 def _run_task(plan: Any, task: Any, ctx: ExecutionContext, finalize: Any, sender: _ResultSender, worker: WorkerId) -> None:
-    previous = None
     try:
-        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize):
-            if previous is not None:
-                sender.send(TaskChunk(task.index, previous[0], previous[1], last=False))
-            previous = (chunk, count)
+        for output in run_task(plan, task, ctx, finalize):
+            sender.send(TaskChunk(task.index, output.chunk, output.count, output.last))
     except BaseException as exc:
-        if previous is not None:
-            sender.send(TaskChunk(task.index, previous[0], previous[1], last=False))
         where = f"{worker}, task {task.index}"
         if isinstance(exc, Exception):
             sender.send(TaskFailed(task.index, ExceptionWithTraceback(exc, where)))
@@ -157,5 +156,3 @@ def _run_task(plan: Any, task: Any, ctx: ExecutionContext, finalize: Any, sender
         crash.__cause__ = exc
         sender.send(TaskFailed(task.index, ExceptionWithTraceback(crash, where)))
         raise
-    chunk, count = previous if previous is not None else (None, 0)
-    sender.send(TaskChunk(task.index, chunk, count, last=True))

@@ -18,7 +18,7 @@ from typing import Any
 
 from ...errors import WorkerCrashedError
 from .messages import ForwardFailed, ForwardRequest, NoMoreBatches, WorkerId
-from .serialization import dumps_message, loads_message
+from ...execution.serialization import dumps_message, loads_message
 
 #: Batches of one stage in flight per GPU worker of the cycle: one computing, one waiting.
 MAX_BATCHES_IN_FLIGHT_PER_GPU = 2

@@ -25,7 +25,7 @@ from ...errors import ExceptionWithTraceback, WorkerCrashedError
 from .cpu_worker import PARENT_CHECK_INTERVAL_S, watch_parent
 from .environment import cap_worker_threads, enable_faulthandler
 from .messages import ForwardFailed, ForwardRequest, ForwardResult, NoMoreBatches, WorkerFailed, WorkerId
-from .serialization import dill_loads, dumps_message, loads_message
+from ...execution.serialization import dill_loads, dumps_message, loads_message
 
 
 class _PeerSender:
@@ -89,10 +89,10 @@ def run_gpu_worker(
     try:
         from ...gpu import DeviceForward
 
-        stages, autocast = dill_loads(forwards_bytes)
+        stages, autocast, torch_threads = dill_loads(forwards_bytes)
         runners = {
-            stage: DeviceForward(forward, device, autocast, name, batch_size)
-            for stage, (name, forward, batch_size) in stages.items()
+            index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
+            for index, stage in stages.items()
         }
         for runner in runners.values():
             runner.start()

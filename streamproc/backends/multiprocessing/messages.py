@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ...execution.task import Task  # noqa: F401 (the main -> worker message is the shared core's Task)
+
 
 @dataclass(frozen=True)
 class WorkerId:
@@ -25,14 +27,6 @@ class WorkerId:
 
     def __str__(self) -> str:
         return f"{self.kind} worker {self.index}"
-
-
-@dataclass(frozen=True)
-class Task:
-    """A numbered unit of work: ``payload`` is what ``Source.read_task`` needs."""
-
-    index: int
-    payload: Any
 
 
 @dataclass(frozen=True)

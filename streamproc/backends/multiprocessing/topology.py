@@ -7,7 +7,6 @@ only for streams with a ``map_gpu`` stage). Runs in the main process before work
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import warnings
@@ -15,10 +14,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Optional
 
-from ...ops import MapGPU
 from ...plan import Plan
 from .messages import ChannelKey, WorkerId
-from .schedule import get_dispatch_schedule
+from ...execution.schedule import get_dispatch_schedule
 
 
 def resolve_gpu_devices(plan: Plan, cuda_device_count: Optional[int] = None) -> list[str]:
@@ -99,24 +97,3 @@ def build_topology(num_cpu_workers: int, gpu_devices: list[str]) -> Topology:
         tuple(get_dispatch_schedule(cpu, num_cpu_workers, num_gpu)) if num_gpu else () for cpu in range(num_cpu_workers)
     )
     return Topology(num_cpu_workers, tuple(gpu_devices), cycles)
-
-
-def _forward_runs_on_gpu_workers(batch: Any) -> Any:
-    raise RuntimeError("forward of this map_gpu stage runs on GPU workers, not in a CPU worker")
-
-
-def split_plan(plan: Plan) -> tuple[Plan, dict[int, tuple[str, Any, Any]]]:
-    """Splits a plan between CPU workers and GPU workers.
-
-    Returns the plan for CPU workers, where each ``map_gpu`` forward is replaced by a
-    placeholder (so model weights never travel to CPU workers), and, for GPU workers, the
-    forwards by stage index: ``{stage: (stage name, forward, batch size)}``.
-    """
-    forwards: dict[int, tuple[str, Any, Any]] = {}
-    cpu_ops = []
-    for index, (op, name) in enumerate(zip(plan.ops, plan.stage_names)):
-        if isinstance(op, MapGPU):
-            forwards[index] = (name, op.forward, op.batch_size)
-            op = dataclasses.replace(op, forward=_forward_runs_on_gpu_workers)
-        cpu_ops.append(op)
-    return dataclasses.replace(plan, ops=tuple(cpu_ops)), forwards

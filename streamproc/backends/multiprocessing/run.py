@@ -39,22 +39,25 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import PipelineShutdownError, SerializationError, WorkerCrashedError, add_context_note
-from ...execution import ChunkFinalizer
+from ...execution.dispatch import TaskDispatcher
+from ...execution.split import split_plan
+from ...execution.task import TaskOutput
 from ...plan import Plan
-from ..base import Backend
 from .cpu_worker import run_cpu_worker
 from .environment import default_num_cpu_workers, format_exit_code, resolve_start_method
-from .feeder import TaskDispatcher, feed_worker
+from .feeder import feed_worker
 from .gpu_worker import run_gpu_worker
 from .messages import SinkClosed, TaskChunk, TaskFailed, WorkerFailed, WorkerId
-from .reorder import ReorderBuffer
-from .serialization import dumps_plan, loads_message
-from .topology import build_topology, resolve_gpu_devices, split_plan
+from ...execution.reorder import ReorderBuffer
+from ...execution.serialization import dumps_plan, loads_message
+from .topology import build_topology, resolve_gpu_devices
+
+if TYPE_CHECKING:
+    from ...io.sinks import Sink
 
 #: Tasks sent to one worker and not finished: one running, one waiting in its pipe.
 MAX_TASKS_IN_FLIGHT_PER_WORKER = 2
@@ -82,17 +85,6 @@ def _prepare_parent_for_fork() -> None:
     gc.freeze()
 
 
-class MultiprocessingBackend(Backend):
-    name = "multiprocessing"
-
-    def iter_chunks(self, plan: Plan, finalize: Optional[ChunkFinalizer] = None) -> Iterator[tuple[Any, int]]:
-        run = _Run(plan, finalize)
-        chunks = run.iter_chunks()
-        # A half-consumed iterator that is garbage collected still stops its processes.
-        weakref.finalize(chunks, run.shutdown, True)
-        return chunks
-
-
 class _Worker:
     """Main-process handle of one CPU worker: process, pipes, feeder thread, dispatched tasks."""
 
@@ -113,9 +105,10 @@ class _Worker:
 class _Run:
     """One execution of a plan. Owns the processes and threads; see NOTE [ streamproc shutdown ]."""
 
-    def __init__(self, plan: Plan, finalize: Optional[ChunkFinalizer]) -> None:
+    def __init__(self, plan: Plan, sink: Sink) -> None:
         self.plan = plan
-        self.finalize = finalize
+        self.finalize = sink.finalizer()
+        self.writers = sink.worker_writers() if sink.in_workers else None
         options = plan.options
         gpu_devices = resolve_gpu_devices(plan)
         self.num_workers = options.num_cpu_workers or default_num_cpu_workers(len(gpu_devices))
@@ -128,7 +121,7 @@ class _Run:
         if uses_cuda and self.gpu_start_method == "fork":
             self.gpu_start_method = "spawn"
         self.deterministic = options.deterministic
-        self.worker_sink = hasattr(finalize, "open_in_worker")
+        self.worker_sink = self.writers is not None
         self.workers: list[_Worker] = []
         self.gpu_workers: list[_Worker] = []
         self.dispatcher: Optional[TaskDispatcher] = None
@@ -138,7 +131,7 @@ class _Run:
         self._is_shut_down = False
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def iter_chunks(self) -> Iterator[tuple[Any, int]]:
+    def outputs(self) -> Iterator[TaskOutput]:
         try:
             self._start()
             yield from self._collect()
@@ -150,7 +143,7 @@ class _Run:
     def _start(self) -> None:
         # Serialize first: an unpicklable callable fails here, before any process exists.
         cpu_plan, forwards = split_plan(self.plan) if self.topology.gpu_devices else (self.plan, {})
-        plan_bytes = dumps_plan((cpu_plan, self.finalize), self.plan)
+        plan_bytes = dumps_plan((cpu_plan, self.finalize, self.writers), self.plan)
         gpu_channels = self._start_gpu_workers(forwards) if self.topology.gpu_devices else {}
         context: Any = multiprocessing.get_context(self.start_method)
         if self.start_method == "fork":
@@ -195,7 +188,7 @@ class _Run:
 
     def _start_gpu_workers(self, forwards: dict[int, Any]) -> dict[int, dict[int, tuple[Any, Any]]]:
         """Starts the GPU workers; returns each CPU worker's ends of its GPU channels."""
-        forwards_bytes = dumps_plan((forwards, self.plan.options.autocast), self.plan)
+        forwards_bytes = dumps_plan((forwards, self.plan.options.autocast, self.plan.options.forward_threads), self.plan)
         context: Any = multiprocessing.get_context(self.gpu_start_method)
         cpu_ends: dict[int, dict[int, tuple[Any, Any]]] = collections.defaultdict(dict)
         gpu_ends: dict[int, list[tuple[int, Any, Any]]] = collections.defaultdict(list)
@@ -234,15 +227,15 @@ class _Run:
             pass
 
     # -- collecting results -------------------------------------------------------------------
-    def _collect(self) -> Iterator[tuple[Any, int]]:
+    def _collect(self) -> Iterator[TaskOutput]:
         assert self.dispatcher is not None
         dispatcher = self.dispatcher
         reorder = ReorderBuffer(self.deterministic)
         records_out = 0
         while True:
-            for chunk, count in reorder.pop_ready():
-                records_out += count
-                yield chunk, count
+            for output in reorder.pop_ready():
+                records_out += output.count
+                yield output
             if self.deterministic:
                 dispatcher.set_released(reorder.next_task)
             if dispatcher.total_tasks is not None and reorder.tasks_done >= dispatcher.total_tasks:
@@ -302,7 +295,7 @@ class _Run:
     def _handle(self, worker: _Worker, message: Any, reorder: ReorderBuffer) -> None:
         assert self.dispatcher is not None
         if isinstance(message, TaskChunk):
-            reorder.add_chunk(message.task_index, message.chunk, message.count, message.last)
+            reorder.add(TaskOutput(message.task_index, message.chunk, message.count, last=message.last))
             if message.last:
                 worker.dispatched.popleft()
                 self.dispatcher.task_finished(worker.id.index)

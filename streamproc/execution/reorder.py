@@ -6,7 +6,7 @@ complete; with ``deterministic=False`` it releases them as they arrive.
 
 Memory invariant (deterministic): the buffered tasks are a subset of
 ``[next_task, next_task + window)``, because the dispatcher never hands out task
-``k >= next_task + window`` (see :class:`~.feeder.TaskDispatcher`). So at most ``window``
+``k >= next_task + window`` (see :class:`~.dispatch.TaskDispatcher`). So at most ``window``
 tasks' outputs are held here.
 """
 
@@ -14,28 +14,30 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Optional
+
+from .task import TaskOutput
 
 
 class _TaskOutputs:
     __slots__ = ("chunks", "complete", "error")
 
     def __init__(self) -> None:
-        self.chunks: deque[tuple[Any, int]] = deque()
+        self.chunks: deque[TaskOutput] = deque()
         self.complete = False
         self.error: Optional[BaseException] = None
 
 
 class ReorderBuffer:
-    """Collects ``(chunk, count)`` outputs per task and releases them in order.
+    """Collects :class:`TaskOutput` s per task and releases them in order.
 
     >>> buf = ReorderBuffer(deterministic=True)
-    >>> buf.add_chunk(1, "b", 1, last=True)
+    >>> buf.add(TaskOutput(1, "b", 1))
     >>> list(buf.pop_ready())
     []
-    >>> buf.add_chunk(0, "a", 1, last=True)
-    >>> list(buf.pop_ready())
-    [('a', 1), ('b', 1)]
+    >>> buf.add(TaskOutput(0, "a", 1))
+    >>> [output.chunk for output in buf.pop_ready()]
+    ['a', 'b']
     >>> buf.next_task, buf.tasks_done
     (2, 2)
 
@@ -48,7 +50,7 @@ class ReorderBuffer:
         self.next_task = 0
         self.tasks_done = 0
         self._tasks: dict[int, _TaskOutputs] = {}
-        self._arrived: deque[tuple[Any, int]] = deque()
+        self._arrived: deque[TaskOutput] = deque()
         self._error: Optional[BaseException] = None
 
     def _entry(self, task: int) -> _TaskOutputs:
@@ -57,16 +59,15 @@ class ReorderBuffer:
             entry = self._tasks[task] = _TaskOutputs()
         return entry
 
-    def add_chunk(self, task: int, chunk: Any, count: int, last: bool) -> None:
+    def add(self, output: TaskOutput) -> None:
+        """Takes the next chunk of task ``output.task_index`` (a task's chunks come in order)."""
         if self.deterministic:
-            entry = self._entry(task)
-            if chunk is not None:
-                entry.chunks.append((chunk, count))
-            entry.complete = last
+            entry = self._entry(output.task_index)
+            entry.chunks.append(output)
+            entry.complete = output.last
         else:
-            if chunk is not None:
-                self._arrived.append((chunk, count))
-            if last:
+            self._arrived.append(output)
+            if output.last:
                 self.tasks_done += 1
 
     def add_error(self, task: int, error: BaseException) -> None:
@@ -79,8 +80,8 @@ class ReorderBuffer:
     def buffered_tasks(self) -> int:
         return len(self._tasks)
 
-    def pop_ready(self) -> Iterator[tuple[Any, int]]:
-        """Yields the ``(chunk, count)`` pairs that may be released now."""
+    def pop_ready(self) -> Iterator[TaskOutput]:
+        """Yields the outputs that may be released now."""
         if not self.deterministic:
             while self._arrived:
                 yield self._arrived.popleft()

@@ -13,8 +13,8 @@ import pickle
 import sys
 from typing import Any
 
-from ...errors import SerializationError
-from ...ops import callable_name
+from ..errors import SerializationError
+from ..ops import callable_name
 
 PICKLE_PROTOCOL = 5
 
@@ -50,10 +50,10 @@ def _find_unpicklable(plan: Any) -> str | None:
 
     if fails(plan.source):
         return f"the source {plan.source.describe()}"
-    for stage, op in zip(plan.stage_names, plan.ops):
-        for role, value in op.callables().items():
+    for stage in plan.stages:
+        for role, value in stage.op.callables().items():
             if value is not None and fails(value):
-                return f"the {role} {callable_name(value)!r} of {stage}"
+                return f"the {role} {callable_name(value)!r} of {stage.name}"
     return None
 
 

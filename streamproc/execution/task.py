@@ -1,0 +1,103 @@
+"""Running one task: read its records, chain the stages, cut the outputs into chunks.
+
+This is the one code path that every backend shares, so that a task produces the same
+records in the main process (simple backend), a worker thread (threads backend) and a CPU
+worker (multiprocessing backend). It runs wherever the backend calls it; it starts no process
+and no thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..ops import _tagged
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+    from ..stats import TaskStats
+    from .context import ExecutionContext
+
+#: Turns a task's list of output records into what travels to the sink (a list, an Arrow table...).
+ChunkFinalizer = Callable[[list[Any]], Any]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A numbered unit of work of run ``run_id``: ``payload`` is what ``Source.read_task`` needs."""
+
+    index: int
+    payload: Any
+    run_id: int = 0
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    """One chunk of the outputs of task ``task_index``: what a backend yields to the sink.
+
+    ``chunk`` is a list of ``count`` records, or what the sink's ``finalize`` made of them
+    where the task ran (an Arrow table, JSON text, nothing for a sink that wrote them there).
+    A task's chunks come in order; ``last`` marks its final one, which carries ``stats``.
+    A task with no output yields one ``TaskOutput`` with ``chunk=None`` and ``count=0``.
+    """
+
+    task_index: int
+    chunk: Any
+    count: int
+    stats: Optional[TaskStats] = None
+    last: bool = True
+
+
+def iter_task_records(plan: Plan, payload: Any, ctx: ExecutionContext) -> Iterator[list[Any]]:
+    """Streams the output records of one task, in lists (source read included)."""
+    chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
+    for stage in plan.stages:
+        chunks = stage.op.apply(chunks, ctx, stage)
+    return chunks
+
+
+def iter_task_chunks(
+    plan: Plan, payload: Any, ctx: ExecutionContext, finalize: Optional[ChunkFinalizer] = None
+) -> Iterator[tuple[Any, int]]:
+    """Runs one task and yields ``(chunk, record_count)`` pairs.
+
+    Small output lists (after a filter, or per batch) are merged until they hold at least
+    ``plan.chunk_size`` records, so that a message carries many records. ``finalize`` (for
+    example records -> Arrow table for parquet sinks) is applied to every chunk where the task
+    runs, so a worker does that conversion rather than the main process.
+    """
+    size = plan.chunk_size
+    pending: list[Any] = []
+    for chunk in iter_task_records(plan, payload, ctx):
+        if pending:
+            pending.extend(chunk)
+        else:
+            pending = chunk
+        if len(pending) >= size:
+            yield (finalize(pending) if finalize is not None else pending), len(pending)
+            pending = []
+    if pending:
+        yield (finalize(pending) if finalize is not None else pending), len(pending)
+
+
+def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[ChunkFinalizer] = None) -> Iterator[TaskOutput]:
+    """Runs ``task`` and yields its :class:`TaskOutput` chunks, the last one with ``last=True``.
+
+    One chunk is held back so that the last can be marked; an exception propagates after
+    the chunks completed before it (marked ``last=False``) were yielded.
+    """
+    previous: Optional[tuple[Any, int]] = None
+    try:
+        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize):
+            if previous is not None:
+                yield TaskOutput(task.index, previous[0], previous[1], last=False)
+            previous = (chunk, count)
+    except GeneratorExit:  # the consumer closed us: nothing more may be yielded
+        raise
+    except BaseException:
+        if previous is not None:
+            yield TaskOutput(task.index, previous[0], previous[1], last=False)
+        raise
+    chunk, count = previous if previous is not None else (None, 0)
+    yield TaskOutput(task.index, chunk, count, last=True)
