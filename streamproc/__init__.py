@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Optional
 
-from .execution.schedule import get_dispatch_schedule
 from .errors import (
     PipelineShutdownError,
     RemoteTraceback,
@@ -19,6 +18,7 @@ from .errors import (
     StreamprocError,
     WorkerCrashedError,
 )
+from .execution.schedule import get_dispatch_schedule
 from .io.paths import PathLike
 from .stream import Stream
 

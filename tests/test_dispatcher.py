@@ -14,9 +14,9 @@ import pytest
 
 from streamproc import SerializationError
 from streamproc.backends.multiprocessing.feeder import feed_worker
+from streamproc.backends.multiprocessing.messages import EndRun, StartRun, Task, WorkerId
 from streamproc.execution.dispatch import SourceFailed, TaskDispatcher
-from streamproc.backends.multiprocessing.messages import Stop, Task, WorkerId
-from streamproc.execution.serialization import loads_message
+from streamproc.execution.serialization import dumps_message, loads_message
 from tests.utils import UserError
 
 #: How long a call that must stay blocked is watched (a negative check needs some time).
@@ -285,18 +285,25 @@ class Recorder:
         self.exits += 1
 
 
+#: What a run's feeder sends before the first task and after the last.
+RUN_MESSAGES = {"first_message": dumps_message(StartRun(7, b"plan")), "last_message": dumps_message(EndRun(7))}
+
+
 def run_feeder(dispatcher: TaskDispatcher, conn: FakeConn, worker: int = 0) -> Recorder:
     recorder = Recorder()
     Call(
-        lambda: feed_worker(WorkerId("cpu", worker), dispatcher, conn, recorder.on_sent, recorder.on_error, recorder.on_exit)
+        lambda: feed_worker(
+            WorkerId("cpu", worker), dispatcher, conn, recorder.on_sent, recorder.on_error, recorder.on_exit, **RUN_MESSAGES
+        )
     ).result()
     return recorder
 
 
-def test_feeder_sends_every_task_then_stop():
+def test_feeder_sends_start_run_every_task_then_end_run():
     conn = FakeConn()
     recorder = run_feeder(make([[1, 2], [3]]), conn)
-    assert conn.messages == [Task(0, [1, 2]), Task(1, [3]), Stop()]
+    assert conn.messages[0] == StartRun(7, b"plan")
+    assert conn.messages[1:] == [Task(0, [1, 2]), Task(1, [3]), EndRun(7)]
     assert recorder.sent == [(0, 0), (0, 1)]
     assert recorder.errors == [] and recorder.exits == 1
 
@@ -313,7 +320,7 @@ def test_feeder_reports_an_unpicklable_record_and_stops_dispatch():
     assert "task 1" in str(error) and "cpu worker 0" in str(error)
     assert error.__cause__ is not None
     assert dispatcher.total_tasks == 2
-    assert conn.messages == [Task(0, [1]), Stop()]
+    assert conn.messages[1:] == [Task(0, [1]), EndRun(7)]
     assert recorder.sent == [(0, 0)]  # the failed task was never counted as sent
 
 
@@ -322,27 +329,29 @@ def test_feeder_reports_a_source_error():
     recorder = run_feeder(TaskDispatcher(CountingIterator(["a"], fail_at=1), 1, 100, None), conn)
     [(task, error)] = recorder.errors
     assert task == 1 and type(error) is UserError
-    assert conn.messages == [Task(0, "a"), Stop()]
+    assert conn.messages[1:] == [Task(0, "a"), EndRun(7)]
     assert recorder.exits == 1
 
 
 def test_feeder_returns_quietly_when_the_pipe_breaks():
-    conn = FakeConn(break_after=1)
+    conn = FakeConn(break_after=2)
     recorder = run_feeder(make(range(5)), conn)
-    assert conn.messages == [Task(0, 0)]
+    assert conn.messages[1:] == [Task(0, 0)]
     assert recorder.errors == [] and recorder.exits == 1
 
 
-def test_feeder_sends_stop_when_woken_by_stop():
+def test_feeder_sends_end_run_when_woken_by_stop():
     # After a complete run, shutdown() stops the dispatcher while a feeder still waits in
-    # next_task (in-flight bound). Its worker must still get Stop, or it waits to be killed.
+    # next_task (in-flight bound). Its worker must still get EndRun, or its part files stay open.
     dispatcher = make(["a", "b"], max_in_flight=1)
     conn = FakeConn()
     recorder = Recorder()
     feeder = Call(
-        lambda: feed_worker(WorkerId("cpu", 0), dispatcher, conn, recorder.on_sent, recorder.on_error, recorder.on_exit)
+        lambda: feed_worker(
+            WorkerId("cpu", 0), dispatcher, conn, recorder.on_sent, recorder.on_error, recorder.on_exit, **RUN_MESSAGES
+        )
     )
     assert feeder.is_blocked()  # task 0 sent, waiting for it to finish
     dispatcher.stop()
     feeder.result()
-    assert conn.messages == [Task(0, "a"), Stop()]
+    assert conn.messages[1:] == [Task(0, "a"), EndRun(7)]

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 import streamproc as sp
-from streamproc.backends.multiprocessing import run as executor
+from streamproc.backends.multiprocessing import pool as executor
 from tests import multiprocessing_fakes as fakes
 from tests.utils import UserError, collect_until_error, identity, wait_for_condition
 

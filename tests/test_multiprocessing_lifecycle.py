@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 import streamproc as sp
-from streamproc.backends.multiprocessing import cpu_worker
-from streamproc.backends.multiprocessing import run as executor
+from streamproc.backends.multiprocessing import pool as executor
+from streamproc.backends.multiprocessing import worker_runtime
 from streamproc.backends.multiprocessing.backend import MultiprocessingBackend
 from streamproc.io.sinks import ListSink
 from tests import multiprocessing_fakes as fakes
@@ -222,7 +222,7 @@ def test_forkserver_workers_outlive_the_watchdog_period():
     # Regression: under forkserver a worker's parent is the fork server, and the watchdog,
     # which compared os.getppid() with the main process's pid, killed every worker after
     # PARENT_CHECK_INTERVAL_S ("died unexpectedly: exit code 1").
-    seconds = 2.5 * cpu_worker.PARENT_CHECK_INTERVAL_S
+    seconds = 2.5 * worker_runtime.PARENT_CHECK_INTERVAL_S
     stream = sp.from_iterable(range(20)).map(SlowFirstTask(seconds)).set_processing(**options("forkserver"))
     assert stream.to_list() == list(range(20))
 
@@ -264,5 +264,5 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path, method):
     finally:
         main.kill()  # SIGKILL: no shutdown code runs in the main process
         main.wait(STARTED_TIMEOUT_S)
-    timeout = 3 * cpu_worker.PARENT_CHECK_INTERVAL_S + 5
+    timeout = 3 * worker_runtime.PARENT_CHECK_INTERVAL_S + 5
     wait_for_condition(lambda: all(_gone(pid) for pid in workers), timeout, message="orphaned workers to exit")

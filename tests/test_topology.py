@@ -14,9 +14,9 @@ import pytest
 
 import streamproc as sp
 from streamproc.backends.multiprocessing.messages import ChannelKey, WorkerId
+from streamproc.backends.multiprocessing.topology import Topology, build_topology, resolve_gpu_devices
 from streamproc.execution.schedule import get_dispatch_schedule
 from streamproc.execution.serialization import dumps_plan
-from streamproc.backends.multiprocessing.topology import Topology, build_topology, resolve_gpu_devices
 from streamproc.execution.split import ForwardStage, split_plan
 from streamproc.ops import Map, MapGPU
 from streamproc.plan import Plan, build_plan

@@ -66,7 +66,8 @@ class ExecutionContext:
                 from ..gpu import DeviceForward, LocalForwardRunner
 
                 op: Any = stage.op
-                device_forward = DeviceForward(op.forward, self.device, self.autocast, stage.name, op.batch_size, self.torch_threads)
-                runner = LocalForwardRunner(device_forward)
+                runner = LocalForwardRunner(
+                    DeviceForward(op.forward, self.device, self.autocast, stage.name, op.batch_size, self.torch_threads)
+                )
             self._runners[stage.index] = runner
         return runner

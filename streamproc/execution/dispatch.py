@@ -40,8 +40,11 @@ class TaskDispatcher:
     possibly slow source), so it cannot be blocked behind a feeder.
     """
 
-    def __init__(self, payloads: Iterator[Any], num_workers: int, max_in_flight: int, window: Optional[int]) -> None:
+    def __init__(
+        self, payloads: Iterator[Any], num_workers: int, max_in_flight: int, window: Optional[int], run_id: int = 0
+    ) -> None:
         self._payloads = payloads
+        self._run_id = run_id
         self._max_in_flight = max_in_flight
         self._window = window
         self._cond = threading.Condition()
@@ -92,7 +95,7 @@ class TaskDispatcher:
             with self._cond:
                 self._next_index = index + 1
                 self._in_flight[worker] += 1
-        return Task(index, payload)
+        return Task(index, payload, self._run_id)
 
     def _finish(self, total: int) -> None:
         with self._cond:

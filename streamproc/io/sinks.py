@@ -39,8 +39,8 @@ from ..progress import with_progress
 if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..execution.task import ChunkFinalizer, TaskOutput
-    from ..plan import Plan
     from ..options import ProcessingOptions
+    from ..plan import Plan
 
 
 class WorkerWriters(Protocol):
@@ -75,6 +75,7 @@ class Sink(ABC):
 
     def start(self) -> None:
         """Prepares the output (main process, before any task runs); raises early on bad paths."""
+        return None
 
     @abstractmethod
     def write(self, output: TaskOutput) -> None:
@@ -86,6 +87,7 @@ class Sink(ABC):
 
     def abort(self) -> None:
         """Drops what is incomplete after a failure (completed, committed parts stay)."""
+        return None
 
 
 class ListSink(Sink):
@@ -183,7 +185,9 @@ class ParquetSink(Sink):
     come back; the main process prepares the directory and lists the parts at the end.
     """
 
-    def __init__(self, path: str | os.PathLike[str], overwrite: bool, schema: Any, rows_per_file: int, row_group_size: int) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], overwrite: bool, schema: Any, rows_per_file: int, row_group_size: int
+    ) -> None:
         from . import parquet_writer
 
         parquet_writer.check_part_sizes(rows_per_file, row_group_size)

@@ -1,4 +1,10 @@
-"""The multiprocessing backend: CPU worker processes (and GPU worker processes) on this machine."""
+"""The multiprocessing backend: CPU worker processes (and GPU worker processes) on this machine.
+
+:class:`MultiprocessingBackend` checks what depends on this machine (devices), wires a
+:class:`~.pool.ProcessPool` for the plan (topology, start methods) and hands it to a
+:class:`~.run._Run`, whose outputs the returned :class:`~streamproc.backends.base.RunHandle`
+streams. See :mod:`.run` for the data flow and NOTE [ streamproc shutdown ].
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,30 @@ from typing import TYPE_CHECKING
 from ...plan import Plan
 from ...stats import RunStats
 from ..base import Backend, BackendCapabilities, RunHandle
+from .cpu_budget import default_num_cpu_workers
+from .environment import resolve_start_method
+from .pool import ProcessPool
 from .run import _Run
+from .topology import build_topology, resolve_gpu_devices
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
+
+
+def pool_for(plan: Plan) -> ProcessPool:
+    """A pool (not started) sized and wired for ``plan``; raises ValueError on options this machine cannot honour."""
+    options = plan.options
+    gpu_devices = resolve_gpu_devices(plan)
+    num_workers = options.num_cpu_workers or default_num_cpu_workers(len(gpu_devices))
+    topology = build_topology(num_workers, gpu_devices)
+    # CPU workers never touch CUDA, so they may fork (unless CUDA is initialised here);
+    # GPU workers on CUDA devices are spawned (or forkserver'd), never forked.
+    cpu_start_method = resolve_start_method(options.process_start_method, needs_gpu_workers=False)
+    uses_cuda = any(device.startswith("cuda") for device in gpu_devices)
+    gpu_start_method = resolve_start_method(options.process_start_method, needs_gpu_workers=uses_cuda)
+    if uses_cuda and gpu_start_method == "fork":
+        gpu_start_method = "spawn"
+    return ProcessPool(topology, cpu_start_method, gpu_start_method)
 
 
 class MultiprocessingBackend(Backend):
@@ -19,7 +45,7 @@ class MultiprocessingBackend(Backend):
     capabilities = BackendCapabilities(writes_in_workers=True, separate_processes=True)
 
     def run(self, plan: Plan, sink: Sink) -> RunHandle:
-        run = _Run(plan, sink)
+        run = _Run(plan, sink, pool_for(plan))
         outputs = run.outputs()
         # A half-consumed handle that is garbage collected still stops its processes.
         weakref.finalize(outputs, run.shutdown, True)

@@ -1,53 +1,31 @@
-"""The CPU worker process: runs every op of the plan on the tasks it is sent.
+"""The CPU worker process: runs every op of a run's plan on the tasks it is sent.
 
-Protocol: the worker reads ``Task`` messages from its task pipe until ``Stop``. For each task
-it sends the task's outputs as ``TaskChunk`` messages on its result pipe, the last with
-``last=True``, or a ``TaskFailed`` carrying the user's exception and traceback; it then takes
-the next task. It exits on ``Stop``, when its parent dies, or when a pipe breaks.
+Protocol: the worker says ``WorkerStarted``, then reads its task pipe. ``StartRun`` brings a
+run's plan (loaded once); for each ``Task`` it sends the task's outputs as ``TaskChunk``
+messages, the last with ``last=True``, or a ``TaskFailed`` carrying the user's exception and
+traceback; ``EndRun`` completes what the run wrote here and is answered with ``RunEnded``.
+It exits on ``Stop``, when its parent dies, or when a pipe breaks.
 
 Only what a child process needs is imported here.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import signal
 import sys
-import threading
+from collections.abc import Sequence
 from typing import Any, Optional
 
-from ...errors import ExceptionWithTraceback, SerializationError, WorkerCrashedError
+from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.context import ExecutionContext
-from ...execution.task import run_task
-from .environment import cap_worker_threads, enable_faulthandler
-from .gpu_client import GPUClient, RemoteForwardRunner
-from .messages import SinkClosed, Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId
 from ...execution.serialization import dill_loads, dumps_message, loads_message
-
-#: How often the parent-death watchdog looks at ``os.getppid()``.
-PARENT_CHECK_INTERVAL_S = 1.0
-
-
-def watch_parent(parent_pid: int) -> None:
-    """Exits this process when the parent is gone (torch DataLoader's ManagerWatchdog).
-
-    A thread, so that it also fires while the main loop is blocked sending a large result.
-    """
-    # Under forkserver the parent is the fork server, not ``parent_pid``, and it outlives a killed
-    # main process (every worker holds its "alive" pipe open): there, only multiprocessing's
-    # parent sentinel (a pipe the main process holds open) tells. Under fork, a sibling worker
-    # inherits that pipe too, so os.getppid() is what tells.
-    parents = {parent_pid, os.getppid()}
-    sentinel_parent = multiprocessing.parent_process()
-    stop = threading.Event()
-    while not stop.wait(PARENT_CHECK_INTERVAL_S):
-        if os.getppid() not in parents or (sentinel_parent is not None and not sentinel_parent.is_alive()):
-            os._exit(1)
+from ...execution.task import Task, run_task
+from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
+from .messages import EndRun, RunEnded, StartRun, Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId, WorkerStarted
+from .worker_runtime import as_crash, start_worker_process
 
 
 class _ResultSender:
-    """Pickles and sends result messages; a result that cannot be pickled becomes an error."""
+    """Pickles and sends result messages; one that cannot be pickled becomes an error that can."""
 
     def __init__(self, conn: Any, worker: WorkerId) -> None:
         self.conn = conn
@@ -57,102 +35,120 @@ class _ResultSender:
         try:
             data = dumps_message(message)
         except Exception as exc:
-            task = getattr(message, "task_index", None)
-            error = SerializationError(f"an output of task {task} cannot be pickled to send it back from {self.worker}: {exc}")
-            carrier = ExceptionWithTraceback(error, f"{self.worker}, task {task}")
-            data = dumps_message(TaskFailed(task, carrier) if task is not None else WorkerFailed(self.worker, carrier))
+            data = dumps_message(self._unpicklable(message, exc))
         self.conn.send_bytes(data)
+
+    def _unpicklable(self, message: Any, exc: Exception) -> Any:
+        task = getattr(message, "task_index", None)
+        what = "the exception raised in" if isinstance(message, TaskFailed) else "an output of"
+        where = f"task {task}" if task is not None else "its run"
+        error = SerializationError(f"{what} {where} cannot be pickled to send it back from {self.worker}: {exc}")
+        carrier = ExceptionWithTraceback(error, f"{self.worker}, {where}")
+        if isinstance(message, (TaskChunk, TaskFailed)):
+            return TaskFailed(message.run_id, message.task_index, carrier)
+        return WorkerFailed(self.worker, carrier)
+
+
+class _RunState:
+    """What the worker holds for the run it is in: plan, context, and its own part writer."""
+
+    def __init__(self, start: StartRun, worker: WorkerId, client: Optional[GPUClient]) -> None:
+        self.run_id = start.run_id
+        self.plan, finalize, writers = dill_loads(start.plan_bytes)
+        options = self.plan.options
+        make_runner = (lambda stage: RemoteForwardRunner(client, stage.index)) if client is not None else None
+        # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
+        # never initialise CUDA (see design.md section 3).
+        self.ctx = ExecutionContext(
+            str(worker), device="cpu", autocast=options.autocast, torch_threads=options.forward_threads,
+            make_forward_runner=make_runner,
+        )
+        # A run that writes in workers (write_parquet with deterministic=False) writes here: the
+        # writer's ``write`` is then the chunk finalizer, and only counts go back.
+        self.writer = writers.open_in_worker(worker.index) if writers is not None else None
+        self.finalize = self.writer.write if self.writer is not None else finalize
+
+    def end(self) -> tuple[list[str], Optional[int]]:
+        """Completes this worker's part files (if any): their paths and rows (None: it wrote none)."""
+        writer, self.writer = self.writer, None
+        return writer.close() if writer is not None else ([], None)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
 def run_cpu_worker(
     index: int,
-    plan_bytes: bytes,
     task_conn: Any,
     result_conn: Any,
     parent_pid: int,
-    gpu_channels: Optional[dict[int, tuple[Any, Any]]] = None,
+    inherited: Sequence[Any] = (),
+    gpu_channels: Optional[dict[int, GPUChannel]] = None,
     gpu_cycle: Optional[list[int]] = None,
 ) -> None:
     """Entry point of process ``streamproc-cpu-<index>``. See the module docstring.
 
     With GPU workers, ``gpu_channels`` maps each GPU worker of this worker's dispatch cycle
-    ``gpu_cycle`` to its ``(batch pipe writer, output pipe reader)``; ``map_gpu`` stages then
-    send their prepared batches there instead of running forward here.
+    ``gpu_cycle`` to its channel (batch pipe writer, output pipe reader, liveness pipe);
+    ``map_gpu`` stages then send their prepared batches there instead of running forward here.
+    ``inherited``: see :func:`.worker_runtime.start_worker_process`.
     """
-    enable_faulthandler()
-    # Ctrl-C reaches the whole process group: the main process handles it and stops us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cap_worker_threads()
-    threading.Thread(target=watch_parent, args=(parent_pid,), name=f"streamproc-cpu-{index}-watchdog", daemon=True).start()
     worker = WorkerId("cpu", index)
+    start_worker_process(worker, parent_pid, inherited)
     sender = _ResultSender(result_conn, worker)
-    try:
-        plan, finalize, writers = dill_loads(plan_bytes)
-    except BaseException as exc:
-        if not isinstance(exc, Exception):
-            # sys.exit() in a user __setstate__: re-raised as is, it would exit the main process.
-            crash = WorkerCrashedError(f"{worker} stopped while loading the stream: user code raised {exc!r}")
-            crash.__cause__, exc = exc, crash
-        sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, while loading the stream")))
-        sys.exit(1)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
-    # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
-    # never initialise CUDA (see design.md section 3).
-    ctx = ExecutionContext(
-        str(worker),
-        device="cpu",
-        autocast=plan.options.autocast,
-        torch_threads=plan.options.forward_threads,
-        make_forward_runner=_remote_runners(client),
-    )
-    # A worker-side sink (write_parquet with deterministic=False) writes here; its writer's
-    # ``write`` is then the chunk finalizer, and only counts go back.
-    sink = writers.open_in_worker(index) if writers is not None else None
-    sink_closed = False
+    run: Optional[_RunState] = None
     try:
+        sender.send(WorkerStarted(worker))
         while True:
             message = loads_message(task_conn.recv_bytes())
-            if isinstance(message, Stop):
+            if isinstance(message, Task):
+                assert run is not None and message.run_id == run.run_id, f"task of run {message.run_id} outside it"
+                _run_task(run, message, sender, worker)
+            elif isinstance(message, StartRun):
+                run = _start_run(message, worker, client, sender)
+            elif isinstance(message, EndRun):
+                if run is not None:
+                    _end_run(run, sender, worker)
+                run = None
+            elif isinstance(message, Stop):
                 break
-            _run_task(plan, message, ctx, sink.write if sink is not None else finalize, sender, worker)
-        if sink is not None:
-            try:
-                paths, rows = sink.close()
-                sink_closed = True
-            except Exception as exc:
-                sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
-            else:
-                sender.send(SinkClosed(worker, paths, rows))
     except (EOFError, BrokenPipeError):
         pass  # the main process closed our pipes: it is shutting down
     finally:
-        if sink is not None and not sink_closed:
-            sink.abort()
+        if run is not None:
+            run.abort()
         if client is not None:
             client.close()
         result_conn.close()
 
 
-def _remote_runners(client: Optional[GPUClient]) -> Any:
-    """The forward-runner factory sending ``map_gpu`` stages to GPU workers (None: run here)."""
-    if client is None:
-        return None
-    return lambda stage: RemoteForwardRunner(client, stage.index)
-
-
-def _run_task(plan: Any, task: Any, ctx: ExecutionContext, finalize: Any, sender: _ResultSender, worker: WorkerId) -> None:
+def _start_run(start: StartRun, worker: WorkerId, client: Optional[GPUClient], sender: _ResultSender) -> _RunState:
     try:
-        for output in run_task(plan, task, ctx, finalize):
-            sender.send(TaskChunk(task.index, output.chunk, output.count, output.last))
+        return _RunState(start, worker, client)
     except BaseException as exc:
-        where = f"{worker}, task {task.index}"
-        if isinstance(exc, Exception):
-            sender.send(TaskFailed(task.index, ExceptionWithTraceback(exc, where)))
-            return
-        # sys.exit() or similar in user code: the worker ends, and the run fails with a
-        # streamproc error rather than exiting the user's main process.
-        args = ", ".join(map(repr, exc.args))
-        crash = WorkerCrashedError(f"{worker} stopped: user code raised {type(exc).__name__}({args}) in task {task.index}")
-        crash.__cause__ = exc
-        sender.send(TaskFailed(task.index, ExceptionWithTraceback(crash, where)))
-        raise
+        error = as_crash(exc, worker, "while loading the stream")
+        sender.send(WorkerFailed(worker, ExceptionWithTraceback(error, f"{worker}, while loading the stream")))
+        sys.exit(1)
+
+
+def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId) -> None:
+    try:
+        paths, rows = run.end()
+    except Exception as exc:
+        sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
+        return
+    sender.send(RunEnded(run.run_id, worker, paths, rows))
+
+
+def _run_task(run: _RunState, task: Task, sender: _ResultSender, worker: WorkerId) -> None:
+    try:
+        for output in run_task(run.plan, task, run.ctx, run.finalize):
+            sender.send(TaskChunk(run.run_id, task.index, output.chunk, output.count, output.last))
+    except BaseException as exc:
+        error = as_crash(exc, worker, f"in task {task.index}")
+        sender.send(TaskFailed(run.run_id, task.index, ExceptionWithTraceback(error, f"{worker}, task {task.index}")))
+        if error is not exc:
+            raise  # the worker ends (sys.exit in user code): see as_crash

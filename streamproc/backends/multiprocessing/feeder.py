@@ -13,7 +13,7 @@ from typing import Any
 from ...errors import SerializationError
 from ...execution.dispatch import SourceFailed, TaskDispatcher
 from ...execution.serialization import dumps_message
-from .messages import Stop, WorkerId
+from .messages import WorkerId
 
 
 def feed_worker(
@@ -23,15 +23,21 @@ def feed_worker(
     on_sent: Callable[[int, int], None],
     on_error: Callable[[int, BaseException], None],
     on_exit: Callable[[], None],
+    first_message: bytes = b"",
+    last_message: bytes = b"",
 ) -> None:
-    """Body of feeder thread ``streamproc-feeder-<i>``: sends tasks to one worker, then ``Stop``.
+    """Body of feeder thread ``streamproc-feeder-<i>``: sends a run's tasks to one worker.
 
-    Errors go to the consumer through ``on_error(task_index, exc)``, never printed: a source
-    error, or a task whose records cannot be pickled. A broken pipe means the worker died;
-    the collector reports that from the worker's sentinel. ``on_exit`` wakes the collector,
-    which then sees ``dispatcher.total_tasks``.
+    Sends ``first_message`` (the run's ``StartRun``), the tasks, then ``last_message``
+    (``EndRun``); empty messages are not sent. Errors go to the consumer through
+    ``on_error(task_index, exc)``, never printed: a source error, or a task whose records
+    cannot be pickled. A broken pipe means the worker died; the collector reports that from
+    the worker's sentinel. ``on_exit`` wakes the collector, which then sees
+    ``dispatcher.total_tasks``.
     """
     try:
+        if first_message:
+            task_conn.send_bytes(first_message)
         while True:
             try:
                 task = dispatcher.next_task(worker.index)
@@ -51,10 +57,11 @@ def feed_worker(
             on_sent(worker.index, task.index)
             task_conn.send_bytes(data)
         # Always: after a complete run, shutdown() stops the dispatcher (waking this thread
-        # out of next_task) before the last feeders got here, and a worker without Stop would
-        # wait for SHUTDOWN_JOIN_TIMEOUT_S and be killed. On a broken run the workers are
-        # terminated first, so this send cannot block for long (it fails with EPIPE).
-        task_conn.send_bytes(dumps_message(Stop()))
+        # out of next_task) before the last feeders got here, and a worker without EndRun
+        # would never complete its part files. On a broken run the workers are terminated
+        # first, so this send cannot block for long (it fails with EPIPE).
+        if last_message:
+            task_conn.send_bytes(last_message)
     except OSError:  # BrokenPipeError: the worker is gone; its sentinel tells the collector.
         pass
     finally:

@@ -1,39 +1,59 @@
 """The CPU worker's side of ``map_gpu`` with GPU workers: send batches, get outputs back.
 
-Runs in a CPU worker. :class:`GPUClient` owns the worker's pipe pairs to the GPU workers of
-its dispatch cycle; :class:`RemoteForwardRunner` is the forward runner of one stage: it keeps
-up to ``max_pending`` batches in flight, so the worker prepares the next batches while the
-GPU computes, and yields outputs in the order the batches were sent.
+Runs in a CPU worker. :class:`GPUClient` owns the worker's channels to the GPU workers of its
+dispatch cycle; :class:`RemoteForwardRunner` is the forward runner of one stage: it keeps up
+to ``max_pending`` batches in flight, so the worker prepares the next batches while the GPU
+computes, and yields outputs in the order the batches were sent.
 
 Bound: batches in flight from one CPU worker <= stages x ``max_pending``; the GPU worker
 answers each pipe in order, and a stale answer (for a batch whose task failed) is dropped.
+Liveness: every wait for outputs is also a wait on the GPU worker's liveness pipe, whose
+only write end that GPU worker holds: it becomes readable (EOF) the moment that process
+ends, however it ends.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import multiprocessing.connection
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ...errors import WorkerCrashedError
-from .messages import ForwardFailed, ForwardRequest, NoMoreBatches, WorkerId
 from ...execution.serialization import dumps_message, loads_message
+from .messages import ForwardFailed, ForwardRequest, NoMoreBatches, WorkerId
 
 #: Batches of one stage in flight per GPU worker of the cycle: one computing, one waiting.
 MAX_BATCHES_IN_FLIGHT_PER_GPU = 2
-OUTPUT_POLL_INTERVAL_S = 1.0
+#: Upper bound of one wait for outputs; the liveness pipe wakes it at once if the GPU worker dies.
+OUTPUT_WAIT_TIMEOUT_S = 1.0
+
+
+@dataclass
+class GPUChannel:
+    """A CPU worker's ends of its pipes to one GPU worker."""
+
+    batch_writer: Any
+    output_reader: Any
+    #: Read end of the GPU worker's liveness pipe: readable (EOF) once that process is gone.
+    gpu_alive: Any
+
+    def close(self) -> None:
+        for conn in (self.batch_writer, self.output_reader, self.gpu_alive):
+            conn.close()
 
 
 class GPUClient:
-    """Pipes from one CPU worker to its GPU workers.
+    """Channels from one CPU worker to its GPU workers.
 
     Args:
-        channels: GPU worker index -> ``(batch pipe writer, output pipe reader)``.
+        channels: GPU worker index -> its :class:`GPUChannel`.
         cycle: the GPU worker indices this CPU worker sends to, in order.
     """
 
-    def __init__(self, worker: WorkerId, channels: dict[int, tuple[Any, Any]], cycle: list[int]) -> None:
+    def __init__(self, worker: WorkerId, channels: dict[int, GPUChannel], cycle: list[int]) -> None:
         self.worker = worker
         self.channels = channels
         self.cycle = cycle
@@ -45,19 +65,26 @@ class GPUClient:
         batch_id = next(self._batch_ids)
         data = dumps_message(ForwardRequest(stage, batch_id, batch))
         try:
-            self.channels[gpu][0].send_bytes(data)
+            self.channels[gpu].batch_writer.send_bytes(data)
         except OSError:  # BrokenPipeError, ConnectionResetError
             raise self._gpu_worker_gone(gpu) from None
         return batch_id
 
     def wait_outputs(self, gpu: int, batch_id: int) -> Any:
-        """Blocks until GPU worker ``gpu`` answers ``batch_id``; raises what forward raised."""
-        reader = self.channels[gpu][1]
+        """Blocks until GPU worker ``gpu`` answers ``batch_id``; raises what forward raised.
+
+        Raises:
+            WorkerCrashedError: the GPU worker ended before answering.
+        """
+        channel = self.channels[gpu]
         while batch_id not in self._arrived:
-            while not reader.poll(OUTPUT_POLL_INTERVAL_S):
-                pass  # the watchdog thread ends this process if the main process dies
+            ready = multiprocessing.connection.wait([channel.output_reader, channel.gpu_alive], OUTPUT_WAIT_TIMEOUT_S)
+            if not ready:
+                continue  # the watchdog thread ends this process if the main process dies
+            if channel.output_reader not in ready:
+                raise self._gpu_worker_gone(gpu)  # the liveness pipe says it is gone, with nothing left to read
             try:
-                message = loads_message(reader.recv_bytes())
+                message = loads_message(channel.output_reader.recv_bytes())
             except EOFError:
                 raise self._gpu_worker_gone(gpu) from None
             if message.batch_id in self._forgotten:
@@ -70,11 +97,9 @@ class GPUClient:
         return message.outputs
 
     def _gpu_worker_gone(self, gpu: int) -> WorkerCrashedError:
-        # A GPU worker only closes its pipes once all its CPU peers said NoMoreBatches, so a
-        # closed pipe while this worker still needs it means the GPU worker ended abnormally.
-        # Not PipelineShutdownError: when the GPU worker exits with status 0 (os._exit(0) in
-        # forward), the main process sees no crash, and this error is the one the user gets.
-        return WorkerCrashedError(f"{WorkerId('gpu', gpu)} stopped before answering {self.worker} (its pipe closed)")
+        # Not PipelineShutdownError: the GPU worker ended while this worker still needed it,
+        # whatever its exit status (os._exit(0) in forward included).
+        return WorkerCrashedError(f"{WorkerId('gpu', gpu)} stopped before answering {self.worker}: it is no longer running")
 
     def forget(self, batch_id: int) -> None:
         """Drops the answer to ``batch_id`` when it comes (its task failed)."""
@@ -83,13 +108,12 @@ class GPUClient:
 
     def close(self) -> None:
         """Tells every GPU worker of the cycle that nothing more will come."""
-        for writer, reader in self.channels.values():
+        for channel in self.channels.values():
             try:
-                writer.send_bytes(dumps_message(NoMoreBatches()))
+                channel.batch_writer.send_bytes(dumps_message(NoMoreBatches()))
             except OSError:
                 pass
-            writer.close()
-            reader.close()
+            channel.close()
 
 
 class RemoteForwardRunner:

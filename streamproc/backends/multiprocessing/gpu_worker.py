@@ -16,16 +16,24 @@ from __future__ import annotations
 import collections
 import multiprocessing.connection
 import queue
-import signal
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
-from ...errors import ExceptionWithTraceback, WorkerCrashedError
-from .cpu_worker import PARENT_CHECK_INTERVAL_S, watch_parent
-from .environment import cap_worker_threads, enable_faulthandler
-from .messages import ForwardFailed, ForwardRequest, ForwardResult, NoMoreBatches, WorkerFailed, WorkerId
+from ...errors import ExceptionWithTraceback
 from ...execution.serialization import dill_loads, dumps_message, loads_message
+from .messages import (
+    ForwardFailed,
+    ForwardRequest,
+    ForwardResult,
+    NoMoreBatches,
+    WorkerDone,
+    WorkerFailed,
+    WorkerId,
+    WorkerStarted,
+)
+from .worker_runtime import PARENT_CHECK_INTERVAL_S, as_crash, start_worker_process
 
 
 class _PeerSender:
@@ -68,42 +76,41 @@ def run_gpu_worker(
     forwards_bytes: bytes,
     channels: list[tuple[int, Any, Any]],
     status_conn: Any,
+    alive_conn: Any,
     parent_pid: int,
+    inherited: Sequence[Any] = (),
 ) -> None:
     """Entry point of process ``streamproc-gpu-<index>``; see the module docstring.
 
     Args:
-        forwards_bytes: dill bytes of ``(forwards, autocast)``, ``forwards`` mapping a stage
-            index to ``(stage name, forward, batch size)``.
+        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads)``, ``forwards``
+            mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`.
         channels: ``(cpu worker index, batch pipe reader, output pipe writer)`` per peer.
-        status_conn: where a start-up failure, or forward ending the worker (``sys.exit``), is
-            reported to the main process (a ``WorkerFailed``, which the main process raises).
+        status_conn: ``WorkerStarted``, then ``WorkerDone`` at a normal end; a start-up failure
+            or forward ending the worker (``sys.exit``) is reported here as ``WorkerFailed``.
+        alive_conn: write end of this worker's liveness pipe: held, never written; its peers
+            see EOF on the read end when this process ends.
+        inherited: see :func:`.worker_runtime.start_worker_process`.
     """
-    # Not faulthandler.enable(): it raises when a forked worker inherits a sys.stderr without
-    # a file descriptor (pytest capsys, Jupyter), and the worker would die before reporting.
-    enable_faulthandler()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    cap_worker_threads()
-    threading.Thread(target=watch_parent, args=(parent_pid,), name=f"streamproc-gpu-{index}-watchdog", daemon=True).start()
     worker = WorkerId("gpu", index)
+    start_worker_process(worker, parent_pid, inherited)
+    status_conn.send_bytes(dumps_message(WorkerStarted(worker)))
     try:
         from ...gpu import DeviceForward
 
         stages, autocast, torch_threads = dill_loads(forwards_bytes)
         runners = {
-            index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
-            for index, stage in stages.items()
+            stage_index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
+            for stage_index, stage in stages.items()
         }
         for runner in runners.values():
             runner.start()
     except BaseException as exc:
-        if not isinstance(exc, Exception):
-            # sys.exit() in a model's __setstate__ or .to(): re-raised as is in the main process,
-            # it would exit the user's program (same as the CPU worker's start-up).
-            crash = WorkerCrashedError(f"{worker} stopped while starting: user code raised {exc!r}")
-            crash.__cause__, exc = exc, crash
+        # sys.exit() in a model's __setstate__ or .to(): re-raised as is in the main process,
+        # it would exit the user's program (same as the CPU worker's start-up).
+        error = as_crash(exc, worker, "while starting")
         status_conn.send_bytes(
-            dumps_message(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker} ({device}), at start-up")))
+            dumps_message(WorkerFailed(worker, ExceptionWithTraceback(error, f"{worker} ({device}), at start-up")))
         )
         sys.exit(1)
 
@@ -144,15 +151,12 @@ def run_gpu_worker(
                 _close_senders(senders)
                 raise
     _close_senders(senders)
+    status_conn.send_bytes(dumps_message(WorkerDone(worker)))
 
 
 def _report_exit(sender: _PeerSender, status_conn: Any, batch_id: int, exc: BaseException, worker: WorkerId, where: str) -> None:
-    args = ", ".join(map(repr, exc.args))
-
     def crash() -> ExceptionWithTraceback:  # one per message: sending one consumes its traceback
-        error = WorkerCrashedError(f"{worker} stopped: user code raised {type(exc).__name__}({args}) in forward")
-        error.__cause__ = exc
-        return ExceptionWithTraceback(error, where)
+        return ExceptionWithTraceback(as_crash(exc, worker, "in forward"), where)
 
     sender.queue.put(ForwardFailed(batch_id, crash()))
     try:

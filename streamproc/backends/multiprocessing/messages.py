@@ -1,19 +1,23 @@
-"""Messages between the main process and CPU workers, named by their role (loky style).
+"""Messages between the processes of the multiprocessing backend, named by their role (loky style).
 
-Every message is a small frozen dataclass pickled with the standard pickle (protocol 5) and
-sent with ``Connection.send_bytes``; control messages are never bare ints or strings.
+Every message is a small frozen dataclass pickled with the standard pickle (protocol 5, dill
+as a fallback) and sent with ``Connection.send_bytes``; control messages are never bare ints
+or strings. Run-scoped messages carry the ``run_id`` of the run they belong to, so a pool
+kept warm across runs can never mix two runs' tasks or results.
 
-Main -> worker (task pipe):   ``Task`` ... ``Task``, then ``Stop``.
-Worker -> main (result pipe): for each task, ``TaskChunk`` x n (the last one has ``last=True``)
-or a ``TaskFailed``; ``WorkerFailed`` if the worker cannot start. With a worker-side sink
-(``write_parquet`` with ``deterministic=False``), chunks carry only counts, and the worker
-answers ``Stop`` with ``SinkClosed`` once its last part file is complete.
+Main -> CPU worker (task pipe): ``StartRun``, ``Task`` ... ``Task``, ``EndRun``; then ``Stop``.
+CPU worker -> main (result pipe): ``WorkerStarted`` first; per task, ``TaskChunk`` x n (the last
+with ``last=True``) or a ``TaskFailed``; ``RunEnded`` in answer to ``EndRun`` (with the rows its
+own part files hold when the run writes in workers); ``WorkerFailed`` when it cannot go on.
+GPU worker -> main (status pipe): ``WorkerStarted``, then ``WorkerDone`` at a normal end, or
+``WorkerFailed``. A worker that exits without its last message has crashed, whatever its
+exit code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from ...execution.task import Task  # noqa: F401 (the main -> worker message is the shared core's Task)
 
@@ -30,14 +34,44 @@ class WorkerId:
 
 
 @dataclass(frozen=True)
+class StartRun:
+    """Run ``run_id`` begins: ``plan_bytes`` is the dill of ``(cpu plan, finalize, worker writers)``."""
+
+    run_id: int
+    plan_bytes: bytes
+
+
+@dataclass(frozen=True)
+class EndRun:
+    """Run ``run_id`` hands out no more tasks: complete what it wrote here, answer ``RunEnded``."""
+
+    run_id: int
+
+
+@dataclass(frozen=True)
 class Stop:
-    """Asks a worker to exit once it has finished the tasks sent before."""
+    """Asks a worker to exit once it has finished what was sent before."""
+
+
+@dataclass(frozen=True)
+class WorkerStarted:
+    """The worker runs streamproc code (sent first: a worker dying before it died at start-up)."""
+
+    worker: WorkerId
+
+
+@dataclass(frozen=True)
+class WorkerDone:
+    """A GPU worker ends normally: all its CPU peers said ``NoMoreBatches``."""
+
+    worker: WorkerId
 
 
 @dataclass(frozen=True)
 class TaskChunk:
     """Up to ``chunk_size`` outputs of task ``task_index``; chunks of a task arrive in order."""
 
+    run_id: int
     task_index: int
     chunk: Any
     count: int
@@ -48,22 +82,24 @@ class TaskChunk:
 class TaskFailed:
     """Task ``task_index`` raised; ``error`` is an ``ExceptionWithTraceback`` (the user's type)."""
 
+    run_id: int
     task_index: int
     error: Any
 
 
 @dataclass(frozen=True)
-class SinkClosed:
-    """The worker wrote its last part file (worker-side sinks): the parts and their rows."""
+class RunEnded:
+    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none)."""
 
+    run_id: int
     worker: WorkerId
     paths: list[str]
-    rows: int
+    rows: Optional[int]
 
 
 @dataclass(frozen=True)
 class WorkerFailed:
-    """The worker could not start (for example, the plan failed to unpickle)."""
+    """The worker cannot go on (the plan failed to load, its part files failed to complete...)."""
 
     worker: WorkerId
     error: Any
@@ -84,7 +120,7 @@ class ChannelKey:
 
 @dataclass(frozen=True)
 class ForwardRequest:
-    """Run forward of stage ``stage`` (index into the plan's ops) on ``batch`` (CPU tensors)."""
+    """Run forward of stage ``stage`` (1-based index into the plan's stages) on ``batch`` (CPU tensors)."""
 
     stage: int
     batch_id: int

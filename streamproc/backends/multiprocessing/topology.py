@@ -12,11 +12,11 @@ import sys
 import warnings
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Optional
+from typing import Optional
 
+from ...execution.schedule import get_dispatch_schedule
 from ...plan import Plan
 from .messages import ChannelKey, WorkerId
-from ...execution.schedule import get_dispatch_schedule
 
 
 def resolve_gpu_devices(plan: Plan, cuda_device_count: Optional[int] = None) -> list[str]:

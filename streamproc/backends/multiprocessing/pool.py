@@ -1,0 +1,239 @@
+"""The worker processes of the multiprocessing backend: start them, watch them, stop them.
+
+A :class:`ProcessPool` owns processes and pipes, nothing about a run: which tasks a worker
+holds, and what its results mean, are the run's (:mod:`.run`). Each run talks to the CPU
+workers through their task pipes (``StartRun`` ... ``EndRun``), so one pool can serve several
+runs in turn.
+
+Descriptors (see NOTE [ streamproc shutdown ] in :mod:`.run` for the rest of the protocol):
+every pipe end the main process holds is listed in ``_held``. A forked child inherits all of
+them; it closes those that are not its own first thing
+(:func:`.worker_runtime.start_worker_process`), so that a pipe's write end lives only in the
+process that writes it, and its reader sees EOF as soon as that process dies. Spawned and
+forkserver children inherit nothing but what they are passed.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import multiprocessing.connection
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ...errors import WorkerCrashedError
+from ...execution.serialization import dumps_message
+from .cpu_worker import run_cpu_worker
+from .environment import format_exit_code
+from .gpu_client import GPUChannel
+from .gpu_worker import run_gpu_worker
+from .messages import Stop, WorkerId
+from .topology import Topology
+
+SHUTDOWN_JOIN_TIMEOUT_S = 5.0
+KILL_JOIN_TIMEOUT_S = 2.0
+_SPAWN_HINT = (
+    "; it died before running any streamproc code. Under {method!r} every worker re-imports your main "
+    "module: if your script runs a stream at import time, put that code under `if __name__ == \"__main__\":` "
+    "(the worker's traceback is on stderr)"
+)
+
+
+@dataclass
+class WorkerHandle:
+    """Main-process handle of one worker process and its pipe ends."""
+
+    id: WorkerId
+    process: Any
+    #: Main -> worker task pipe (CPU workers), None for GPU workers.
+    task_conn: Optional[Any]
+    #: Worker -> main: results (CPU workers) or status (GPU workers).
+    result_conn: Any
+    start_method: str
+    #: The worker said ``WorkerStarted``: it runs streamproc code.
+    started: bool = False
+    #: The process ended and was reaped (its sentinel no longer waited on).
+    exited: bool = False
+    extra_conns: list[Any] = field(default_factory=list)
+
+    def crash_error(self, doing: str = "") -> WorkerCrashedError:
+        """The error for this worker's unexpected end, with its exit code or signal."""
+        exitcode = self.process.exitcode
+        code = format_exit_code(exitcode) if exitcode is not None else "exit status unknown"
+        message = f"{self.id} (pid {self.process.pid}) died unexpectedly{doing}: {code}"
+        if not self.started and self.start_method != "fork":
+            message += _SPAWN_HINT.format(method=self.start_method)
+        return WorkerCrashedError(message)
+
+
+def _prepare_parent_for_fork() -> None:
+    """Makes forked workers cheaper: shared imports done once, the parent's objects left alone.
+
+    pyarrow imports pandas on its first conversion; done here, the forked workers inherit it
+    instead of each importing it (about 0.3 s of CPU per worker). ``gc.freeze()`` keeps the
+    workers' collections from traversing, and so copying on write, every object inherited from
+    the parent; the parent unfreezes once the workers have started.
+    """
+    if "pyarrow" in sys.modules and "pandas" not in sys.modules:
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            pass
+    gc.freeze()
+
+
+class ProcessPool:
+    """CPU worker processes (and GPU worker processes) with their pipes. Not thread-safe.
+
+    Args:
+        topology: how many CPU workers, the GPU workers' devices, who sends to whom.
+        cpu_start_method / gpu_start_method: ``multiprocessing`` start methods.
+    """
+
+    def __init__(self, topology: Topology, cpu_start_method: str, gpu_start_method: str) -> None:
+        self.topology = topology
+        self.cpu_start_method = cpu_start_method
+        self.gpu_start_method = gpu_start_method
+        self.cpu_workers: list[WorkerHandle] = []
+        self.gpu_workers: list[WorkerHandle] = []
+        self._held: list[Any] = []
+        self._is_shut_down = False
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return [*self.cpu_workers, *self.gpu_workers]
+
+    def start(self, forwards_bytes: Optional[bytes]) -> None:
+        """Starts the GPU workers (with ``forwards_bytes``, when the topology has any), then the CPU workers."""
+        channels = self._start_gpu_workers(forwards_bytes) if self.topology.gpu_devices else {}
+        context: Any = multiprocessing.get_context(self.cpu_start_method)
+        if self.cpu_start_method == "fork":
+            _prepare_parent_for_fork()
+        try:
+            for index in range(self.topology.num_cpu_workers):
+                self._start_cpu_worker(context, index, channels.get(index, {}))
+        finally:
+            if self.cpu_start_method == "fork":
+                gc.unfreeze()
+        # Every CPU peer has its copies of the GPU workers' liveness pipes now.
+        for worker in self.gpu_workers:
+            self._close(*worker.extra_conns)
+            worker.extra_conns = []
+
+    def _pipe(self, context: Any) -> tuple[Any, Any]:
+        reader, writer = context.Pipe(duplex=False)
+        self._held += [reader, writer]
+        return reader, writer
+
+    def _close(self, *conns: Any) -> None:
+        for conn in conns:
+            conn.close()
+            self._held.remove(conn)
+
+    def _inherited(self, method: str, own: list[Any]) -> list[Any]:
+        """What a child started with ``method`` must close: every end held here but its own."""
+        if method != "fork":
+            return []
+        mine = {id(conn) for conn in own}
+        return [conn for conn in self._held if id(conn) not in mine]
+
+    def _start_gpu_workers(self, forwards_bytes: Optional[bytes]) -> dict[int, dict[int, GPUChannel]]:
+        """Starts the GPU workers; returns each CPU worker's channels to its GPU workers."""
+        context: Any = multiprocessing.get_context(self.gpu_start_method)
+        cpu_ends: dict[int, dict[int, GPUChannel]] = {}
+        for index, device in enumerate(self.topology.gpu_devices):
+            gpu_ends = []
+            alive_reader, alive_writer = self._pipe(context)
+            for peer in self.topology.peers_of_gpu(index):
+                batch_reader, batch_writer = self._pipe(context)
+                output_reader, output_writer = self._pipe(context)
+                cpu_ends.setdefault(peer, {})[index] = GPUChannel(batch_writer, output_reader, alive_reader)
+                gpu_ends.append((peer, batch_reader, output_writer))
+            status_reader, status_writer = self._pipe(context)
+            own = [status_writer, alive_writer] + [conn for _, *ends in gpu_ends for conn in ends]
+            process = context.Process(
+                target=run_gpu_worker,
+                args=(index, device, forwards_bytes, gpu_ends, status_writer, alive_writer, os.getpid(),
+                      self._inherited(self.gpu_start_method, own)),
+                name=f"streamproc-gpu-{index}",
+                daemon=True,
+            )
+            handle = WorkerHandle(WorkerId("gpu", index), process, None, status_reader, self.gpu_start_method)
+            handle.extra_conns = [alive_reader]  # closed once the CPU peers have their copies
+            self.gpu_workers.append(handle)
+            process.start()
+            # The child holds its own ends; closing ours lets a dead child break the pipes.
+            self._close(*own)
+        return cpu_ends
+
+    def _start_cpu_worker(self, context: Any, index: int, channels: dict[int, GPUChannel]) -> None:
+        task_reader, task_writer = self._pipe(context)
+        result_reader, result_writer = self._pipe(context)
+        channel_ends = [conn for channel in channels.values() for conn in (channel.batch_writer, channel.output_reader)]
+        own = [task_reader, result_writer, *channel_ends, *(channel.gpu_alive for channel in channels.values())]
+        cycle = list(self.topology.cycles[index])
+        process = context.Process(
+            target=run_cpu_worker,
+            args=(index, task_reader, result_writer, os.getpid(), self._inherited(self.cpu_start_method, own), channels, cycle),
+            name=f"streamproc-cpu-{index}",
+            daemon=True,
+        )
+        self.cpu_workers.append(WorkerHandle(WorkerId("cpu", index), process, task_writer, result_reader, self.cpu_start_method))
+        process.start()
+        self._close(task_reader, result_writer, *channel_ends)
+
+    def live_workers(self) -> list[WorkerHandle]:
+        return [worker for worker in self.workers if not worker.exited]
+
+    def reap(self, worker: WorkerHandle) -> None:
+        """Joins a worker whose sentinel fired (it has ended)."""
+        worker.process.join(KILL_JOIN_TIMEOUT_S)
+        worker.exited = True
+
+    def terminate(self) -> None:
+        """SIGTERM to every live worker (a broken run: their work is not needed)."""
+        for worker in self.workers:
+            if worker.process.pid is not None and worker.process.is_alive():
+                worker.process.terminate()
+
+    def shutdown(self, broken: bool) -> None:
+        """Stops and reaps every worker, then closes every pipe end. Idempotent.
+
+        After a complete run each CPU worker is sent ``Stop`` and exits by itself (its GPU
+        workers then see every peer gone and exit too); on a broken run they are terminated.
+        Workers still alive after ``SHUTDOWN_JOIN_TIMEOUT_S`` are killed. Nothing waits
+        without a timeout. The caller has stopped every thread that sends on the task pipes.
+        """
+        if self._is_shut_down:
+            return
+        self._is_shut_down = True
+        if broken:
+            self.terminate()
+        else:
+            self._send_stop()
+        processes = [w.process for w in self.workers if w.process.pid is not None]
+        deadline = time.monotonic() + SHUTDOWN_JOIN_TIMEOUT_S
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join(KILL_JOIN_TIMEOUT_S)
+        for conn in list(self._held):
+            self._close(conn)
+        for worker in self.workers:
+            if worker.process.exitcode is not None:
+                worker.process.close()
+
+    def _send_stop(self) -> None:
+        stop = dumps_message(Stop())
+        for worker in self.cpu_workers:
+            assert worker.task_conn is not None
+            try:
+                # A few bytes to an idle worker: it reads its pipe, so this cannot block for long.
+                worker.task_conn.send_bytes(stop)
+            except OSError:  # it is gone already
+                pass
