@@ -57,6 +57,8 @@ class WorkerHandle:
     started: bool = False
     #: The process ended and was reaped (its sentinel no longer waited on).
     exited: bool = False
+    #: Its exit code, kept once the pool has shut down and closed the process object.
+    exitcode: Optional[int] = None
     extra_conns: list[Any] = field(default_factory=list)
 
     def crash_error(self, doing: str = "") -> WorkerCrashedError:
@@ -225,7 +227,8 @@ class ProcessPool:
         for conn in list(self._held):
             self._close(conn)
         for worker in self.workers:
-            if worker.process.exitcode is not None:
+            if worker.process.pid is not None and worker.process.exitcode is not None:
+                worker.exitcode = worker.process.exitcode
                 worker.process.close()
 
     def _send_stop(self) -> None:
