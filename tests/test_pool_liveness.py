@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ import pytest
 
 import streamproc as sp
 from streamproc.backends.multiprocessing.backend import pool_for
-from streamproc.backends.multiprocessing.messages import WorkerStarted
+from streamproc.backends.multiprocessing.messages import WorkerDone, WorkerStarted
 from streamproc.backends.multiprocessing.pool import ProcessPool
 from streamproc.execution.serialization import dumps_plan, loads_message
 from tests import multiprocessing_fakes as fakes
@@ -149,3 +150,22 @@ def test_spawn_without_a_main_guard_says_what_to_do(tmp_path):
     assert result.returncode != 0
     assert "WorkerCrashedError" in result.stderr
     assert 'if __name__ == "__main__":' in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_gpu_worker_notices_its_only_cpu_peer_dying(method):
+    stream = sp.from_iterable(range(4)).map_gpu(fakes.to_tensor, identity)
+    plan = stream.set_processing(num_cpu_workers=1, gpu_worker_devices=["cpu"], process_start_method=method).plan()
+    pool = pool_for(plan)
+    pool.start(dumps_plan(({}, None, None), plan))
+    try:
+        wait_started(pool)
+        (cpu,), (gpu,) = pool.cpu_workers, pool.gpu_workers
+        os.kill(cpu.process.pid, signal.SIGKILL)
+        # Not a hang: the GPU worker sees its peer gone, ends normally and says so.
+        assert multiprocessing.connection.wait([gpu.result_conn], START_TIMEOUT_S), "the GPU worker did not notice"
+        assert isinstance(loads_message(gpu.result_conn.recv_bytes()), WorkerDone)
+        gpu.process.join(START_TIMEOUT_S)
+        assert gpu.process.exitcode == 0
+    finally:
+        pool.shutdown(broken=True)

@@ -87,13 +87,16 @@ def run_cpu_worker(
     inherited: Sequence[Any] = (),
     gpu_channels: Optional[dict[int, GPUChannel]] = None,
     gpu_cycle: Optional[list[int]] = None,
+    alive_conn: Any = None,
 ) -> None:
     """Entry point of process ``streamproc-cpu-<index>``. See the module docstring.
 
     With GPU workers, ``gpu_channels`` maps each GPU worker of this worker's dispatch cycle
     ``gpu_cycle`` to its channel (batch pipe writer, output pipe reader, liveness pipe);
     ``map_gpu`` stages then send their prepared batches there instead of running forward here.
-    ``inherited``: see :func:`.worker_runtime.start_worker_process`.
+    ``alive_conn`` is the write end of this worker's liveness pipe (with GPU workers): held,
+    never written; its GPU workers see EOF when this process ends. ``inherited``: see
+    :func:`.worker_runtime.start_worker_process`.
     """
     worker = WorkerId("cpu", index)
     start_worker_process(worker, parent_pid, inherited)

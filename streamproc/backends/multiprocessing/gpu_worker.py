@@ -85,7 +85,8 @@ def run_gpu_worker(
     Args:
         forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads)``, ``forwards``
             mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`.
-        channels: ``(cpu worker index, batch pipe reader, output pipe writer)`` per peer.
+        channels: ``(cpu worker index, batch pipe reader, output pipe writer, the peer's
+            liveness pipe reader)`` per peer.
         status_conn: ``WorkerStarted``, then ``WorkerDone`` at a normal end; a start-up failure
             or forward ending the worker (``sys.exit``) is reported here as ``WorkerFailed``.
         alive_conn: write end of this worker's liveness pipe: held, never written; its peers
@@ -114,14 +115,23 @@ def run_gpu_worker(
         )
         sys.exit(1)
 
-    senders = {reader: _PeerSender(worker, peer, writer) for peer, reader, writer in channels}
+    senders = {reader: _PeerSender(worker, peer, writer) for peer, reader, writer, _ in channels}
+    # A peer's liveness pipe (its only write end is in that CPU worker) wakes the wait when the
+    # peer dies, even if a copy of its batch pipe's write end survived it somewhere.
+    peer_alive = {alive: reader for _, reader, _, alive in channels}
     open_readers = list(senders)
     uploaded: collections.deque[tuple[_PeerSender, ForwardRequest, Any]] = collections.deque()
     where = f"{worker} ({device})"
     while open_readers or uploaded:
         timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
-        ready: list[Any] = multiprocessing.connection.wait(open_readers, timeout=timeout)
+        watched = [*open_readers, *(alive for alive, reader in peer_alive.items() if reader in open_readers)]
+        ready: list[Any] = multiprocessing.connection.wait(watched, timeout=timeout)
         for reader in ready:
+            if reader in peer_alive:
+                batches = peer_alive[reader]
+                if batches in open_readers and not batches.poll():
+                    open_readers.remove(batches)  # the peer is gone; the main process reports it
+                continue
             try:
                 message = loads_message(reader.recv_bytes())
             except EOFError:

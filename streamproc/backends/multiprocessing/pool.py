@@ -110,13 +110,18 @@ class ProcessPool:
 
     def start(self, forwards_bytes: Optional[bytes]) -> None:
         """Starts the GPU workers (with ``forwards_bytes``, when the topology has any), then the CPU workers."""
-        channels = self._start_gpu_workers(forwards_bytes) if self.topology.gpu_devices else {}
         context: Any = multiprocessing.get_context(self.cpu_start_method)
+        # Liveness pipes of the CPU workers, for their GPU workers to wait on: each CPU worker
+        # holds the only write end of its own.
+        cpu_alive = [self._pipe(context) for _ in range(self.topology.num_cpu_workers)] if self.topology.gpu_devices else []
+        channels = self._start_gpu_workers(forwards_bytes, [reader for reader, _ in cpu_alive]) if cpu_alive else {}
+        self._close(*(reader for reader, _ in cpu_alive))
         if self.cpu_start_method == "fork":
             _prepare_parent_for_fork()
         try:
             for index in range(self.topology.num_cpu_workers):
-                self._start_cpu_worker(context, index, channels.get(index, {}))
+                alive_writer = cpu_alive[index][1] if cpu_alive else None
+                self._start_cpu_worker(context, index, channels.get(index, {}), alive_writer)
         finally:
             if self.cpu_start_method == "fork":
                 gc.unfreeze()
@@ -142,8 +147,11 @@ class ProcessPool:
         mine = {id(conn) for conn in own}
         return [conn for conn in self._held if id(conn) not in mine]
 
-    def _start_gpu_workers(self, forwards_bytes: Optional[bytes]) -> dict[int, dict[int, GPUChannel]]:
-        """Starts the GPU workers; returns each CPU worker's channels to its GPU workers."""
+    def _start_gpu_workers(self, forwards_bytes: Optional[bytes], cpu_alive: list[Any]) -> dict[int, dict[int, GPUChannel]]:
+        """Starts the GPU workers; returns each CPU worker's channels to its GPU workers.
+
+        ``cpu_alive[i]`` is the read end of CPU worker ``i``'s liveness pipe.
+        """
         context: Any = multiprocessing.get_context(self.gpu_start_method)
         cpu_ends: dict[int, dict[int, GPUChannel]] = {}
         for index, device in enumerate(self.topology.gpu_devices):
@@ -153,7 +161,7 @@ class ProcessPool:
                 batch_reader, batch_writer = self._pipe(context)
                 output_reader, output_writer = self._pipe(context)
                 cpu_ends.setdefault(peer, {})[index] = GPUChannel(batch_writer, output_reader, alive_reader)
-                gpu_ends.append((peer, batch_reader, output_writer))
+                gpu_ends.append((peer, batch_reader, output_writer, cpu_alive[peer]))
             status_reader, status_writer = self._pipe(context)
             own = [status_writer, alive_writer] + [conn for _, *ends in gpu_ends for conn in ends]
             process = context.Process(
@@ -168,18 +176,21 @@ class ProcessPool:
             self.gpu_workers.append(handle)
             process.start()
             # The child holds its own ends; closing ours lets a dead child break the pipes.
-            self._close(*own)
+            self._close(*(conn for conn in own if conn not in cpu_alive))
         return cpu_ends
 
-    def _start_cpu_worker(self, context: Any, index: int, channels: dict[int, GPUChannel]) -> None:
+    def _start_cpu_worker(self, context: Any, index: int, channels: dict[int, GPUChannel], alive_writer: Optional[Any]) -> None:
         task_reader, task_writer = self._pipe(context)
         result_reader, result_writer = self._pipe(context)
         channel_ends = [conn for channel in channels.values() for conn in (channel.batch_writer, channel.output_reader)]
+        if alive_writer is not None:
+            channel_ends.append(alive_writer)  # held by the worker, never written
         own = [task_reader, result_writer, *channel_ends, *(channel.gpu_alive for channel in channels.values())]
         cycle = list(self.topology.cycles[index])
         process = context.Process(
             target=run_cpu_worker,
-            args=(index, task_reader, result_writer, os.getpid(), self._inherited(self.cpu_start_method, own), channels, cycle),
+            args=(index, task_reader, result_writer, os.getpid(), self._inherited(self.cpu_start_method, own), channels, cycle,
+                  alive_writer),
             name=f"streamproc-cpu-{index}",
             daemon=True,
         )
