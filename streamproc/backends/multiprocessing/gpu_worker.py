@@ -74,7 +74,7 @@ def run_gpu_worker(
     index: int,
     device: str,
     forwards_bytes: bytes,
-    channels: list[tuple[int, Any, Any]],
+    channels: list[tuple[int, Any, Any, Any]],
     status_conn: Any,
     alive_conn: Any,
     parent_pid: int,
