@@ -73,19 +73,51 @@ def _to_numpy(value: Any) -> Any:
 def split_rows(outputs: Any) -> list[Any]:
     """Splits batched outputs into one row per record (tensors become numpy arrays).
 
+    Runs where ``postprocess`` runs (a CPU worker, or the main process with the simple backend).
+    A dict of outputs gives one dict per record, a tuple one tuple per record; a 1-d tensor or
+    array gives Python scalars, a list its items.
+
     >>> import numpy as np
     >>> split_rows({"a": np.array([1, 2]), "b": np.array([3, 4])})
     [{'a': 1, 'b': 3}, {'a': 2, 'b': 4}]
+
+    Raises:
+        ValueError: an output has no rows to split: a 0-d tensor or array, or a Python scalar
+            (``forward`` reduced the batch, e.g. to a loss); or the values of a dict have
+            different lengths. It is an :class:`UnsplittableOutputError`, whose ``what``
+            lets :func:`streamproc.ops.default_postprocess` name the batch's size too.
     """
+    return _split_rows(outputs, "")
+
+
+class UnsplittableOutputError(ValueError):
+    """Outputs of ``forward`` that :func:`split_rows` cannot split into one row per record.
+
+    ``what`` completes "forward returned ...", e.g. "a 0-d output (a float32 scalar)".
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"forward returned {what}: it has no rows to split")
+        self.what = what
+
+
+def _split_rows(outputs: Any, where: str) -> list[Any]:
+    """:func:`split_rows` of ``outputs``, found at ``where`` in forward's outputs (for messages)."""
     if isinstance(outputs, dict):
-        columns = {k: split_rows(v) for k, v in outputs.items()}
-        lengths = {len(v) for v in columns.values()}
-        if len(lengths) > 1:
-            raise ValueError(f"forward outputs have different lengths per key: { {k: len(v) for k, v in columns.items()} }")
+        columns = {k: _split_rows(v, f"{where}[{k!r}]") for k, v in outputs.items()}
+        lengths = {k: len(v) for k, v in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise UnsplittableOutputError(f"outputs{where} of different lengths per key {lengths}")
         return [dict(zip(columns, row)) for row in zip(*columns.values())]
     if isinstance(outputs, tuple):
-        return list(zip(*(split_rows(v) for v in outputs)))
+        return list(zip(*(_split_rows(v, f"{where}[{i}]") for i, v in enumerate(outputs))))
     array = _to_numpy(outputs)
-    if hasattr(array, "tolist") and getattr(array, "ndim", 1) == 1:
+    ndim = getattr(array, "ndim", None)
+    if ndim == 0 or (ndim is None and (array is None or isinstance(array, (bool, int, float, complex, str, bytes)))):
+        # Iterating a 0-d array raises a bare TypeError ("iteration over a 0-d array").
+        kind = f"dtype {array.dtype}" if ndim == 0 else "None" if array is None else f"{type(array).__name__} {array!r:.40}"
+        at = f" as outputs{where}" if where else ""
+        raise UnsplittableOutputError(f"a 0-d output ({kind}){at}")
+    if ndim == 1:
         return array.tolist()
     return list(array)

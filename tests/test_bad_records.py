@@ -1,0 +1,96 @@
+"""Bad records and bad outputs fail the same way on every backend, with a readable error.
+
+Fakes that travel to workers are at module level (spawn imports this module in each worker),
+and this module imports neither torch nor pyarrow at the top, so that spawned workers start fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import streamproc as sp
+from tests.utils import collect_until_error, stage_notes
+
+#: The multiprocessing configurations of the equivalence checks below.
+START_METHODS = ["fork", "spawn"]
+
+
+def mp_options(start_method: str, **extra: Any) -> dict[str, Any]:
+    return {"backend": "multiprocessing", "num_cpu_workers": 2, "process_start_method": start_method, **extra}
+
+
+# -- forward returned a scalar (0-d output) and no postprocess was given ----------------------
+
+
+def to_tensor(records: list[int]) -> Any:
+    import torch
+
+    return torch.tensor(records, dtype=torch.float32)
+
+
+def batch_sum(batch: Any) -> Any:
+    """A forward that reduces its batch to a 0-d tensor (a loss, say)."""
+    return batch.sum()
+
+
+def batch_sum_and_rows(batch: Any) -> Any:
+    return {"row": batch + 1, "loss": batch.sum()}
+
+
+GPU_WORKER = {"backend": "multiprocessing", "num_cpu_workers": 2, "num_gpu_workers": 1, "gpu_worker_devices": ["cpu"]}
+
+
+@pytest.mark.parametrize("gpu_options", [{}, GPU_WORKER], ids=["forward-in-process", "gpu-worker"])
+def test_scalar_forward_output_without_postprocess_names_the_batch(backend_options, gpu_options):
+    pytest.importorskip("torch")
+    if gpu_options and backend_options["backend"] == "simple":
+        pytest.skip("GPU workers need the multiprocessing backend")
+    options = {**backend_options, **gpu_options}
+    stream = sp.from_iterable(range(10)).map_gpu(to_tensor, batch_sum, batch_size=4).set_processing(**options)
+    _, exc = collect_until_error(stream)
+    assert type(exc) is ValueError, repr(exc)
+    assert str(exc) == (
+        "forward returned a 0-d output (dtype float32) for a batch of 4 records: "
+        "pass a postprocess function to map_gpu to match outputs to records"
+    )
+    stage = "stage 1 (map_gpu(to_tensor, batch_sum, batch_size='4 records'))"
+    assert stage_notes(exc) == [f"streamproc: raised in {stage}, postprocess"]
+
+
+def test_scalar_under_a_key_of_the_outputs_is_named(backend_options):
+    pytest.importorskip("torch")
+    stream = sp.from_iterable(range(6)).map_gpu(to_tensor, batch_sum_and_rows, batch_size=3).set_processing(**backend_options)
+    _, exc = collect_until_error(stream)
+    assert type(exc) is ValueError, repr(exc)
+    assert "forward returned a 0-d output (dtype float32) as outputs['loss'] for a batch of 3 records" in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "what"),
+    [
+        (2.5, "a 0-d output (float 2.5)"),
+        (None, "a 0-d output (None)"),
+        ((["a", "b"], 7), "a 0-d output (int 7) as outputs[1]"),
+        ({"a": [1, 2], "b": [1]}, "outputs of different lengths per key {'a': 2, 'b': 1}"),
+    ],
+)
+def test_default_postprocess_of_outputs_without_one_row_per_record(outputs, what):
+    from streamproc.ops import default_postprocess
+
+    with pytest.raises(ValueError) as info:
+        default_postprocess(["r1", "r2"], outputs)
+    assert str(info.value) == (
+        f"forward returned {what} for a batch of 2 records: pass a postprocess function to map_gpu to match outputs to records"
+    )
+
+
+def test_split_rows_of_a_0d_tensor_raises_value_error():
+    torch = pytest.importorskip("torch")
+    from streamproc.gpu import split_rows
+
+    with pytest.raises(ValueError, match=r"forward returned a 0-d output \(dtype int64\): it has no rows to split"):
+        split_rows(torch.tensor(3))
+    assert split_rows(torch.tensor([3])) == [3]  # 1-d of one row: still one row per record
+    assert [row.tolist() for row in split_rows(torch.ones(2, 3))] == [[1.0] * 3] * 2
