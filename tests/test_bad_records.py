@@ -6,6 +6,7 @@ and this module imports neither torch nor pyarrow at the top, so that spawned wo
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -94,3 +95,38 @@ def test_split_rows_of_a_0d_tensor_raises_value_error():
         split_rows(torch.tensor(3))
     assert split_rows(torch.tensor([3])) == [3]  # 1-d of one row: still one row per record
     assert [row.tolist() for row in split_rows(torch.ones(2, 3))] == [[1.0] * 3] * 2
+
+
+# -- records that are not dicts, written to parquet ----------------------------------------------
+
+
+def nest(record: Any, depth: int = 5_000) -> Any:
+    """``record`` wrapped in ``depth`` lists (built iteratively: no recursion here)."""
+    for _ in range(depth):
+        record = [record]
+    return record
+
+
+NOT_DICTS = {
+    "none-after-a-dict": ([{"a": 1}, None, {"a": 2}], "got NoneType None (record 1 of a chunk of 3)"),
+    "only-none": ([None, None], "got NoneType None (record 0 of a chunk of 2)"),
+    "int-first": ([7, {"a": 1}], "got int 7 (record 0 of a chunk of 2)"),
+    "list": ([{"a": 1}, [1, 2]], "got list [1, 2] (record 1 of a chunk of 2)"),
+}
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "unordered"])
+@pytest.mark.parametrize(("records", "named"), NOT_DICTS.values(), ids=NOT_DICTS.keys())
+def test_write_parquet_of_non_dict_records_raises_schema_error(backend_options, deterministic, records, named, tmp_path):
+    # deterministic=False with multiprocessing writes the parts in the workers (another path).
+    stream = sp.from_iterable(records).set_processing(deterministic=deterministic, **backend_options)
+    with pytest.raises(sp.SchemaError) as info:
+        stream.write_parquet(tmp_path / "out")
+    assert f"write_parquet needs dict records, {named}: map records to dicts before writing them" in str(info.value)
+
+
+def test_schema_error_of_a_deeply_nested_record_is_readable():
+    from streamproc.io.parquet_writer import records_to_table
+
+    with pytest.raises(sp.SchemaError, match=re.escape("got list [[[[[[[...]]]]]]] (record 0 of a chunk of 1)")):
+        records_to_table([nest(1)])
