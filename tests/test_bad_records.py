@@ -130,3 +130,84 @@ def test_schema_error_of_a_deeply_nested_record_is_readable():
 
     with pytest.raises(sp.SchemaError, match=re.escape("got list [[[[[[[...]]]]]]] (record 0 of a chunk of 1)")):
         records_to_table([nest(1)])
+
+
+# -- records nested deeper than the default recursion limit -------------------------------------
+
+#: Deeper than the default recursion limit (1,000) lets pickle go; fine for the simple backend.
+DEEP = 5_000
+#: Deeper than any backend that pickles records can take (see DEEP_MESSAGE_RECURSION_LIMIT).
+TOO_DEEP = 300_000
+
+
+def nest_deep(x: int) -> dict[str, Any]:
+    return {"x": x, "v": nest(x, DEEP)}
+
+
+def nest_too_deep(x: int) -> dict[str, Any]:
+    return {"x": x, "v": nest(x, TOO_DEEP) if x == 3 else x}
+
+
+def unnest(value: Any) -> tuple[int, Any]:
+    """``(depth, innermost value)`` of a list nesting, without recursion (``==`` would recurse)."""
+    depth = 0
+    while isinstance(value, list) and len(value) == 1:
+        value, depth = value[0], depth + 1
+    return depth, value
+
+
+def flat(records: list[dict[str, Any]]) -> list[tuple[int, tuple[int, Any]]]:
+    return [(r["x"], unnest(r["v"])) for r in records]
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_records_nested_5000_deep_made_in_workers_equal_the_simple_backend(start_method):
+    stream = sp.from_iterable(range(12)).map(nest_deep).set_processing(task_size=4)
+    expected = flat(stream.to_list())
+    assert expected == [(x, (DEEP, x)) for x in range(12)]
+    assert flat(stream.set_processing(**mp_options(start_method)).to_list()) == expected
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_records_nested_5000_deep_sent_to_workers_equal_the_simple_backend(start_method):
+    # The records cross main -> worker (the feeder pickles tasks) and back.
+    stream = sp.from_iterable([nest_deep(x) for x in range(12)]).set_processing(task_size=4)
+    expected = flat(stream.to_list())
+    assert flat(stream.set_processing(**mp_options(start_method)).to_list()) == expected
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_record_too_deep_to_pickle_fails_the_same_way_under_every_start_method(start_method):
+    stream = sp.from_iterable(range(8)).map(nest_too_deep).set_processing(task_size=4, **mp_options(start_method))
+    outputs, exc = collect_until_error(stream)
+    assert type(exc) is sp.SerializationError, repr(exc)
+    assert "an output of task 0 cannot be pickled" in str(exc)
+    assert "nested too deeply to pickle even with a recursion limit of 100000" in str(exc)
+    assert outputs == []
+
+
+def test_deep_message_round_trip_restores_the_recursion_limit():
+    import sys
+    import threading
+
+    from streamproc.execution.serialization import DEEP_MESSAGE_THREAD_NAME, dumps_message, loads_message
+
+    limit = sys.getrecursionlimit()
+    errors: list[BaseException] = []
+
+    def send_many() -> None:  # threads pickling deep messages at once, as the feeders do
+        try:
+            for x in range(5):
+                assert flat([loads_message(dumps_message(nest_deep(x)))]) == [(x, (DEEP, x))]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send_many, name=f"test-deep-sender-{i}") for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    assert sys.getrecursionlimit() == limit
+    assert not [t for t in threading.enumerate() if t.name == DEEP_MESSAGE_THREAD_NAME]
