@@ -43,21 +43,29 @@ def batch_sum_and_rows(batch: Any) -> Any:
 GPU_WORKER = {"backend": "multiprocessing", "num_cpu_workers": 2, "num_gpu_workers": 1, "gpu_worker_devices": ["cpu"]}
 
 
-@pytest.mark.parametrize("gpu_options", [{}, GPU_WORKER], ids=["forward-in-process", "gpu-worker"])
-def test_scalar_forward_output_without_postprocess_names_the_batch(backend_options, gpu_options):
+SCALAR_MESSAGE = (
+    "forward returned a 0-d output (dtype float32) for a batch of 4 records: "
+    "pass a postprocess function to map_gpu to match outputs to records"
+)
+SCALAR_STAGE = "stage 1 (map_gpu(to_tensor, batch_sum, batch_size='4 records'))"
+
+
+def test_scalar_forward_output_without_postprocess_names_the_batch(backend_options):
     pytest.importorskip("torch")
-    if gpu_options and backend_options["backend"] == "simple":
-        pytest.skip("GPU workers need the multiprocessing backend")
-    options = {**backend_options, **gpu_options}
-    stream = sp.from_iterable(range(10)).map_gpu(to_tensor, batch_sum, batch_size=4).set_processing(**options)
+    stream = sp.from_iterable(range(10)).map_gpu(to_tensor, batch_sum, batch_size=4).set_processing(**backend_options)
     _, exc = collect_until_error(stream)
     assert type(exc) is ValueError, repr(exc)
-    assert str(exc) == (
-        "forward returned a 0-d output (dtype float32) for a batch of 4 records: "
-        "pass a postprocess function to map_gpu to match outputs to records"
-    )
-    stage = "stage 1 (map_gpu(to_tensor, batch_sum, batch_size='4 records'))"
-    assert stage_notes(exc) == [f"streamproc: raised in {stage}, postprocess"]
+    assert str(exc) == SCALAR_MESSAGE
+    assert stage_notes(exc) == [f"streamproc: raised in {SCALAR_STAGE}, postprocess"]
+
+
+def test_scalar_forward_output_from_a_gpu_worker_names_the_batch():
+    pytest.importorskip("torch")
+    stream = sp.from_iterable(range(10)).map_gpu(to_tensor, batch_sum, batch_size=4).set_processing(**GPU_WORKER)
+    _, exc = collect_until_error(stream)
+    assert type(exc) is ValueError, repr(exc)
+    assert str(exc) == SCALAR_MESSAGE
+    assert stage_notes(exc) == [f"streamproc: raised in {SCALAR_STAGE}, postprocess"]
 
 
 def test_scalar_under_a_key_of_the_outputs_is_named(backend_options):
