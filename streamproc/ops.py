@@ -171,17 +171,24 @@ class MapBatches(BatchedOp):
 def default_postprocess(records: list[Any], outputs: Any) -> list[Any]:
     """One output row per record: row ``i`` of every tensor/array in ``outputs``.
 
-    Tensors are converted to numpy on the way; a dict of outputs gives one dict per record, a
-    tuple gives one tuple per record.
-    """
-    from .gpu import split_rows
+    Runs where ``postprocess`` runs (a CPU worker, or the main process with the simple
+    backend). Tensors are converted to numpy on the way; a dict of outputs gives one dict per
+    record, a tuple gives one tuple per record.
 
-    rows = split_rows(outputs)
+    Raises:
+        ValueError: ``outputs`` do not hold one row per record: a 0-d output (``forward``
+            returned a scalar, e.g. a loss), keys of different lengths, or another row count.
+            The message says to pass a ``postprocess`` to ``map_gpu``.
+    """
+    from .gpu.device import UnsplittableOutputError, split_rows
+
+    advice = "pass a postprocess function to map_gpu to match outputs to records"
+    try:
+        rows = split_rows(outputs)
+    except UnsplittableOutputError as exc:
+        raise ValueError(f"forward returned {exc.what} for a batch of {len(records)} records: {advice}") from None
     if len(rows) != len(records):
-        raise ValueError(
-            f"forward returned {len(rows)} rows for a batch of {len(records)} records: "
-            "pass a postprocess function to map_gpu to match outputs to records"
-        )
+        raise ValueError(f"forward returned {len(rows)} rows for a batch of {len(records)} records: {advice}")
     return rows
 
 

@@ -9,9 +9,11 @@ the worker's ``__main__`` is not the script.
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
-from typing import Any
+import threading
+from typing import Any, Optional
 
 from ..errors import SerializationError
 from ..ops import callable_name
@@ -60,24 +62,118 @@ def _find_unpicklable(plan: Any) -> str | None:
 _STD_PICKLE = b"P"
 _DILL_PICKLE = b"D"
 
+#: The recursion limit while a deeply nested message is pickled. CPython's pickle counts about
+#: two units of it per level of nesting of a list or dict, so messages nested up to about
+#: 40,000 levels deep pickle (20,000 for class instances); a deeper one raises SerializationError.
+DEEP_MESSAGE_RECURSION_LIMIT = 100_000
+#: C stack of the thread that pickles a deeply nested message. The standard pickle recurses in
+#: C: under the limit above it used up to 16-32 MiB (objects with a ``__reduce__``; Python
+#: 3.11), where a thread's usual 8 MiB (less with some libcs) would overflow into a segfault.
+#: Reserved virtual memory: only the pages the message reaches are touched.
+DEEP_MESSAGE_STACK_BYTES = 128 * 2**20
+DEEP_MESSAGE_THREAD_NAME = "streamproc-deep-pickle"
+
+# Held while any message is pickled: the recursion limit is process-wide, and a standard pickle
+# running in another thread while it is raised could recurse past its own thread's C stack.
+_message_lock = threading.RLock()
+# The recursion limit before ``_dumps_deep`` raised it, restored in a child forked meanwhile.
+_limit_before_raise: Optional[int] = None
+
 
 def dumps_message(message: Any) -> bytes:
     """Pickles a message: the fast standard pickle, else dill.
 
+    Runs in every process and thread that sends messages (feeders, workers, GPU peer senders).
     dill is the fallback for what only it can pickle, such as an exception class defined in
     a script's ``__main__`` (the plan carries such classes by value, so the worker's copy is
     not ``__main__.UserError`` for the standard pickle); dill maps it back to the user's class.
+
+    A message nested deeper than the interpreter's recursion limit allows (a record 5,000
+    lists deep) is pickled again under :data:`DEEP_MESSAGE_RECURSION_LIMIT`, in a thread with a
+    :data:`DEEP_MESSAGE_STACK_BYTES` C stack: the simple backend never pickles records, so
+    without this the backends would disagree on which records work.
+
+    Raises:
+        SerializationError: the message is nested too deeply even for that.
+        Exception: whatever dill raises for an object that neither pickle can serialize.
     """
+    with _message_lock:
+        try:
+            return _dumps(message)
+        except RecursionError:
+            return _dumps_deep(message)
+
+
+def _dumps(message: Any) -> bytes:
     try:
         return _STD_PICKLE + pickle.dumps(message, protocol=PICKLE_PROTOCOL)
+    except RecursionError:
+        raise
     except Exception:
         import dill
 
         return _DILL_PICKLE + dill.dumps(message, protocol=PICKLE_PROTOCOL, recurse=True)
 
 
+def _dumps_deep(message: Any) -> bytes:
+    """:func:`_dumps` under a raised recursion limit, on a large C stack (the caller holds the lock)."""
+    global _limit_before_raise
+    outcome: dict[str, Any] = {}
+
+    def pickle_it() -> None:
+        try:
+            outcome["data"] = _dumps(message)
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    _limit_before_raise = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(_limit_before_raise, DEEP_MESSAGE_RECURSION_LIMIT))
+    try:
+        stack_before = threading.stack_size(DEEP_MESSAGE_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=pickle_it, name=DEEP_MESSAGE_THREAD_NAME, daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(stack_before)
+        # No deadline: the thread only runs this process's own pickling, which the caller
+        # would otherwise run inline; it waits on nothing that could die.
+        thread.join()
+    finally:
+        sys.setrecursionlimit(_limit_before_raise)
+        _limit_before_raise = None
+    error = outcome.get("error")
+    if isinstance(error, RecursionError):
+        raise SerializationError(
+            f"a message nested too deeply to pickle even with a recursion limit of {DEEP_MESSAGE_RECURSION_LIMIT} "
+            "(a record holding lists or dicts tens of thousands of levels deep?): flatten such records "
+            "before they leave the process"
+        ) from error
+    if error is not None:
+        raise error
+    data: bytes = outcome["data"]
+    return data
+
+
+def _reset_after_fork_in_child() -> None:
+    # A fork while another thread held the lock, or had raised the limit, would leave the child
+    # with a lock nobody releases, or the raised limit for good.
+    global _message_lock, _limit_before_raise
+    _message_lock = threading.RLock()
+    if _limit_before_raise is not None:
+        sys.setrecursionlimit(_limit_before_raise)
+        _limit_before_raise = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork_in_child)
+
+
 def loads_message(data: bytes) -> Any:
-    """Inverse of :func:`dumps_message`."""
+    """Inverse of :func:`dumps_message`.
+
+    Needs no raised recursion limit however deep the message: unpickling is iterative, in the
+    C and in the Python unpickler (a message 100,000 lists deep loads under the default limit).
+    """
     if data[:1] == _STD_PICKLE:
         return pickle.loads(memoryview(data)[1:])
     return dill_loads(memoryview(data)[1:])

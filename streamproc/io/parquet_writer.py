@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import operator
 import os
+import reprlib
 from typing import Any, Optional
 
 from ..errors import SchemaError
@@ -38,9 +39,14 @@ def records_to_table(records: list[Any], schema: Any = None) -> Any:
     """
     import pyarrow as pa
 
-    bad = next((r for r in records if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise SchemaError(f"write_parquet needs dict records, got {type(bad).__name__}: {bad!r:.80}")
+    # Checked before anything else touches a record: ``len(None)`` in the column check
+    # below, or ``None.get`` in the slow path, would raise a bare TypeError.
+    for position, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise SchemaError(
+                f"write_parquet needs dict records, got {type(record).__name__} {reprlib.repr(record)} "
+                f"(record {position} of a chunk of {len(records)}): map records to dicts before writing them"
+            )
     # Every field of every record, in order of first appearance: ``Table.from_pylist`` would
     # take the names from the first record only and silently drop a field that a later record
     # of the chunk adds. Usually every record has the first one's fields (same count, none

@@ -1,0 +1,31 @@
+"""Deep-learning helpers: device moves and autocast, model discovery, in-process forward.
+
+One responsibility per module (design.md section 4):
+
+* :mod:`.device`: moving (nested) tensors to a device, pinned memory, autocast dtypes, and
+  splitting a batch's outputs into one row per record;
+* :mod:`.models`: finding the ``torch.nn.Module``s reachable from ``forward``;
+* :mod:`.forward`: :class:`DeviceForward` (one stage's forward on one device) and
+  :class:`LocalForwardRunner` (forward in this process, batch after batch).
+
+torch is imported inside functions only: importing this package (or ``streamproc``) never
+imports torch; only a stream with a ``map_gpu`` stage does, when it runs.
+"""
+
+from __future__ import annotations
+
+from .device import default_device, map_tensors, resolve_autocast, split_rows, to_device
+from .forward import DeviceForward, LocalForwardRunner
+from .models import MODULE_SEARCH_DEPTH, find_modules
+
+__all__ = [
+    "MODULE_SEARCH_DEPTH",
+    "DeviceForward",
+    "LocalForwardRunner",
+    "default_device",
+    "find_modules",
+    "map_tensors",
+    "resolve_autocast",
+    "split_rows",
+    "to_device",
+]

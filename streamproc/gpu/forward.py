@@ -1,0 +1,122 @@
+"""Running a stage's ``forward`` on one device, under ``torch.inference_mode()``.
+
+torch is imported inside functions only. :class:`LocalForwardRunner` runs in whatever process
+calls it: the main process (simple backend), a CPU worker without GPU workers, or a GPU worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+from ..errors import add_context_note
+from .device import _pinned, default_device, resolve_autocast, to_device
+from .models import find_modules
+
+
+class DeviceForward:
+    """Runs one stage's ``forward`` on one device, under ``torch.inference_mode()``.
+
+    Modules reachable from ``forward`` are moved to the device once (:meth:`start`) and put in
+    eval mode. :meth:`upload` starts a batch's host-to-device copy (from pinned memory, on a
+    side CUDA stream, so that it overlaps the forward of the batch before it);
+    :meth:`compute` runs forward on an uploaded batch and returns the outputs on the CPU. It
+    runs in the process that owns the device: the main process (simple backend), a CPU worker
+    without GPU workers, or a GPU worker.
+
+    Args:
+        stage: the stage's name, for error messages (a CUDA out-of-memory error names it).
+        batch_size: the stage's batch size, to suggest a smaller one on out-of-memory.
+        torch_threads: torch's intra-op thread count while ``forward`` runs (restored after);
+            None leaves it as it is.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[Any], Any],
+        device: Optional[str] = None,
+        autocast: Any = None,
+        stage: str = "map_gpu stage",
+        batch_size: Any = None,
+        torch_threads: Optional[int] = None,
+    ) -> None:
+        self.forward = forward
+        self.torch_threads = torch_threads
+        self.device_name = device
+        self.autocast = autocast
+        self.stage = stage
+        self.batch_size = batch_size
+        self.started = False
+
+    def start(self) -> None:
+        """Picks the device and moves the models there (once)."""
+        import torch
+
+        self.device = torch.device(self.device_name or default_device())
+        for module in find_modules(self.forward):
+            module.to(self.device)
+            module.eval()
+        self.autocast_dtype = resolve_autocast(self.autocast, self.device.type)
+        self.is_cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.started = True
+
+    def upload(self, batch: Any) -> tuple[Any, Any]:
+        """Starts copying ``batch`` to the device; returns ``(on_device_batch, ready_event)``."""
+        import torch
+
+        if not self.started:
+            self.start()
+        if not self.is_cuda:
+            return to_device(batch, self.device), None
+        with torch.cuda.stream(self.copy_stream):
+            on_device = to_device(_pinned(batch), self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return on_device, ready
+
+    def compute(self, uploaded: tuple[Any, Any]) -> Any:
+        """Runs forward on an uploaded batch; returns the outputs on the CPU."""
+        import torch
+
+        on_device, ready = uploaded
+        threads_before = torch.get_num_threads()
+        try:
+            if self.torch_threads is not None and threads_before != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
+            with torch.inference_mode():
+                if self.autocast_dtype is not None:
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                        outputs = self.forward(on_device)
+                else:
+                    outputs = self.forward(on_device)
+            return to_device(outputs, "cpu")
+        except torch.cuda.OutOfMemoryError as exc:
+            size = f" (now {self.batch_size})" if self.batch_size is not None else ""
+            add_context_note(
+                exc,
+                f"streamproc: CUDA ran out of memory in {self.stage} on {self.device}: "
+                f"try a smaller batch_size{size} for this map_gpu stage, or autocast=True",
+            )
+            raise
+        finally:
+            if torch.get_num_threads() != threads_before:
+                torch.set_num_threads(threads_before)
+
+    def forward_batch(self, batch: Any) -> Any:
+        """Upload, then compute: the outputs of ``forward(batch)`` on the CPU."""
+        return self.compute(self.upload(batch))
+
+
+class LocalForwardRunner:
+    """Runs a stage's forward in this process, batch after batch (see :class:`DeviceForward`)."""
+
+    def __init__(self, device_forward: DeviceForward) -> None:
+        self.device_forward = device_forward
+
+    def run(self, batches: Iterator[tuple[list[Any], Any]]) -> Iterator[tuple[list[Any], Any]]:
+        forward_batch = self.device_forward.forward_batch
+        for records, batch in batches:
+            yield records, forward_batch(batch)
