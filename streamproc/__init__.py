@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from .errors import (
     PipelineShutdownError,
+    RemoteError,
     RemoteTraceback,
     SchemaError,
     SerializationError,
@@ -72,6 +73,7 @@ def read_jsonl(path: PathLike, filesystem: Any = None) -> Stream:
 
 __all__ = [
     "PipelineShutdownError",
+    "RemoteError",
     "RemoteTraceback",
     "SchemaError",
     "SerializationError",

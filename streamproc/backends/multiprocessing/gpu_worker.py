@@ -21,7 +21,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ...errors import ExceptionWithTraceback
+from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.serialization import dill_loads, dumps_message, loads_message
 from .messages import (
     ForwardFailed,
@@ -58,7 +58,7 @@ class _PeerSender:
             try:
                 data = dumps_message(message)
             except Exception as exc:
-                error = TypeError(f"outputs of forward cannot be pickled to send them back from {self.worker}: {exc}")
+                error = SerializationError(f"outputs of forward cannot be pickled to send them back from {self.worker}: {exc}")
                 data = dumps_message(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, str(self.worker))))
             try:
                 self.conn.send_bytes(data)
