@@ -187,7 +187,7 @@ class _ThreadRun:
                     add_context_note(failure.error, f"streamproc: raised while producing task {failure.index} in {name}")
                     self._put(_TaskFailed(failure.index, failure.error))
                     break
-                if task is None:
+                if task is None or self.stopping.is_set():  # stopped while it read the source
                     break
                 self.running[worker] = task.index
                 try:
