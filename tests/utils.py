@@ -68,6 +68,12 @@ def runs_in_separate_processes(config: dict[str, Any]) -> bool:
     return get_backend(effective_backend(config)).capabilities.separate_processes
 
 
+def in_process_configs() -> list[dict[str, Any]]:
+    """The configurations of ``BACKEND_CONFIGS`` whose user code runs in this process, so it
+    may use what lives only here (an fsspec memory filesystem, an open file, a lock)."""
+    return [config for config in BACKEND_CONFIGS if not runs_in_separate_processes(config)]
+
+
 def is_deterministic(config: dict[str, Any]) -> bool:
     """Whether ``config`` promises the simple backend's order (``deterministic=True``, the default)."""
     return ProcessingOptions().updated(**config).deterministic
