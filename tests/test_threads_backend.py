@@ -21,6 +21,7 @@ import pytest
 
 import streamproc as sp
 from streamproc.backends import threads as threads_backend
+from streamproc.backends.base import BackendCapabilities
 from streamproc.backends.registry import get_backend
 from streamproc.io.sinks import ListSink
 from tests.utils import (
@@ -362,3 +363,30 @@ def test_several_gpu_devices_are_refused_naming_the_option():
     )
     with pytest.raises(ValueError, match=r"backend='threads'.*gpu_worker_devices=\('cpu', 'cpu'\).*multiprocessing"):
         stream.to_list()
+
+
+def test_sinks_write_in_the_main_process_after_finalizing_in_the_threads(tmp_path):
+    backend = get_backend("threads")
+    assert backend.capabilities == BackendCapabilities(writes_in_workers=False, separate_processes=False)
+    stream = sp.from_iterable({"x": i} for i in range(500)).set_processing(
+        backend="threads", num_cpu_workers=3, task_size=10, deterministic=False
+    )
+    paths = stream.write_parquet(tmp_path / "out", rows_per_file=200)
+    assert [os.path.basename(p) for p in paths] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert sorted(pq.read_table(tmp_path / "out").column("x").to_pylist()) == list(range(500))
+
+
+def test_a_failure_of_streamproc_in_a_thread_reaches_the_consumer(monkeypatch):
+    def broken_context(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no context in this thread")
+
+    monkeypatch.setattr(threads_backend, "ExecutionContext", broken_context)
+    with pytest.raises(RuntimeError, match="no context in this thread"):
+        sp.from_iterable(range(10)).set_processing(**THREADS).to_list()
+    assert worker_threads() == []
+
+
+def test_threads_that_vanish_without_a_word_fail_the_run_instead_of_hanging(monkeypatch):
+    monkeypatch.setattr(threads_backend._ThreadRun, "_work", lambda self, worker: None)
+    with pytest.raises(sp.PipelineShutdownError, match="every worker thread ended before the run was complete"):
+        sp.from_iterable(range(10)).set_processing(**THREADS).to_list()
