@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 
 import streamproc as sp
@@ -13,7 +15,7 @@ from tests.utils import (
     fn_raises,
     identity,
     is_deterministic,
-    is_simple,
+    runs_in_separate_processes,
     stage_notes,
 )
 
@@ -69,10 +71,12 @@ def test_user_error_keeps_its_type_and_names_the_stage(backend_options, case):
     if is_deterministic(backend_options):
         # Records 0-4 are in the first task (0-7), whose chunk never completes.
         assert outputs == []
-    if not is_simple(backend_options):
+    if runs_in_separate_processes(backend_options):
         # The worker's traceback is attached, with the line that raised.
         assert isinstance(exc.__cause__, sp.RemoteTraceback)
         assert "raise self.exc(" in str(exc.__cause__)
+    else:  # the exception object itself: its own traceback reaches the line that raised
+        assert "raise self.exc(" in "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
 def test_outputs_of_earlier_tasks_come_out_before_the_error(backend_options):

@@ -19,8 +19,11 @@ from tests.utils import (
     assert_same_as_simple,
     config_id,
     fn_raises,
+    in_process_configs,
     is_simple,
     normalize,
+    reads_ahead,
+    runs_in_separate_processes,
     wait_for_condition,
 )
 
@@ -74,6 +77,13 @@ def test_assert_same_as_simple_runs_both():
     assert config_id({"backend": "multiprocessing", "num_cpu_workers": 2}) == "multiprocessing-num_cpu_workers=2"
     assert is_simple({}) and is_simple({"backend": "simple", "num_cpu_workers": 4})
     assert not is_simple({"num_cpu_workers": 2})
+
+
+def test_backend_behaviour_probes_ask_capabilities_not_names():
+    assert not reads_ahead({}) and reads_ahead({"backend": "threads"}) and reads_ahead({"num_cpu_workers": 2})
+    assert runs_in_separate_processes({"backend": "multiprocessing"})
+    assert not runs_in_separate_processes({"backend": "threads"}) and not runs_in_separate_processes({})
+    assert {config["backend"] for config in in_process_configs()} == {"simple", "threads"}
 
 
 def test_leak_probes_see_children_and_named_threads():

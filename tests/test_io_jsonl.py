@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import streamproc as sp
-from tests.utils import CountingSource, UserError, assert_same_as_simple, fn_raises
+from tests.utils import CountingSource, UserError, assert_same_as_simple, config_id, fn_raises, in_process_configs
 
 RECORDS = [
     {"id": 0, "text": "héllo", "tags": ["a", "b"], "score": 0.5, "meta": {"k": None}},
@@ -160,8 +160,10 @@ def test_unserializable_value_names_its_type(tmp_path):
 fsspec = pytest.importorskip("fsspec")
 
 
-def test_fsspec_memory_filesystem(tmp_path):
-    # Simple backend only: the memory filesystem is not shared with spawned workers.
+@pytest.mark.parametrize("config", in_process_configs(), ids=config_id)
+def test_fsspec_memory_filesystem(tmp_path, config):
+    # Backends that run user code in this process only: the memory filesystem lives in this
+    # process's memory, which a worker process started with spawn does not share.
     fs = fsspec.filesystem("memory")
     root = f"/streamproc-jsonl-{os.getpid()}-{tmp_path.name}"
     try:
@@ -170,7 +172,7 @@ def test_fsspec_memory_filesystem(tmp_path):
             f.write(b'{"a": 1}\n\n{"a": 2}\n')
         with fs.open(f"{root}/b.jsonl.gz", "wb") as f:
             f.write(gzip.compress(b'{"a": 3}\n'))
-        stream = sp.read_jsonl(root, filesystem=fs).set_processing(backend="simple")
+        stream = sp.read_jsonl(root, filesystem=fs).set_processing(**config)
         assert stream.to_list() == [{"a": 1}, {"a": 2}, {"a": 3}]
     finally:
         fs.rm(root, recursive=True)

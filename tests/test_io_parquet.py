@@ -15,8 +15,10 @@ from tests.utils import (
     UserError,
     assert_outputs,
     assert_same_as_simple,
+    config_id,
     fn_raises,
     identity,
+    in_process_configs,
     is_deterministic,
 )
 
@@ -402,9 +404,10 @@ def test_fsspec_local_filesystem(backend_options, tmp_path):
     assert assert_same_as_simple(stream.map(lambda r: r["x"]), **backend_options) == list(range(5))
 
 
-def test_fsspec_memory_filesystem(tmp_path):
-    # Simple backend only: the memory filesystem lives in this process's memory, which a
-    # worker started with spawn does not share.
+@pytest.mark.parametrize("config", in_process_configs(), ids=config_id)
+def test_fsspec_memory_filesystem(tmp_path, config):
+    # Backends that run user code in this process only: the memory filesystem lives in this
+    # process's memory, which a worker process started with spawn does not share.
     fs = fsspec.filesystem("memory")
     root = f"/streamproc-test-{os.getpid()}-{tmp_path.name}"
     try:
@@ -412,7 +415,7 @@ def test_fsspec_memory_filesystem(tmp_path):
         for name, table in {"a.parquet": numbers(0, 3), "sub/b.parquet": numbers(3, 6), ".x.parquet": numbers(9, 10)}.items():
             with fs.open(f"{root}/{name}", "wb") as f:
                 pq.write_table(table, f, row_group_size=2)
-        stream = sp.read_parquet(root, columns=["x"], filesystem=fs).set_processing(backend="simple")
+        stream = sp.read_parquet(root, columns=["x"], filesystem=fs).set_processing(**config)
         assert [os.path.basename(f) for f in stream.source.files] == ["a.parquet", "b.parquet"]
         assert stream.to_list() == [{"x": i} for i in range(6)]
         with pytest.raises(FileNotFoundError):

@@ -16,13 +16,13 @@ from tests.utils import (
     collect_until_error,
     identity,
     is_deterministic,
-    is_simple,
+    reads_ahead,
 )
 
 
 def _assert_pulled_one_task(source: CountingSource, task_size: int, config: dict) -> None:
-    """The simple backend pulls exactly the first task; others whole tasks, boundedly many."""
-    if is_simple(config):
+    """A backend that does not read ahead pulls exactly the first task; others whole tasks, boundedly many."""
+    if not reads_ahead(config):
         assert source.pulled == task_size
     else:
         assert source.pulled % task_size == 0 or source.pulled == len(source.items)
@@ -99,7 +99,7 @@ def test_pulls_as_consumer_advances(backend_options):
     with closing(iter(stream)) as iterator:
         for _ in range(25):  # 25 records: from three tasks at least
             next(iterator)
-        if is_simple(backend_options):
+        if not reads_ahead(backend_options):
             assert source.pulled == 30
         else:
             assert 30 <= source.pulled <= 30 + MAX_PREFETCHED_TASKS * 10

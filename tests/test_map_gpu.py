@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import streamproc as sp
-from tests.utils import assert_records_equal, assert_same_as_simple, identity, is_simple
+from tests.utils import assert_records_equal, assert_same_as_simple, identity, runs_in_separate_processes
 
 torch = pytest.importorskip("torch")
 
@@ -196,8 +196,9 @@ def test_models_are_moved_once_and_put_in_eval_mode(backend_options):
         assert row["moves"] == 1  # moved to the device once, before the first batch, not per batch
         assert row["inference_mode"] is True
         assert row["on_device"] is True
-    if is_simple(backend_options):
+    if not runs_in_separate_processes(backend_options):  # this very model ran, not a copy
         assert not forward.model.training
+        assert forward.model.moves == 1
 
 
 def test_models_are_found_through_closures_and_bound_methods():

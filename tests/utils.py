@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import streamproc as sp
+from streamproc.backends.registry import get_backend
 from streamproc.options import ProcessingOptions
 
 #: ``set_processing`` keyword arguments of every backend configuration that the end-to-end tests
@@ -25,6 +26,10 @@ BACKEND_CONFIGS: list[dict[str, Any]] = [
     # exercise oversubscription (tasks finishing out of order).
     {"backend": "multiprocessing", "num_cpu_workers": 1},
     {"backend": "multiprocessing", "num_cpu_workers": 3},
+    # Threads: one thread runs tasks in order; three finish them out of order (and share
+    # the source, the forward models and the sink's finalizer).
+    {"backend": "threads", "num_cpu_workers": 1},
+    {"backend": "threads", "num_cpu_workers": 3},
 ]
 
 #: Upper bound, in tasks, of what a backend other than the simple one may pull from an
@@ -46,6 +51,27 @@ def effective_backend(config: dict[str, Any]) -> str:
 
 def is_simple(config: dict[str, Any]) -> bool:
     return effective_backend(config) == "simple"
+
+
+def reads_ahead(config: dict[str, Any]) -> bool:
+    """Whether ``config`` runs tasks ahead of the consumer (workers running in parallel).
+
+    The simple backend alone runs exactly the task the consumer is waiting for; every backend
+    with workers may read up to ``MAX_PREFETCHED_TASKS`` tasks ahead.
+    """
+    return not is_simple(config)
+
+
+def runs_in_separate_processes(config: dict[str, Any]) -> bool:
+    """Whether ``config``'s backend runs user code in other processes (errors then carry the
+    worker's traceback as a ``RemoteTraceback`` cause, and state shared with the caller is a copy)."""
+    return get_backend(effective_backend(config)).capabilities.separate_processes
+
+
+def in_process_configs() -> list[dict[str, Any]]:
+    """The configurations of ``BACKEND_CONFIGS`` whose user code runs in this process, so it
+    may use what lives only here (an fsspec memory filesystem, an open file, a lock)."""
+    return [config for config in BACKEND_CONFIGS if not runs_in_separate_processes(config)]
 
 
 def is_deterministic(config: dict[str, Any]) -> bool:

@@ -1,0 +1,276 @@
+"""The threads backend: ``num_cpu_workers`` worker threads in the main process, nothing pickled.
+
+Data flow (one process)::
+
+    source.iter_tasks() -> TaskDispatcher <-next_task()- thread streamproc-thread-i: run_task
+                           (reorder window)                (read, ops, forward, finalize)
+    consumer (the caller's thread) <-TaskOutput / _TaskFailed / _ThreadExited- results queue
+      -> ReorderBuffer (deterministic: task order) -> the sink
+
+Memory invariant: queued chunks <= ``RESULT_QUEUE_CHUNKS_PER_THREAD * n``, plus one chunk per
+thread waiting to enter the queue, plus (deterministic) the tasks of the reorder window,
+``index < released + REORDER_WINDOW_TASKS_PER_THREAD * n``.
+
+Shutdown, on every exit path (the end, an error, a break, ``close()``, garbage collection, a
+KeyboardInterrupt in the consumer): the dispatcher hands out no more tasks, each thread drops
+its task at the next chunk boundary (it checks the stop flag before each put), and the threads
+are joined within ``SHUTDOWN_JOIN_TIMEOUT_S``. A thread still in user code then cannot be
+killed: it is a daemon thread, left to stop at its next chunk boundary, and a warning names
+the stage and task it is in.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import queue
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
+
+from ..errors import PipelineShutdownError, add_context_note
+from ..execution.context import ExecutionContext
+from ..execution.dispatch import SourceFailed, TaskDispatcher
+from ..execution.reorder import ReorderBuffer
+from ..execution.task import ChunkFinalizer, Task, TaskOutput, run_task
+from ..gpu import DeviceForward, LocalForwardRunner
+from ..ops import _tagged
+from ..options import ProcessingOptions
+from ..plan import Plan, Stage
+from ..stats import RunStats
+from .base import Backend, BackendCapabilities, RunHandle
+from .multiprocessing.cpu_budget import default_num_cpu_workers
+
+if TYPE_CHECKING:
+    from ..io.sinks import Sink
+
+#: A thread runs its task to the end before it asks for the next one.
+MAX_TASKS_IN_FLIGHT_PER_THREAD = 1
+#: Deterministic runs: how many tasks past the oldest one not yet delivered may run, per thread.
+REORDER_WINDOW_TASKS_PER_THREAD = 4
+#: Output chunks waiting for the consumer, per thread.
+RESULT_QUEUE_CHUNKS_PER_THREAD = 2
+#: How long a blocked put (thread) or get (consumer) lasts before it re-checks the stop flag
+#: (thread) or whether any thread is alive (consumer).
+QUEUE_POLL_INTERVAL_S = 0.1
+#: How long shutdown waits for all the threads together before it leaves them running.
+SHUTDOWN_JOIN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class _TaskFailed:
+    """Task ``task_index`` raised ``error`` (in user code, or in the source reading it)."""
+
+    task_index: int
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class _ThreadExited:
+    """A thread's last message; ``error``: a failure of streamproc itself, which ended it."""
+
+    error: Optional[BaseException] = None
+
+
+_Message = Union[TaskOutput, _TaskFailed, _ThreadExited]
+
+
+def _shared_forward_runners(options: ProcessingOptions) -> Callable[[Stage], LocalForwardRunner]:
+    """The forward runner factory of every thread of a run: one :class:`DeviceForward` per stage.
+
+    Models move to the device once, under a lock, in the first thread that needs them; each
+    thread then runs ``forward`` itself (torch releases the GIL). As in the simple backend,
+    forward runs on the first of ``gpu_worker_devices``, else on CUDA, else on the CPU.
+    """
+    lock = threading.Lock()
+    forwards: dict[int, DeviceForward] = {}
+    device = options.gpu_worker_devices[0] if options.gpu_worker_devices else None
+
+    def runner(stage: Stage) -> LocalForwardRunner:
+        with lock:
+            if stage.index not in forwards:
+                op: Any = stage.op
+                forward = DeviceForward(op.forward, device, options.autocast, stage.name, op.batch_size, options.forward_threads)
+                forward.start()
+                forwards[stage.index] = forward
+        return LocalForwardRunner(forwards[stage.index])
+
+    return runner
+
+
+def _stage_running_in(thread: threading.Thread) -> str:
+    """The stage ``thread`` is in now: each stage runs inside ``_tagged``; the innermost wins."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None and frame.f_code is not _tagged.__code__:
+        frame = frame.f_back
+    return str(frame.f_locals["stage"]) if frame is not None else "streamproc's own code"
+
+
+class _ThreadRun:
+    """One run of a plan over ``num_threads`` worker threads; see the module docstring."""
+
+    def __init__(self, plan: Plan, finalize: Optional[ChunkFinalizer], num_threads: int) -> None:
+        self.plan = plan
+        self.finalize = finalize
+        self.deterministic = plan.options.deterministic
+        window = REORDER_WINDOW_TASKS_PER_THREAD * num_threads if self.deterministic else None
+        payloads = plan.source.iter_tasks(plan.task_size)  # a generator: reads nothing yet
+        self.dispatcher = TaskDispatcher(payloads, num_threads, MAX_TASKS_IN_FLIGHT_PER_THREAD, window)
+        self.results: queue.Queue[_Message] = queue.Queue(RESULT_QUEUE_CHUNKS_PER_THREAD * num_threads)
+        self.forward_runners = _shared_forward_runners(plan.options)
+        self.stopping = threading.Event()
+        #: The task each thread runs (None: between tasks, or reading the source).
+        self.running: list[Optional[int]] = [None] * num_threads
+        self.threads = [
+            threading.Thread(target=self._work, args=(i,), name=f"streamproc-thread-{i}", daemon=True) for i in range(num_threads)
+        ]
+        self._shutdown_lock = threading.Lock()
+        self._is_shut_down = False
+
+    def outputs(self) -> Iterator[TaskOutput]:
+        """The consumer's side (the caller's thread): outputs in order, errors in their place."""
+        try:
+            for thread in self.threads:
+                thread.start()
+            reorder = ReorderBuffer(self.deterministic)
+            while True:
+                yield from reorder.pop_ready()  # raises a task's error after the outputs before it
+                if self.deterministic:
+                    self.dispatcher.set_released(reorder.next_task)
+                if self.dispatcher.total_tasks is not None and reorder.tasks_done >= self.dispatcher.total_tasks:
+                    break
+                message = self._next_message()
+                if isinstance(message, TaskOutput):
+                    reorder.add(message)
+                elif isinstance(message, _TaskFailed):
+                    reorder.add_error(message.task_index, message.error)
+                elif message.error is not None:
+                    raise message.error
+        except BaseException:
+            self.shutdown()
+            raise
+        self.shutdown()
+
+    def _next_message(self) -> _Message:
+        while True:
+            try:
+                return self.results.get(timeout=QUEUE_POLL_INTERVAL_S)
+            except queue.Empty:
+                # Every task reports its outputs or its error before its thread exits.
+                if self.results.empty() and not any(thread.is_alive() for thread in self.threads):
+                    raise PipelineShutdownError("every worker thread ended before the run was complete") from None
+
+    def _work(self, worker: int) -> None:
+        """Body of thread ``streamproc-thread-<worker>``: runs tasks until the dispatcher has none.
+
+        Per task it puts the task's :class:`TaskOutput` chunks, the last with ``last=True``, or
+        the chunks completed before an error and then ``_TaskFailed`` (a source error fails
+        the task being read); at the end, ``_ThreadExited``. Once the run stops it puts nothing.
+        """
+        name = threading.current_thread().name
+        error: Optional[BaseException] = None
+        try:
+            ctx = ExecutionContext(f"thread {name}", make_forward_runner=self.forward_runners)
+            # Each thread reads tasks through its own copy of the source's worker half (what a
+            # worker process unpickles): a source may cache a file handle that one thread at a
+            # time can use (ParquetSource keeps its last ParquetFile open).
+            plan = dataclasses.replace(self.plan, source=copy.copy(self.plan.source))
+            while True:
+                try:
+                    task = self.dispatcher.next_task(worker)
+                except SourceFailed as failure:
+                    add_context_note(failure.error, f"streamproc: raised while producing task {failure.index} in {name}")
+                    self._put(_TaskFailed(failure.index, failure.error))
+                    break
+                if task is None or self.stopping.is_set():  # stopped while it read the source
+                    break
+                self.running[worker] = task.index
+                try:
+                    self._run_task(plan, task, ctx, name)
+                finally:
+                    self.running[worker] = None
+                    self.dispatcher.task_finished(worker)
+        except BaseException as exc:  # a failure of streamproc itself: the consumer raises it
+            error = exc
+        finally:
+            self._put(_ThreadExited(error))
+
+    def _run_task(self, plan: Plan, task: Task, ctx: ExecutionContext, name: str) -> None:
+        outputs = cast(Generator[TaskOutput, None, None], run_task(plan, task, ctx, self.finalize))
+        try:
+            for output in outputs:
+                if not self._put(output):
+                    return  # the run stopped: drop the task at this chunk boundary
+        except BaseException as exc:  # SystemExit too: the consumer raises it, as the simple backend does
+            if isinstance(exc, Exception):
+                add_context_note(exc, f"streamproc: while running task {task.index} in {name} (threads backend)")
+            self.dispatcher.fail_at(task.index)  # no task after a failed one is needed
+            self._put(_TaskFailed(task.index, exc))
+        finally:
+            outputs.close()
+
+    def _put(self, message: _Message) -> bool:
+        """Hands ``message`` to the consumer; False (dropped) once the run is stopping."""
+        while not self.stopping.is_set():
+            try:
+                self.results.put(message, timeout=QUEUE_POLL_INTERVAL_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def shutdown(self) -> None:
+        """Stops the run and joins its threads within ``SHUTDOWN_JOIN_TIMEOUT_S`` (idempotent)."""
+        with self._shutdown_lock:
+            if self._is_shut_down:
+                return
+            self._is_shut_down = True
+        self.stopping.set()
+        self.dispatcher.stop()
+        # Garbage collection may run this in one of the threads, which cannot join itself.
+        others = [t for t in self.threads if t is not threading.current_thread() and t.ident is not None]
+        deadline = time.monotonic() + SHUTDOWN_JOIN_TIMEOUT_S
+        for thread in others:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for worker, thread in enumerate(self.threads):
+            if thread in others and thread.is_alive():
+                task = self.running[worker]
+                where = f"{_stage_running_in(thread)} of task {task}" if task is not None else "the source, reading a task"
+                warnings.warn(
+                    f"streamproc: worker thread {thread.name} is still in {where} {SHUTDOWN_JOIN_TIMEOUT_S} s after the "
+                    "run stopped; a thread cannot be killed: it is left running (a daemon thread) until its next chunk",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        while not self.results.empty():  # drop the outputs nobody will read
+            self.results.get_nowait()
+
+
+class ThreadsBackend(Backend):
+    """Worker threads in the main process, for ops that wait (I/O) or release the GIL.
+
+    ``num_cpu_workers`` threads (default: as many as the multiprocessing backend's CPU
+    workers) run every op, ``forward`` of ``map_gpu`` stages included. Nothing is pickled, so
+    callables may close over open files, locks and connections.
+    """
+
+    name = "threads"
+    capabilities = BackendCapabilities(writes_in_workers=False, separate_processes=False)
+
+    def run(self, plan: Plan, sink: Sink) -> RunHandle:
+        options = plan.options
+        if plan.has_gpu_stage and options.effective_gpu_workers > 1:
+            raise ValueError(
+                f"backend='threads' runs forward in its worker threads on one device, but num_gpu_workers="
+                f"{options.effective_gpu_workers} (gpu_worker_devices={options.gpu_worker_devices}): "
+                "use backend='multiprocessing' for several GPU workers"
+            )
+        run = _ThreadRun(plan, sink.finalizer(), options.num_cpu_workers or default_num_cpu_workers(0))
+        outputs = run.outputs()
+        weakref.finalize(outputs, run.shutdown)  # a handle garbage collected half-read stops its threads
+        return RunHandle(outputs, RunStats(self.name))
