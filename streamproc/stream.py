@@ -144,10 +144,13 @@ class Stream:
     def set_processing(self, **options: Any) -> Stream:
         """Returns this stream with processing options changed (validated now).
 
-        Options: ``backend`` ("simple", "multiprocessing"), ``num_cpu_workers``,
+        Options: ``backend`` ("simple", "threads", "multiprocessing"), ``num_cpu_workers``,
         ``num_gpu_workers``, ``gpu_worker_devices``, ``deterministic``, ``batch_size``,
-        ``batch_by``, ``show_progress``, ``autocast``, ``process_start_method``, ``task_size``.
-        Options not named keep their current value.
+        ``batch_by``, ``show_progress``, ``autocast``, ``process_start_method``, ``task_size``,
+        ``torch_threads`` (torch's intra-op threads while ``forward`` runs, in every backend;
+        default 1 when deterministic, so every backend computes the same bits). Options not
+        named keep their current value. Checks that depend on the machine (worker counts far
+        above its CPUs, devices that are not there) are the backend's, when the stream runs.
 
         Raises:
             ValueError: an invalid value, naming the option and what it accepts.
