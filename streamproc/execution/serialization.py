@@ -15,18 +15,34 @@ from typing import Any
 
 from ..errors import SerializationError
 from ..ops import callable_name
+from ..plan import Plan
 
 PICKLE_PROTOCOL = 5
 
 
-def dumps_plan(obj: Any, plan: Any) -> bytes:
-    """Dumps ``obj`` (the plan and the finalizer) with dill.
+def dumps_plan(obj: Any, plan: Plan) -> bytes:
+    """Dumps ``obj`` (the plan and the finalizer, or the GPU workers' forwards) with dill.
+
+    Runs in the main process, before any worker starts. When ``obj`` is a :class:`Plan`, or a
+    tuple whose first item is one, that is the CPU workers' plan: the callables of ``plan``
+    are checked first (:func:`~streamproc.execution.captures.check_plan_captures`), once per
+    run, for captured OS resources that pickling would silently copy or reopen, and for the
+    GPU workers' model travelling to CPU workers.
 
     Raises:
-        SerializationError: naming the stage and the callable (or the source) that failed.
+        SerializationError: naming the stage and the callable (or the source) that failed, or
+            the resource a callable captures.
+
+    Warns:
+        ModelShippedWarning: a CPU-side callable captures the model that GPU workers run.
     """
     import dill
 
+    from .captures import check_plan_captures  # main process only: workers never import it
+
+    cpu_plan = obj[0] if isinstance(obj, tuple) and obj and isinstance(obj[0], Plan) else obj
+    if isinstance(cpu_plan, Plan):
+        check_plan_captures(plan, cpu_plan)
     try:
         return dill.dumps(obj, protocol=PICKLE_PROTOCOL, recurse=True)
     except Exception as exc:
@@ -38,7 +54,7 @@ def dumps_plan(obj: Any, plan: Any) -> bytes:
         ) from exc
 
 
-def _find_unpicklable(plan: Any) -> str | None:
+def _find_unpicklable(plan: Plan) -> str | None:
     import dill
 
     def fails(value: Any) -> bool:
