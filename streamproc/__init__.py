@@ -19,6 +19,7 @@ from .errors import (
     StreamprocError,
     WorkerCrashedError,
 )
+from .execution.captures import ModelShippedWarning
 from .execution.schedule import get_dispatch_schedule
 from .io.paths import PathLike
 from .stream import Stream
@@ -72,6 +73,7 @@ def read_jsonl(path: PathLike, filesystem: Any = None) -> Stream:
 
 
 __all__ = [
+    "ModelShippedWarning",
     "PipelineShutdownError",
     "RemoteError",
     "RemoteTraceback",

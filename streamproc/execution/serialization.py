@@ -17,12 +17,34 @@ from typing import Any, Optional
 
 from ..errors import SerializationError
 from ..ops import callable_name
+from ..plan import Plan
 
 PICKLE_PROTOCOL = 5
 
 
-def dumps_plan(obj: Any, plan: Any) -> bytes:
-    """Dumps ``obj`` (the plan and the finalizer) with dill.
+def dumps_worker_plan(plan: Plan, cpu_plan: Plan, *parts: Any) -> bytes:
+    """Dumps ``(cpu_plan, *parts)``, the CPU workers' half of ``plan``, after checking its captures.
+
+    Every backend that sends a plan to other processes calls this once per run, in the main
+    process, before any worker starts: the callables are checked first
+    (:func:`~streamproc.execution.captures.check_plan_captures`) for captured OS resources that
+    pickling would silently copy or reopen, and for the GPU workers' model travelling to CPU
+    workers.
+
+    Raises:
+        SerializationError: naming the resource a callable captures, or what cannot be pickled.
+
+    Warns:
+        ModelShippedWarning: a CPU-side callable captures the model that GPU workers run.
+    """
+    from .captures import check_plan_captures  # main process only: workers never import it
+
+    check_plan_captures(plan, cpu_plan)
+    return dumps_plan((cpu_plan, *parts), plan)
+
+
+def dumps_plan(obj: Any, plan: Plan) -> bytes:
+    """Dumps ``obj`` (part of ``plan``: its CPU half, or the GPU workers' forwards) with dill.
 
     Raises:
         SerializationError: naming the stage and the callable (or the source) that failed.
@@ -40,7 +62,7 @@ def dumps_plan(obj: Any, plan: Any) -> bytes:
         ) from exc
 
 
-def _find_unpicklable(plan: Any) -> str | None:
+def _find_unpicklable(plan: Plan) -> str | None:
     import dill
 
     def fails(value: Any) -> bool:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ...errors import PipelineShutdownError, SerializationError, add_context_note
 from ...execution.dispatch import TaskDispatcher
 from ...execution.reorder import ReorderBuffer
-from ...execution.serialization import dumps_message, dumps_plan, loads_message
+from ...execution.serialization import dumps_message, dumps_plan, dumps_worker_plan, loads_message
 from ...execution.split import split_plan
 from ...execution.task import TaskOutput
 from ...plan import Plan
@@ -110,7 +110,7 @@ class _Run:
     def _start(self) -> None:
         # Serialize first: an unpicklable callable fails here, before any process exists.
         cpu_plan, forwards = split_plan(self.plan) if self.pool.topology.gpu_devices else (self.plan, {})
-        start = StartRun(self.run_id, dumps_plan((cpu_plan, self.finalize, self.writers), self.plan))
+        start = StartRun(self.run_id, dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers))
         options = self.plan.options
         forwards_bytes = dumps_plan((forwards, options.autocast, options.forward_threads), self.plan) if forwards else None
         self.pool.start(forwards_bytes)

@@ -6,14 +6,11 @@ only for streams with a ``map_gpu`` stage). Runs in the main process before work
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import warnings
 from dataclasses import dataclass
-from types import FrameType
 from typing import Optional
 
+from ..._warnings import stacklevel_outside_streamproc
 from ...execution.schedule import get_dispatch_schedule
 from ...plan import Plan
 from .messages import ChannelKey, WorkerId
@@ -40,30 +37,9 @@ def resolve_gpu_devices(plan: Plan, cuda_device_count: Optional[int] = None) -> 
     count = options.num_gpu_workers if options.num_gpu_workers is not None else cuda_device_count
     if count and not cuda_device_count:
         message = f"num_gpu_workers={count} but no CUDA device is visible: the GPU workers run on the CPU"
-        warnings.warn(message, stacklevel=_stacklevel_outside_streamproc())
+        warnings.warn(message, stacklevel=stacklevel_outside_streamproc())
         return ["cpu"] * count
     return [f"cuda:{i % cuda_device_count}" for i in range(count)]
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
-
-
-def _is_internal(filename: str) -> bool:
-    return filename.startswith(_PACKAGE_DIR) or filename == contextlib.__file__
-
-
-def _stacklevel_outside_streamproc() -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside streamproc.
-
-    A fixed level cannot: the sink (``to_list``, ``iter``, ``write_parquet``...) reaches the
-    backend through a varying number of frames, some of them ``contextlib``'s (pandas'
-    ``find_stack_level`` walks the stack the same way).
-    """
-    frame: Optional[FrameType] = sys._getframe(1)
-    level = 1  # our caller, the function that warns
-    while frame is not None and _is_internal(frame.f_code.co_filename):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @dataclass(frozen=True)
