@@ -15,7 +15,7 @@ import pytest
 from streamproc import SerializationError
 from streamproc.backends.multiprocessing.feeder import feed_worker
 from streamproc.backends.multiprocessing.messages import EndRun, StartRun, Task, WorkerId
-from streamproc.execution.dispatch import SourceFailed, TaskDispatcher
+from streamproc.execution.dispatch import DispatchStopped, SourceFailed, TaskDispatcher
 from streamproc.execution.serialization import dumps_message, loads_message
 from tests.utils import UserError
 
@@ -23,6 +23,9 @@ from tests.utils import UserError
 BLOCKED_CHECK_S = 0.2
 #: The most a call that must return (or a woken thread) may take.
 RETURN_TIMEOUT_S = 5.0
+#: The most a caller waiting for its turn at the source may take to return after stop(). It is
+#: notified at once; the bound is generous for a loaded machine (it used to wait forever).
+STOP_WAKE_TIMEOUT_S = 2.0
 
 
 class Call:
@@ -104,13 +107,14 @@ def test_empty_source_has_zero_tasks():
 
 def test_in_flight_bound_is_per_worker_and_released_by_task_finished():
     dispatcher = make(range(10), num_workers=2, max_in_flight=2)
-    assert [dispatcher.next_task(0).index for _ in range(2)] == [0, 1]
+    # Fairness (tests/test_dispatch_fairness.py): one task each before anyone gets a second.
+    assert [dispatcher.next_task(w).index for w in (0, 1, 0)] == [0, 1, 2]
     third = Call(lambda: dispatcher.next_task(0))
     assert third.is_blocked()
     # Worker 1 has its own bound: it is not held up by worker 0.
-    assert dispatcher.next_task(1) == Task(2, 2)
+    assert dispatcher.next_task(1) == Task(3, 3)
     dispatcher.task_finished(0)
-    assert third.result() == Task(3, 3)
+    assert third.result() == Task(4, 4)
 
 
 def test_window_bound_is_released_by_set_released():
@@ -203,8 +207,8 @@ def test_source_error_with_a_feeder_waiting_for_the_source_lock():
 
 
 def test_main_thread_never_waits_behind_a_slow_source():
-    # A feeder holds the source lock while next() blocks; every method the collector calls
-    # (main thread) must still return at once.
+    # A feeder is inside next() while it blocks; every method the collector calls (main
+    # thread) must still return at once.
     gate = threading.Event()
     source = CountingIterator(list(range(5)), gate=gate)
     dispatcher = TaskDispatcher(source, 2, 100, 4)
@@ -214,12 +218,52 @@ def test_main_thread_never_waits_behind_a_slow_source():
     source.entered.clear()
     slow = Call(lambda: dispatcher.next_task(1))
     assert source.entered.wait(RETURN_TIMEOUT_S)
+    assert dispatcher.reader == 1
     Call(lambda: dispatcher.task_finished(0)).result(timeout=3.0)
     Call(lambda: dispatcher.set_released(1)).result(timeout=3.0)
     Call(lambda: dispatcher.fail_at(3)).result(timeout=3.0)
-    Call(dispatcher.stop).result(timeout=3.0)
     gate.set()
     assert slow.result() == Task(1, 1)
+    assert dispatcher.reader is None
+
+
+def test_stop_wakes_every_caller_waiting_for_the_source_at_once():
+    # Ctrl-C while the source blocks: one feeder is inside next(), the others wait for their
+    # turn. They used to wait on a lock without a timeout, and the shutdown joined each for
+    # SHUTDOWN_JOIN_TIMEOUT_S; they must return as soon as stop() is called.
+    gate = threading.Event()
+    source = CountingIterator(list(range(5)), gate=gate)
+    dispatcher = TaskDispatcher(source, 4, 2, None)
+    inside = Call(lambda: dispatcher.next_task(0))
+    assert source.entered.wait(RETURN_TIMEOUT_S)
+    waiting = [Call(lambda w=w: dispatcher.next_task(w)) for w in (1, 2, 3)]
+    assert all(call.is_blocked() for call in waiting)
+    dispatcher.stop()
+    for call in waiting:
+        assert call.result(timeout=STOP_WAKE_TIMEOUT_S) is None
+    assert inside.is_blocked()  # user code: nothing can interrupt it
+    assert dispatcher.reader == 0
+    gate.set()
+    # What it read is dropped, and its caller is told not to send anything.
+    with pytest.raises(DispatchStopped):
+        inside.result()
+    assert dispatcher.reader is None
+    assert source.calls == 1
+
+
+@pytest.mark.parametrize("outcome", ["end", "error"])
+def test_a_source_ending_or_failing_after_stop_raises_dispatch_stopped(outcome):
+    gate = threading.Event()
+    source = CountingIterator([], fail_at=0 if outcome == "error" else None, gate=gate)
+    dispatcher = TaskDispatcher(source, 1, 2, None)
+    inside = Call(lambda: dispatcher.next_task(0))
+    assert source.entered.wait(RETURN_TIMEOUT_S)
+    dispatcher.stop()
+    gate.set()
+    with pytest.raises(DispatchStopped):
+        inside.result()
+    assert dispatcher.next_task(0) is None
+    assert source.calls == 1
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -302,8 +346,7 @@ def run_feeder(dispatcher: TaskDispatcher, conn: FakeConn, worker: int = 0) -> R
 def test_feeder_sends_start_run_every_task_then_end_run():
     conn = FakeConn()
     recorder = run_feeder(make([[1, 2], [3]]), conn)
-    assert conn.messages[0] == StartRun(7, b"plan")
-    assert conn.messages[1:] == [Task(0, [1, 2]), Task(1, [3]), EndRun(7)]
+    assert conn.messages == [StartRun(7, b"plan"), Task(0, [1, 2]), Task(1, [3]), EndRun(7)]
     assert recorder.sent == [(0, 0), (0, 1)]
     assert recorder.errors == [] and recorder.exits == 1
 
@@ -355,3 +398,32 @@ def test_feeder_sends_end_run_when_woken_by_stop():
     dispatcher.stop()
     feeder.result()
     assert conn.messages[1:] == [Task(0, "a"), EndRun(7)]
+
+
+def test_feeder_inside_the_source_when_the_run_stops_sends_nothing():
+    # Its run has shut down while the source blocked: the pipe may be closed (and its
+    # descriptor reused) by the time the source returns. Nothing is sent, not even EndRun.
+    gate = threading.Event()
+    source = CountingIterator(["a", "b"], gate=gate)
+    dispatcher = TaskDispatcher(source, 1, 2, None)
+    conn = FakeConn()
+    recorder = Recorder()
+    feeder = Call(
+        lambda: feed_worker(WorkerId("cpu", 0), dispatcher, conn, recorder.on_sent, recorder.on_error, recorder.on_exit)
+    )
+    assert source.entered.wait(RETURN_TIMEOUT_S)
+    dispatcher.stop()
+    assert feeder.is_blocked()
+    gate.set()
+    feeder.result()
+    assert conn.messages == []
+    assert recorder.sent == [] and recorder.errors == [] and recorder.exits == 0
+
+
+def test_a_feeder_that_exits_no_longer_holds_up_the_other_workers():
+    dispatcher = make(range(10), num_workers=2, max_in_flight=2)
+    run_feeder(dispatcher, FakeConn(break_after=1), worker=1)  # its worker is gone: the send of task 0 breaks
+    dispatcher.task_finished(1)  # whatever became of task 0, worker 1 holds none now
+    assert dispatcher.next_task(0) == Task(1, 1)
+    # Worker 1 is idle, but its feeder has exited (worker_gone): worker 0 does not wait for it.
+    assert Call(lambda: dispatcher.next_task(0)).result() == Task(2, 2)

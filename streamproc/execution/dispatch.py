@@ -1,25 +1,30 @@
 """Handing out tasks: one dispatcher over the source, shared by every backend with workers.
 
-Pure scheduling state (one lock, no processes): tested without any worker. Whoever feeds a
-worker (a feeder thread of the multiprocessing backend, a worker thread of the threads
+Pure scheduling state (one condition, no processes): tested without any worker. Whoever feeds
+a worker (a feeder thread of the multiprocessing backend, a worker thread of the threads
 backend) asks :meth:`TaskDispatcher.next_task` for the next numbered task, so whichever worker
 is free gets the next task. Two bounds keep memory flat whatever the input size:
 
 * per worker: ``in_flight[w] <= max_in_flight`` (tasks handed to ``w`` and not yet finished);
 * deterministic runs: ``index < released + window``, where ``released`` is the first task whose
   outputs the sink has not fully received, so the reorder buffer holds at most ``window`` tasks.
+
+and one rule keeps the workers busy, :func:`may_take_task`: every idle live worker gets a task
+before any worker gets a second one. Without it, the first feeder to ask took both tasks of a
+2-row-group input, and 2 workers took as long as 1.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 from .task import Task
 
-#: How long a blocked wait lasts before it re-checks the stop flag.
+#: How long a blocked wait lasts before it re-checks its condition. ``stop()`` and every state
+#: change notify the waiters at once; this only bounds the damage of a missed notification.
 WAIT_POLL_INTERVAL_S = 0.5
 
 
@@ -32,12 +37,55 @@ class SourceFailed(Exception):
         self.error = error
 
 
-class TaskDispatcher:
-    """Hands out ``Task(index, payload)`` in source order to whichever feeder asks first.
+class DispatchStopped(Exception):
+    """The run stopped while this caller was inside the source: what it read was dropped.
 
-    Thread-safe. ``total_tasks`` is set once the source is exhausted (or failed). The main
-    thread only takes ``_cond`` (never ``_source_lock``, which a feeder holds while reading a
-    possibly slow source), so it cannot be blocked behind a feeder.
+    Raised by :meth:`TaskDispatcher.next_task` to the one caller whose ``next()`` on the source
+    was still running when :meth:`TaskDispatcher.stop` was called (a blocked source cannot be
+    interrupted). By then the run has shut down, its pipes may be closed: the caller must
+    exit without sending anything.
+    """
+
+
+def may_take_task(worker: int, in_flight: Sequence[int], live: Sequence[bool]) -> bool:
+    """Whether ``worker`` may take a task now, by the fairness rule alone (bounds aside).
+
+    An idle worker (no task in flight) may always take one; a busy worker only when no
+    *other* live worker is idle. A worker is live while its feeder may still ask (see
+    :meth:`TaskDispatcher.worker_gone`), so a dead worker never holds up the others. Among
+    the live workers, one may always go: an idle one if there is one, else all of them.
+
+    >>> may_take_task(0, in_flight=[1, 0], live=[True, True])
+    False
+    >>> may_take_task(0, in_flight=[1, 0], live=[True, False])
+    True
+    """
+    if in_flight[worker] == 0:
+        return True
+    return not any(live[other] and in_flight[other] == 0 for other in range(len(in_flight)) if other != worker)
+
+
+class TaskDispatcher:
+    """Hands out ``Task(index, payload)`` in source order to whichever feeder may take it first.
+
+    Thread-safe; every field is guarded by ``_cond``. One caller at a time reads the source
+    (``_reader`` names its worker); it reads without holding ``_cond``, so the main thread,
+    which only calls the short methods (``task_finished``, ``set_released``, ``fail_at``,
+    ``stop``), is never blocked behind a slow source, and a caller waiting for its turn at the
+    source wakes as soon as ``stop()`` is called.
+
+    A call of :meth:`next_task` for worker ``w`` waits until, all at once: no other caller is
+    inside the source, ``in_flight[w] < max_in_flight``, ``index < released + window`` and
+    :func:`may_take_task`. It returns None at once when the dispatcher is stopped or no task
+    is left (``index >= stop_at``: the source ended or failed, or a task failed).
+
+    Progress assumes what process workers do: a task handed out finishes without its worker
+    asking for another (it runs from the worker's pipe). A caller that runs its tasks only
+    between calls of ``next_task`` (a thread that prefetches by asking) must use
+    ``max_in_flight=1``, or a busy worker could wait for an idle one that waits for the
+    window, which waits for the busy worker's unstarted task.
+
+    ``total_tasks`` is set once the source is exhausted (or failed).
     """
 
     def __init__(
@@ -48,54 +96,82 @@ class TaskDispatcher:
         self._max_in_flight = max_in_flight
         self._window = window
         self._cond = threading.Condition()
-        self._source_lock = threading.Lock()
         self._in_flight = [0] * num_workers
+        self._live = [True] * num_workers
+        self._reader: Optional[int] = None  # the worker whose caller is inside next(payloads)
         self._released = 0
         self._next_index = 0
         self._stop_at = sys.maxsize  # no task index >= _stop_at is handed out
         self.total_tasks: Optional[int] = None
         self.stopping = False
 
-    def _wait_until(self, predicate: Callable[[], bool]) -> bool:
-        """Waits (holding ``_cond``) until ``predicate()`` or stop; True if not stopping."""
-        while not (self.stopping or predicate()):
-            self._cond.wait(WAIT_POLL_INTERVAL_S)
-        return not self.stopping
+    @property
+    def reader(self) -> Optional[int]:
+        """The worker whose caller is inside the source's ``next()`` now, or None.
 
-    def _may_hand_out(self, index: int) -> bool:
-        return index >= self._stop_at or self._window is None or index < self._released + self._window
+        After :meth:`stop` it can only go from a worker to None: a shutdown that finds it set
+        knows that feeder is blocked in user code and cannot be joined promptly.
+        """
+        with self._cond:
+            return self._reader
+
+    def _may_read(self, worker: int) -> bool:
+        index = self._next_index
+        return (
+            self._reader is None
+            and self._in_flight[worker] < self._max_in_flight
+            and (self._window is None or index < self._released + self._window)
+            and may_take_task(worker, self._in_flight, self._live)
+        )
 
     def next_task(self, worker: int) -> Optional[Task]:
-        """The next task for ``worker``, or None when the source is done or the run stops.
+        """The next task for ``worker``, or None when no task is left or the run stops.
+
+        Runs in the caller's thread (a feeder thread of the main process); blocks as the class
+        docstring says, re-checking at least every ``WAIT_POLL_INTERVAL_S``.
 
         Raises:
             SourceFailed: the source raised; no further task is handed out.
+            DispatchStopped: ``stop()`` was called while this call was inside the source.
         """
         with self._cond:
-            if not self._wait_until(lambda: self._in_flight[worker] < self._max_in_flight):
+            while not (self.stopping or self._next_index >= self._stop_at or self._may_read(worker)):
+                self._cond.wait(WAIT_POLL_INTERVAL_S)
+            if self.stopping or self._next_index >= self._stop_at:
                 return None
-        with self._source_lock:
-            with self._cond:
-                index = self._next_index
-                if not self._wait_until(lambda: self._may_hand_out(index)) or index >= self._stop_at:
-                    return None
-            try:
-                payload = next(self._payloads)
-            except StopIteration:
-                self._finish(index)
+            index = self._next_index
+            self._reader = worker
+        try:
+            payload = next(self._payloads)
+        except StopIteration:
+            self._end_reading(index, next_index=index, total=index)
+            return None
+        except BaseException as exc:
+            # A failed generator raises StopIteration on the next call: never make one, or the
+            # run would end at ``index`` as if the source were complete, and the error be lost.
+            self._end_reading(index, next_index=index + 1, total=index + 1)
+            raise SourceFailed(index, exc) from exc
+        with self._cond:
+            self._end_reading(index, next_index=index + 1)
+            if index >= self._stop_at:  # a task before it failed meanwhile: not needed
                 return None
-            except BaseException as exc:
-                with self._cond:
-                    # A failed generator raises StopIteration on the next call: never make one,
-                    # or a feeder waiting for the lock would end the run at ``index`` as if the
-                    # source were complete, and the error would be lost.
-                    self._next_index = index + 1
-                self._finish(index + 1)
-                raise SourceFailed(index, exc) from exc
-            with self._cond:
-                self._next_index = index + 1
-                self._in_flight[worker] += 1
+            self._in_flight[worker] += 1
         return Task(index, payload, self._run_id)
+
+    def _end_reading(self, index: int, next_index: int, total: Optional[int] = None) -> None:
+        """The source returned for task ``index`` (``total``: it ended or failed there).
+
+        Raises:
+            DispatchStopped: ``stop()`` was called meanwhile.
+        """
+        with self._cond:  # re-entrant: next_task may hold it already
+            self._reader = None
+            self._next_index = next_index
+            if total is not None:
+                self._finish(total)
+            self._cond.notify_all()
+            if self.stopping:
+                raise DispatchStopped(f"the run stopped while the source was read for task {index}")
 
     def _finish(self, total: int) -> None:
         with self._cond:
@@ -109,17 +185,30 @@ class TaskDispatcher:
         self._finish(index + 1)
 
     def task_finished(self, worker: int) -> None:
+        """``worker`` finished one of its tasks (collector: main thread)."""
         with self._cond:
             self._in_flight[worker] -= 1
             self._cond.notify_all()
 
+    def worker_gone(self, worker: int) -> None:
+        """``worker``'s feeder has exited and will not ask again: the others stop waiting for it.
+
+        Called by the feeder itself on every exit (its ``finally``): the source is done, a
+        task failed, its worker died or its pipe broke. Idempotent.
+        """
+        with self._cond:
+            self._live[worker] = False
+            self._cond.notify_all()
+
     def set_released(self, next_task: int) -> None:
+        """The sink has received every output of the tasks before ``next_task`` (collector)."""
         with self._cond:
             if next_task != self._released:
                 self._released = next_task
                 self._cond.notify_all()
 
     def stop(self) -> None:
+        """Wakes every waiting caller (they return None) and makes every later call return None."""
         with self._cond:
             self.stopping = True
             self._cond.notify_all()

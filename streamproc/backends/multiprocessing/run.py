@@ -25,7 +25,8 @@ NOTE [ streamproc shutdown ]
       ``close()``/garbage collection of the iterator, KeyboardInterrupt) the remaining work is
       not needed: workers are terminated first, so that no feeder stays blocked sending to a
       worker that is itself blocked sending results nobody reads.
-    Feeder threads are joined against one shared deadline; workers still alive after
+    Feeder threads are joined against one shared deadline (the one blocked inside the user's
+    source, which nothing can interrupt, gets ``SOURCE_RETURN_GRACE_S``, then a warning); workers still alive after
     ``SHUTDOWN_JOIN_TIMEOUT_S`` are killed (SIGKILL); then every pipe end is closed. Nothing
     here waits without a timeout. During a run no worker ends by itself: any worker exit
     before shutdown, whatever its exit code, is a crash.
@@ -62,6 +63,8 @@ MAX_TASKS_IN_FLIGHT_PER_WORKER = 2
 REORDER_WINDOW_TASKS_PER_WORKER = 4
 #: Upper bound of one wait for results; sentinels wake us at once when a worker dies.
 RESULT_WAIT_TIMEOUT_S = 1.0
+#: How long shutdown waits for the feeder blocked inside the user's source to come out.
+SOURCE_RETURN_GRACE_S = 1.0
 
 _run_ids = itertools.count(1)
 
@@ -256,6 +259,32 @@ class _Run:
         raise worker.crash_error(" during the run")
 
     # -- shutdown -------------------------------------------------------------------------------
+    def _join_feeders(self) -> bool:
+        """Joins the feeders against one deadline; True if one is left blocked in the source.
+
+        After ``dispatcher.stop()`` every feeder returns at once but the one inside the user's
+        ``next()``, which nothing can interrupt: it gets a short grace, then a warning, and
+        exits sending nothing when the source returns (``DispatchStopped``).
+        """
+        reader = self.dispatcher.reader if self.dispatcher is not None else None
+        deadline = time.monotonic() + SHUTDOWN_JOIN_TIMEOUT_S
+        for index, assignment in enumerate(self.assigned):
+            if assignment.feeder is not None and index != reader:
+                assignment.feeder.join(max(0.0, deadline - time.monotonic()))
+        blocked = self.assigned[reader].feeder if reader is not None else None
+        if blocked is None:
+            return False
+        blocked.join(max(0.0, min(SOURCE_RETURN_GRACE_S, deadline - time.monotonic())))
+        if not blocked.is_alive():
+            return False
+        warnings.warn(
+            f"streamproc: the source {self.plan.source.describe()} is still blocked in next() "
+            f"(thread {blocked.name}); the thread exits, sending nothing, when the source returns",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return True
+
     def shutdown(self, broken: bool = False) -> None:
         """Stops and reaps every process and thread of this run. Idempotent; see the NOTE above."""
         with self._shutdown_lock:
@@ -266,19 +295,8 @@ class _Run:
             self.dispatcher.stop()
         if broken:
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
-        deadline = time.monotonic() + SHUTDOWN_JOIN_TIMEOUT_S
-        feeders = [a.feeder for a in self.assigned if a.feeder is not None]
-        for feeder in feeders:
-            feeder.join(max(0.0, deadline - time.monotonic()))
-        stuck = [feeder.name for feeder in feeders if feeder.is_alive()]
-        if stuck:
-            warnings.warn(
-                f"streamproc: feeder thread(s) {', '.join(stuck)} still blocked reading the source "
-                f"{self.plan.source.describe()}; they exit when it returns",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self.pool.shutdown(broken=broken or bool(stuck))
+        stuck = self._join_feeders()
+        self.pool.shutdown(broken=broken or stuck)
         if self._wakeup_writer is not None:
             self._wakeup_writer.close()
             self._wakeup_reader.close()
