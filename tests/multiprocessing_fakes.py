@@ -57,20 +57,9 @@ def wait_for_file(path: str, timeout_s: float = VICTIM_WAIT_S) -> None:
 
 def live_worker_processes() -> list[Any]:
     """This process's descendants, minus multiprocessing's own servers (resource tracker, forkserver)."""
-    import psutil
+    from tests.hang_guard import worker_processes  # psutil and pytest: never in a worker
 
-    from tests.conftest import MULTIPROCESSING_SERVERS
-
-    me = psutil.Process()
-    workers = []
-    for child in me.children(recursive=True):
-        try:
-            if child.ppid() == me.pid and any(s in " ".join(child.cmdline()) for s in MULTIPROCESSING_SERVERS):
-                continue
-        except psutil.Error:
-            pass
-        workers.append(child)
-    return workers
+    return worker_processes()
 
 
 def streamproc_threads() -> list[str]:
@@ -312,6 +301,16 @@ def register_abnormal_exit(x: int) -> int:
     import multiprocessing.util
 
     multiprocessing.util.Finalize(None, _exit_abnormally, exitpriority=100)
+    return x
+
+
+def block_forever(x: Any) -> Any:
+    """A map fn that never returns: waits on an Event nobody sets, with no timeout.
+
+    Only for tests of the hang guard, which must kill this worker (the leak check and the
+    worker's parent watchdog would too).
+    """
+    threading.Event().wait()
     return x
 
 
