@@ -18,7 +18,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,23 +66,30 @@ def full_table() -> bool:
     return os.environ.get(FULL_TABLE_ENV, "") == "1"
 
 
-def table_cases(cases: Sequence[Any], faults: Sequence[str]) -> list[tuple[str, Any, str]]:
-    """The ``(method, case, fault)`` triples to run, ``case`` being a boundary (or a boundary
-    and where it runs).
+def table_cases(
+    cases: Sequence[Any], faults: Sequence[str], boundary_of: Optional[Callable[[Any], str]] = None
+) -> list[tuple[Any, ...]]:
+    """The ``(method, case, fault)`` triples to run; a case is a boundary, or a boundary and
+    where it runs (``boundary_of(case)`` names its boundary; by default the case is one).
 
-    Every fault at every case under fork; under spawn and forkserver, ``max(len(cases),
-    len(faults))`` of them: case ``i % len(cases)`` with fault ``(i + k) % len(faults)``, ``k``
-    the method's rank, so that each case and each fault run at least once per method, and
-    the two methods put different faults at each case. Everything under every method with
-    ``full_table()``.
+    Under fork, every fault at every case. Under spawn and forkserver, ``max(boundaries,
+    len(faults))`` runs: run ``i`` takes boundary ``i % boundaries`` (one of its cases, in turn)
+    and fault ``(i + k) % len(faults)``, ``k`` the method's rank, so that every boundary and
+    every fault run at least once per method, with different pairs under each method.
+    Everything under every method with ``full_table()``.
     """
-    chosen = []
+    groups: dict[str, list[Any]] = {}
+    for case in cases:
+        groups.setdefault(boundary_of(case) if boundary_of else case, []).append(case)
+    boundaries = list(groups.values())
+    chosen: list[tuple[Any, ...]] = []
     for rank, method in enumerate(START_METHODS):
         if method == "fork" or full_table():
             chosen += [(method, case, fault) for case in cases for fault in faults]
-        else:
-            count = max(len(cases), len(faults))
-            chosen += [(method, cases[i % len(cases)], faults[(i + rank) % len(faults)]) for i in range(count)]
+            continue
+        for i in range(max(len(boundaries), len(faults))):
+            group = boundaries[i % len(boundaries)]
+            chosen.append((method, group[(i // len(boundaries) + rank) % len(group)], faults[(i + rank) % len(faults)]))
     return chosen
 
 

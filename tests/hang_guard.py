@@ -5,8 +5,9 @@ never runs if the call hangs. ``run_guarded(fn, timeout_s, what)`` calls ``fn`` 
 thread of this process and waits for it at most ``timeout_s``. If ``fn`` has not returned by
 then, the guard:
 
-1. dumps the stacks of every thread of this process (``faulthandler.dump_traceback``), and asks
-   each descendant that registered faulthandler on SIGUSR1 to dump its own (to its stderr);
+1. dumps the stacks of the other threads of this process (``faulthandler.dump_traceback``)
+   into the failure message, and asks each descendant that registered faulthandler on
+   SIGUSR1 to dump its own (to its stderr, which pytest captures);
 2. kills, with SIGKILL, every descendant of this process except multiprocessing's own servers
    (``MULTIPROCESSING_SERVERS``: shared by every run, never part of a hang, and restarted only
    if *multiprocessing* reaps them, so the guard leaves them alone);
@@ -32,7 +33,6 @@ import faulthandler
 import multiprocessing
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -149,12 +149,13 @@ def run_guarded(
 
 
 def _dump_stacks() -> str:
-    """The stacks of this process's threads (also written to stderr); asks children for theirs."""
+    """The stacks of this process's other threads; asks children that can for theirs."""
     with tempfile.TemporaryFile(mode="w+") as f:
         faulthandler.dump_traceback(file=f, all_threads=True)
         f.seek(0)
-        stacks = f.read()
-    sys.stderr.write(f"hang guard: stacks of the test process (pid {os.getpid()}):\n{stacks}")
+        blocks = f.read().split("\n\n")
+    # The current thread is the guard itself, waiting in the test: no news there.
+    stacks = "\n\n".join(block for block in blocks if not block.startswith("Current thread"))
     asked = [proc for proc in worker_processes() if _dumps_on_sigusr1(proc.pid)]
     for proc in asked:
         try:
@@ -216,7 +217,7 @@ def _deadlock_message(what: str, timeout_s: float, elapsed_s: float, guarded: _G
     elif guarded.error is not None:
         ended = f"after the kill, it raised {type(guarded.error).__name__}: {guarded.error}"
     else:
-        ended = "after the kill, it returned"
+        ended = f"after the kill, it returned {guarded.result!r:.300}"
     if len(stacks) > MAX_STACKS_CHARS:
         stacks = stacks[:MAX_STACKS_CHARS] + "\n[... cut]"
     return (
