@@ -7,6 +7,7 @@ forkserver) from workers, including workers that the forkserver starts.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 import textwrap
@@ -143,27 +144,41 @@ def test_multiprocessing_servers_are_not_counted_as_workers(tmp_path: Path):
     assert worker_processes() == []
 
 
-# Run by a child pytest with this repository's pytest configuration and ``timeout = 1``.
+# Run by a child pytest with this repository's pytest configuration and ``timeout = 2``: a
+# plain hang, then a guarded run whose deadline is past the test's timeout.
 TIMEOUT_PROBE = textwrap.dedent(
     """
     import threading
 
+    import streamproc as sp
+    from tests import multiprocessing_fakes as fakes
+    from tests.hang_guard import run_guarded, worker_processes
+
     def test_hangs():
         threading.Event().wait(60)
 
-    def test_after_the_hang():
-        pass
+    def test_guarded_run_past_the_test_timeout():
+        stream = sp.from_iterable(range(20)).map(fakes.block_forever)
+        stream = stream.set_processing(backend="multiprocessing", num_cpu_workers=2, process_start_method="fork")
+        run_guarded(lambda: stream.to_list(), timeout_s=60)
+
+    def test_after_the_hangs():
+        assert worker_processes() == []  # the interrupted guard killed the workers
+        assert not [t for t in threading.enumerate() if t.name.startswith(("streamproc-", "hang-guard-"))]
     """
 )
 
 
 def test_per_test_timeout_fails_the_test_and_the_run_goes_on(tmp_path: Path):
     (tmp_path / "test_probe.py").write_text(TIMEOUT_PROBE)
-    config = Path(__file__).parents[1] / "pyproject.toml"
-    command = [sys.executable, "-m", "pytest", "-c", str(config), "--rootdir", str(tmp_path), "-o", "timeout=1"]
+    root = Path(__file__).parents[1]
+    command = [sys.executable, "-m", "pytest", "-c", str(root / "pyproject.toml"), "--rootdir", str(tmp_path), "-o", "timeout=2"]
     command += ["-p", "no:cacheprovider", "-q", str(tmp_path / "test_probe.py")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=HELPER_TIMEOUT_S)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HELPER_TIMEOUT_S * 2)
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
-    assert "Timeout (>1.0s) from pytest-timeout" in out, out
-    assert "1 failed, 1 passed" in out, out  # timeout_method = "signal": only the test fails
+    assert "FAILED test_probe.py::test_hangs - Failed: Timeout (>2.0s) from pytest-timeout" in out, out
+    assert "FAILED test_probe.py::test_guarded_run_past_the_test_timeout - Failed: Timeou" in out, out
+    # timeout_method = "signal": only the tests that ran too long fail, and the run goes on.
+    assert "2 failed, 1 passed" in out, out
