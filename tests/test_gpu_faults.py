@@ -53,8 +53,8 @@ FAULT_AT_BATCH = 2
 #: Where a fault runs: a name, the number of GPU workers, the GPU worker that faults.
 #: Boundaries in a GPU worker run in each of these; those in CPU workers in 1 and 2 GPU
 #: workers (no GPU worker to pick: None).
-IN_GPU_WORKER = [("1gpu", 1, 0), ("2gpu-on-0", 2, 0), ("2gpu-on-1", 2, 1)]
-IN_CPU_WORKER = [("1gpu", 1, None), ("2gpu", 2, None)]
+IN_GPU_WORKER: list[tuple[str, int, Optional[int]]] = [("1gpu", 1, 0), ("2gpu-on-0", 2, 0), ("2gpu-on-1", 2, 1)]
+IN_CPU_WORKER: list[tuple[str, int, Optional[int]]] = [("1gpu", 1, None), ("2gpu", 2, None)]
 GPU_WORKER_BOUNDARIES = ["forward", "gpu_startup", "forward_output_pickling"]
 CPU_WORKER_BOUNDARIES = ["prepare_batch", "postprocess"]
 #: (boundary, where, number of GPU workers, faulting GPU worker or None)
@@ -71,7 +71,9 @@ def build_gpu_boundary(boundary: str, fault: str, gpu: Optional[int], started_pa
     """A ``map_gpu`` stream over ``range(GPU_NUM_RECORDS)`` whose ``boundary`` performs ``fault``
     (in GPU worker ``gpu`` for the boundaries in GPU workers)."""
     base = sp.from_iterable(range(GPU_NUM_RECORDS))
-    prepare, forward, postprocess = fakes.to_tensor, fakes.plus_one, fakes.keep_records
+    prepare: Any = fakes.to_tensor
+    forward: Any = fakes.plus_one
+    postprocess: Any = fakes.keep_records
     if boundary == "forward":
         assert gpu is not None
         forward = fakes.FaultInGPUWorker(fault, gpu, FAULT_AT_BATCH, started_path)

@@ -318,6 +318,7 @@ def test_crash_with_big_messages_in_flight():
     records = [fakes.big_record(i) for i in range(40)]
     stream = sp.from_iterable(records).map(fakes.CrashOnBig(FAULT_AT))
     outputs, exc, _ = run_with_fault(stream, mp_options(task_size=3), what="a run that crashes with big messages in flight")
+    assert exc is not None
     check_crash(exc, "os_exit", r"cpu worker \d")
     assert len(outputs) <= FAULT_AT
 
