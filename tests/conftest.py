@@ -9,6 +9,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.hang_guard import describe_process, worker_processes
 from tests.utils import BACKEND_CONFIGS, config_id
 
 #: How long a test's processes and threads may take to go away after it ends. Backends join
@@ -28,36 +29,14 @@ def backend_options(request: pytest.FixtureRequest) -> dict[str, Any]:
     return dict(request.param)
 
 
-#: Server processes that ``multiprocessing`` starts once and keeps for the life of the
-#: interpreter (spawn and forkserver start them): stdlib infrastructure, not our leaks.
-#: Recognised by their command line, and only as *direct* children: a forkserver's own
-#: children (our ``streamproc-cpu-*`` workers under forkserver) carry the same command line
-#: and must still count.
-MULTIPROCESSING_SERVERS = ("from multiprocessing.resource_tracker import main", "from multiprocessing.forkserver import main")
-
-
-def _is_multiprocessing_server(proc: psutil.Process, parent_pid: int) -> bool:
-    try:
-        return proc.ppid() == parent_pid and any(server in " ".join(proc.cmdline()) for server in MULTIPROCESSING_SERVERS)
-    except psutil.Error:  # gone, or a zombie whose command line cannot be read
-        return False
-
-
 def _live_children() -> list[psutil.Process]:
-    # Zombies count: a child that exited but was never reaped (joined) is a leak too.
-    me = psutil.Process()
-    return [child for child in me.children(recursive=True) if not _is_multiprocessing_server(child, me.pid)]
+    # Zombies count: a child that exited but was never reaped (joined) is a leak too. The
+    # resource tracker and the forkserver are not (see tests.hang_guard.MULTIPROCESSING_SERVERS).
+    return worker_processes()
 
 
 def _live_streamproc_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX) and t.is_alive()]
-
-
-def _describe(proc: psutil.Process) -> str:
-    try:
-        return f"pid {proc.pid}: {' '.join(proc.cmdline())[:120]}"
-    except psutil.Error:
-        return f"pid {proc.pid}"
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +60,7 @@ def no_leaked_processes_or_threads() -> Any:
         children, threads = leaks()
     if not children and not threads:
         return
-    described = [_describe(child) for child in children]
+    described = [describe_process(child) for child in children]
     for child in children:
         try:
             child.kill()

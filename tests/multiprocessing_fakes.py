@@ -57,20 +57,9 @@ def wait_for_file(path: str, timeout_s: float = VICTIM_WAIT_S) -> None:
 
 def live_worker_processes() -> list[Any]:
     """This process's descendants, minus multiprocessing's own servers (resource tracker, forkserver)."""
-    import psutil
+    from tests.hang_guard import worker_processes  # psutil and pytest: never in a worker
 
-    from tests.conftest import MULTIPROCESSING_SERVERS
-
-    me = psutil.Process()
-    workers = []
-    for child in me.children(recursive=True):
-        try:
-            if child.ppid() == me.pid and any(s in " ".join(child.cmdline()) for s in MULTIPROCESSING_SERVERS):
-                continue
-        except psutil.Error:
-            pass
-        workers.append(child)
-    return workers
+    return worker_processes()
 
 
 def streamproc_threads() -> list[str]:
@@ -81,7 +70,7 @@ def streamproc_threads() -> list[str]:
 
 
 def do_fault(fault: str, where: str, started_path: Optional[str]) -> None:
-    """Performs ``fault`` in the calling process: raise, sys_exit, os_exit, segfault or sigkill.
+    """Performs ``fault`` in the calling process: raise, sys_exit, os_exit, os_exit0, segfault or sigkill.
 
     For "sigkill" the process announces itself in ``started_path`` and waits for the test to
     kill it (the OOM killer's stand-in is external: see ``Killer`` in the fault tests).
@@ -92,6 +81,8 @@ def do_fault(fault: str, where: str, started_path: Optional[str]) -> None:
         sys.exit(3)
     if fault == "os_exit":
         os._exit(1)
+    if fault == "os_exit0":  # a "normal" exit status, before the work is done
+        os._exit(0)
     if fault == "segfault":
         faulthandler._sigsegv()
     if fault == "sigkill":
@@ -278,6 +269,77 @@ def always_true(x: Any) -> bool:
     return True
 
 
+# -- faults in a GPU worker (forward, its start-up, pickling its outputs) ----------------------
+
+
+def in_gpu_worker(gpu: int) -> bool:
+    """Whether this process is GPU worker ``gpu`` (process ``streamproc-gpu-<gpu>``)."""
+    import multiprocessing
+
+    return multiprocessing.current_process().name == f"streamproc-gpu-{gpu}"
+
+
+class FaultInGPUWorker:
+    """``forward``: ``batch + 1``, except that GPU worker ``gpu`` performs ``fault`` on the
+    ``at_batch``-th batch it computes (1-based).
+
+    Counted per process (each GPU worker unpickles its own copy): which records reach which
+    GPU worker depends on the dispatch schedule and on timing, a batch count does not.
+    """
+
+    __name__ = "fault_in_gpu_worker"
+
+    def __init__(self, fault: str, gpu: int, at_batch: int, started_path: Optional[str] = None) -> None:
+        self.fault, self.gpu, self.at_batch, self.started_path = fault, gpu, at_batch, started_path
+        self.batches = 0
+
+    def __call__(self, batch: Any) -> Any:
+        if in_gpu_worker(self.gpu):
+            self.batches += 1
+            if self.batches == self.at_batch:
+                return self.on_fault(batch)
+        return batch + 1
+
+    def on_fault(self, batch: Any) -> Any:
+        do_fault(self.fault, f"forward in gpu worker {self.gpu}", self.started_path)
+        return batch + 1
+
+
+def _load_forward_with_fault(fault: str, gpu: int, started_path: Optional[str]) -> Any:
+    if in_gpu_worker(gpu):
+        do_fault(fault, f"start-up of gpu worker {gpu}", started_path)
+    return plus_one
+
+
+class FaultAtGPUStartup:
+    """A model (``forward``) that faults when GPU worker ``gpu`` unpickles it, at its start-up.
+
+    Only GPU workers unpickle ``forward``; any other process (the main process checking a
+    pickle, another GPU worker) gets ``plus_one``.
+    """
+
+    __name__ = "fault_at_gpu_startup"
+
+    def __init__(self, fault: str, gpu: int, started_path: Optional[str] = None) -> None:
+        self.fault, self.gpu, self.started_path = fault, gpu, started_path
+
+    def __call__(self, batch: Any) -> Any:
+        return batch + 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _load_forward_with_fault, (self.fault, self.gpu, self.started_path)
+
+
+class OutputsFaultAtPickle(FaultInGPUWorker):
+    """``forward`` whose outputs for the ``at_batch``-th batch of GPU worker ``gpu`` fault when
+    they are pickled to go back to the CPU worker (in the GPU worker's sender thread)."""
+
+    __name__ = "outputs_fault_at_pickle"
+
+    def on_fault(self, batch: Any) -> Any:
+        return FaultAtPickle(self.fault, self.started_path)
+
+
 # -- shutdown-time behaviour ------------------------------------------------------------------
 
 
@@ -312,6 +374,16 @@ def register_abnormal_exit(x: int) -> int:
     import multiprocessing.util
 
     multiprocessing.util.Finalize(None, _exit_abnormally, exitpriority=100)
+    return x
+
+
+def block_forever(x: Any) -> Any:
+    """A map fn that never returns: waits on an Event nobody sets, with no timeout.
+
+    Only for tests of the hang guard, which must kill this worker (the leak check and the
+    worker's parent watchdog would too).
+    """
+    threading.Event().wait()
     return x
 
 
