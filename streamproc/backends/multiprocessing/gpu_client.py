@@ -98,8 +98,11 @@ class GPUClient:
 
     def _gpu_worker_gone(self, gpu: int) -> WorkerCrashedError:
         # Not PipelineShutdownError: the GPU worker ended while this worker still needed it,
-        # whatever its exit status (os._exit(0) in forward included).
-        return WorkerCrashedError(f"{WorkerId('gpu', gpu)} stopped before answering {self.worker}: it is no longer running")
+        # whatever its exit status (os._exit(0) in forward included). The main process, which
+        # can read the exit code, reports the GPU worker's crash instead (``gpu_worker_gone``).
+        error = WorkerCrashedError(f"{WorkerId('gpu', gpu)} stopped before answering {self.worker}: it is no longer running")
+        error.gpu_worker_gone = gpu  # type: ignore[attr-defined]
+        return error
 
     def forget(self, batch_id: int) -> None:
         """Drops the answer to ``batch_id`` when it comes (its task failed)."""

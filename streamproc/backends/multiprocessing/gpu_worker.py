@@ -57,8 +57,12 @@ class _PeerSender:
                 return
             try:
                 data = dumps_message(message)
-            except Exception as exc:
-                error = SerializationError(f"outputs of forward cannot be pickled to send them back from {self.worker}: {exc}")
+            except BaseException as exc:
+                # sys.exit() in a __reduce__ of the outputs must not end this thread silently:
+                # the batch would never be answered (see as_crash).
+                error = as_crash(exc, self.worker, "while pickling the outputs of forward")
+                if error is exc:
+                    error = SerializationError(f"outputs of forward cannot be pickled to send them back from {self.worker}: {exc}")
                 data = dumps_message(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, str(self.worker))))
             try:
                 self.conn.send_bytes(data)

@@ -52,7 +52,7 @@ from ...execution.task import TaskOutput
 from ...plan import Plan
 from .feeder import feed_worker
 from .messages import EndRun, RunEnded, StartRun, TaskChunk, TaskFailed, WorkerDone, WorkerFailed, WorkerStarted
-from .pool import SHUTDOWN_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
+from .pool import KILL_JOIN_TIMEOUT_S, SHUTDOWN_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
@@ -223,6 +223,7 @@ class _Run:
             if message.last:
                 self._task_done(worker, message.task_index)
         elif isinstance(message, TaskFailed):
+            self._raise_if_gpu_worker_gone(message.error)
             self.assigned[worker.id.index].last_error = message.error
             reorder.add_error(message.task_index, message.error)
             # No task after a failed one is needed: stop handing them out.
@@ -236,6 +237,19 @@ class _Run:
             raise message.error
         elif not isinstance(message, WorkerDone):  # a GPU worker's normal end: its sentinel follows
             raise TypeError(f"unexpected message from {worker.id}: {message!r:.100}")
+
+    def _raise_if_gpu_worker_gone(self, error: BaseException) -> None:
+        """A CPU worker found a GPU worker gone: report that GPU worker's crash, with its exit code."""
+        gone = getattr(error, "gpu_worker_gone", None)
+        if gone is None:
+            return
+        gpu = self.pool.gpu_workers[gone]
+        gpu.process.join(KILL_JOIN_TIMEOUT_S)
+        if gpu.process.exitcode is None:
+            return  # still running (an unexpected closed pipe): the CPU worker's error stands
+        self.pool.reap(gpu)
+        crash = gpu.crash_error(" during the run")
+        raise crash from error
 
     def _task_done(self, worker: WorkerHandle, task_index: int) -> None:
         assert self.dispatcher is not None

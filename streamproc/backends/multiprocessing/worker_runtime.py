@@ -61,11 +61,26 @@ def start_worker_process(worker: WorkerId, parent_pid: int, inherited: Sequence[
     # Not faulthandler.enable(): it raises when a forked worker inherits a sys.stderr without
     # a file descriptor (pytest capsys, Jupyter), and the worker would die before reporting.
     enable_faulthandler()
+    _dump_stacks_on_sigusr1()
     # Ctrl-C reaches the whole process group: the main process handles it and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cap_worker_threads()
     name = f"streamproc-{worker.kind}-{worker.index}-watchdog"
     threading.Thread(target=watch_parent, args=(parent_pid,), name=name, daemon=True).start()
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <worker pid>`` prints every thread's stack (the tests' hang guard asks for it)."""
+    import faulthandler
+    import sys
+
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                faulthandler.register(signal.SIGUSR1, file=stream, all_threads=True)
+                return
+        except (AttributeError, ValueError, OSError, RuntimeError):  # no usable fileno()
+            continue
 
 
 def as_crash(exc: BaseException, worker: WorkerId, doing: str) -> BaseException:
