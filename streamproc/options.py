@@ -29,6 +29,10 @@ class ProcessingOptions:
     ``task_size`` is the number of consecutive source records in one task (the unit handed to
     a worker); batches never span two tasks, which is what makes batch composition identical
     across backends and worker counts. Parquet sources use row groups as tasks instead.
+
+    ``torch_threads`` is torch's intra-op thread count while ``forward`` runs, in whichever
+    process runs it (see :attr:`forward_threads`). It is not capped here: how many threads
+    a machine can run is for the backend to judge, like worker counts.
     """
 
     backend: Optional[str] = None

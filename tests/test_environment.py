@@ -236,7 +236,7 @@ def test_default_num_cpu_workers_rejects_bad_counts(bad: object) -> None:
         default_num_cpu_workers(bad)  # type: ignore[arg-type]
 
 
-# --- start method -----------------------------------------------------------------------------
+# --- start method (the torch-pool rule: tests/test_start_method_torch.py) -------------------
 
 
 @pytest.mark.parametrize(
@@ -252,14 +252,15 @@ def test_default_num_cpu_workers_rejects_bad_counts(bad: object) -> None:
     ],
 )
 def test_default_start_method(platform: str, gpu: bool, cuda: bool, expected: str) -> None:
-    assert default_start_method(gpu, platform=platform, cuda_initialized=cuda) == expected
+    assert default_start_method(gpu, platform=platform, cuda_initialized=cuda, torch_pool_started=False) == expected
 
 
-def fake_torch(initialized: bool) -> types.ModuleType:
+def fake_torch(initialized: bool, num_threads: int = 1) -> types.ModuleType:
     torch = types.ModuleType("torch")
     torch.cuda = types.SimpleNamespace(is_initialized=lambda: initialized)  # type: ignore[attr-defined]
     calls: list[int] = []
     torch.set_num_threads = calls.append  # type: ignore[attr-defined]
+    torch.get_num_threads = lambda: num_threads  # type: ignore[attr-defined]
     torch.calls = calls  # type: ignore[attr-defined]
     return torch
 
@@ -287,6 +288,8 @@ def test_importing_environment_does_not_import_torch() -> None:
     code = (
         "import sys, streamproc.backends.multiprocessing.environment as e\n"
         "e.cpu_count(); e.cap_worker_threads(); e.default_start_method(True); e.cuda_initialized_in_parent()\n"
+        "e.torch_thread_pool_may_have_started(); e.resolve_start_method(None, needs_gpu_workers=False)\n"
+        "e.check_worker_counts(2, 1)\n"
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -305,6 +308,14 @@ def test_resolve_start_method(monkeypatch: pytest.MonkeyPatch) -> None:
             resolve_start_method("fork", needs_gpu_workers=False)
         monkeypatch.setitem(sys.modules, "torch", fake_torch(initialized=False))
         assert resolve_start_method("fork", needs_gpu_workers=False) == "fork"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is the Linux default")
+def test_fork_is_never_used_for_cuda_gpu_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """process_start_method="fork" is for the CPU workers: CUDA GPU workers get the default."""
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(initialized=False))
+    assert resolve_start_method("fork", needs_gpu_workers=True) == "spawn"
+    assert resolve_start_method("fork", needs_gpu_workers=False, runs_torch=True) == "fork"
 
 
 # --- thread caps ------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ VALID = [
     ("process_start_method", "fork", "fork"),
     ("task_size", 1, 1),
     ("task_size", 5000, 5000),
+    ("torch_threads", 1, 1),
+    ("torch_threads", 4, 4),
+    ("torch_threads", None, None),
 ]
 
 
@@ -96,6 +99,11 @@ INVALID = [
     ("task_size", -10),
     ("task_size", 10.0),
     ("task_size", "100"),
+    ("torch_threads", 0),
+    ("torch_threads", -2),
+    ("torch_threads", 2.0),
+    ("torch_threads", "2"),
+    ("torch_threads", True),
 ]
 
 
@@ -175,3 +183,22 @@ def test_effective_gpu_workers(options, count):
 def test_changed_fields_lists_only_what_differs():
     options = ProcessingOptions().updated(task_size=3, deterministic=True, show_progress=True)
     assert options.changed_fields() == {"task_size": 3, "show_progress": True}
+
+
+@pytest.mark.parametrize(
+    ("options", "threads"),
+    [
+        ({}, 1),  # deterministic: the count workers run with, in every backend
+        ({"deterministic": False}, None),  # leave torch's own count
+        ({"torch_threads": 3}, 3),
+        ({"torch_threads": 3, "deterministic": False}, 3),
+        ({"torch_threads": 1, "deterministic": False}, 1),
+    ],
+)
+def test_forward_threads(options, threads):
+    assert ProcessingOptions().updated(**options).forward_threads == threads
+
+
+def test_torch_threads_accepts_counts_above_the_machine():
+    """How many threads the machine can run is a machine check: never refused here."""
+    assert sp.from_iterable([]).set_processing(torch_threads=4096).options.torch_threads == 4096

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import struct
+import subprocess
+import sys
 import warnings
 from typing import Any
 
@@ -89,10 +91,68 @@ def test_num_gpu_workers_zero_runs_forward_in_the_cpu_workers(no_warnings):
     ],
     ids=["as-given", "cpu-cycled", "cuda-cycled", "fewer-workers"],
 )
-@pytest.mark.parametrize("cuda_device_count", [0, 2])
+@pytest.mark.parametrize("cuda_device_count", [2, 3])
 def test_explicit_devices_win(no_warnings, options, expected, cuda_device_count):
-    # Explicit devices are taken as they are, CUDA or not, and never warn.
+    # Explicit devices that exist are taken as they are, and never warn.
     assert resolve_gpu_devices(gpu_plan(**options), cuda_device_count=cuda_device_count) == expected
+
+
+@pytest.mark.parametrize(
+    ("devices", "cuda_device_count", "match"),
+    [
+        (["cuda:0"], 0, r"gpu_worker_devices: 'cuda:0' does not exist here: no CUDA device is visible"),
+        (["cuda"], 0, r"gpu_worker_devices: 'cuda' does not exist here: no CUDA device is visible"),
+        (["cpu", "cuda:1"], 1, r"'cuda:1' does not exist here: 1 CUDA device is visible \(cuda:0"),
+        (["cuda:0", "cuda:4"], 4, r"'cuda:4' does not exist here: 4 CUDA devices are visible \(cuda:0 to cuda:3"),
+    ],
+)
+def test_cuda_devices_that_are_not_visible_are_refused(monkeypatch, devices, cuda_device_count, match):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match=match):
+        resolve_gpu_devices(gpu_plan(gpu_worker_devices=devices), cuda_device_count=cuda_device_count)
+
+
+def test_the_refusal_names_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ValueError, match=r"CUDA_VISIBLE_DEVICES=''"):
+        resolve_gpu_devices(gpu_plan(gpu_worker_devices=["cuda:0"]), cuda_device_count=0)
+
+
+def test_a_device_beyond_the_listed_workers_is_not_checked(no_warnings):
+    # num_gpu_workers=1 uses only the first device listed.
+    plan = gpu_plan(gpu_worker_devices=["cuda:0", "cuda:7"], num_gpu_workers=1)
+    assert resolve_gpu_devices(plan, cuda_device_count=1) == ["cuda:0"]
+
+
+def test_mps_is_refused_where_it_is_not_available(no_warnings):
+    plan = gpu_plan(gpu_worker_devices=["mps"])
+    with pytest.raises(ValueError, match=r"gpu_worker_devices: 'mps' is not available here"):
+        resolve_gpu_devices(plan, mps_available=False)
+    assert resolve_gpu_devices(plan, mps_available=True) == ["mps"]
+
+
+def test_device_checks_ask_torch_by_default(monkeypatch):
+    """Without the test parameters, what torch sees decides (here faked: no CUDA, no MPS)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda:0' does not exist here"):
+        resolve_gpu_devices(gpu_plan(gpu_worker_devices=["cuda:0"]))
+    with pytest.raises(ValueError, match="'mps' is not available"):
+        resolve_gpu_devices(gpu_plan(gpu_worker_devices=["mps"]))
+    assert resolve_gpu_devices(gpu_plan(gpu_worker_devices=["cpu"])) == ["cpu"]
+
+
+def test_cpu_devices_never_import_torch():
+    code = (
+        "import sys\n"
+        "import streamproc as sp\n"
+        "from streamproc.plan import build_plan\n"
+        "from streamproc.backends.multiprocessing.topology import resolve_gpu_devices\n"
+        "stream = sp.from_iterable([1]).map_gpu(len, len).set_processing(gpu_worker_devices=['cpu'], num_gpu_workers=2)\n"
+        "assert resolve_gpu_devices(build_plan(stream)) == ['cpu', 'cpu']\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 @pytest.mark.parametrize(

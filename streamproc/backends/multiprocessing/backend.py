@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ...plan import Plan
 from ...stats import RunStats
 from ..base import Backend, BackendCapabilities, RunHandle
-from .cpu_budget import default_num_cpu_workers
+from .cpu_budget import check_worker_counts, default_num_cpu_workers
 from .environment import resolve_start_method
 from .pool import ProcessPool
 from .run import _Run
@@ -27,16 +27,18 @@ if TYPE_CHECKING:
 def pool_for(plan: Plan) -> ProcessPool:
     """A pool (not started) sized and wired for ``plan``; raises ValueError on options this machine cannot honour."""
     options = plan.options
-    gpu_devices = resolve_gpu_devices(plan)
+    gpu_devices = resolve_gpu_devices(plan)  # refuses devices this machine does not have
     num_workers = options.num_cpu_workers or default_num_cpu_workers(len(gpu_devices))
+    check_worker_counts(num_workers, len(gpu_devices))
     topology = build_topology(num_workers, gpu_devices)
-    # CPU workers never touch CUDA, so they may fork (unless CUDA is initialised here);
-    # GPU workers on CUDA devices are spawned (or forkserver'd), never forked.
-    cpu_start_method = resolve_start_method(options.process_start_method, needs_gpu_workers=False)
+    # CPU workers never touch CUDA, so they may fork (unless CUDA is initialised here, or they
+    # run torch after the parent's OpenMP pool started: see start_method.py); GPU workers on
+    # CUDA devices are spawned (or forkserver'd), never forked.
+    cpu_start_method = resolve_start_method(
+        options.process_start_method, needs_gpu_workers=False, runs_torch=plan.has_gpu_stage
+    )
     uses_cuda = any(device.startswith("cuda") for device in gpu_devices)
-    gpu_start_method = resolve_start_method(options.process_start_method, needs_gpu_workers=uses_cuda)
-    if uses_cuda and gpu_start_method == "fork":
-        gpu_start_method = "spawn"
+    gpu_start_method = resolve_start_method(options.process_start_method, needs_gpu_workers=uses_cuda, runs_torch=True)
     return ProcessPool(topology, cpu_start_method, gpu_start_method)
 
 

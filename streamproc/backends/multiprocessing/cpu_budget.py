@@ -2,8 +2,9 @@
 
 :func:`cpu_count` is the minimum of ``os.cpu_count()``, the affinity mask and the cgroup CPU
 quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``), at least 1, capped by
-``STREAMPROC_MAX_WORKERS``. Stdlib only at module level (``psutil`` lazily, as a fallback).
-Runs in the main process, before workers start.
+``STREAMPROC_MAX_WORKERS``. :func:`check_worker_counts` refuses worker counts the machine
+cannot hold. Stdlib only at module level (``psutil`` lazily, as a fallback). Runs in the
+main process, before workers start.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Optional
@@ -19,6 +21,24 @@ logger = logging.getLogger(__name__)
 
 #: Caps :func:`cpu_count` (and so every default worker count) when set to a positive int.
 MAX_WORKERS_ENV_VAR = "STREAMPROC_MAX_WORKERS"
+
+#: Sets the most worker processes (CPU + GPU) one run may start, replacing the default
+#: ``max(MIN_WORKER_LIMIT, WORKER_LIMIT_PER_CPU * cpu_count())``.
+WORKER_LIMIT_ENV_VAR = "STREAMPROC_WORKER_LIMIT"
+MIN_WORKER_LIMIT = 64
+WORKER_LIMIT_PER_CPU = 8
+
+# Descriptors the main process holds while it starts workers, an estimate from above: per
+# CPU worker its task and result pipe ends, its sentinel and, while it starts, the child's
+# ends and fork's own pipe; per GPU worker its status pipe and sentinel; per CPU -> GPU
+# channel two pipes, all four ends open until both sides started. Measured on Linux (peak
+# over a run, fork/forkserver/spawn): 8 CPU workers +34..41, 16 +66, 16 CPU + 4 GPU workers
+# (16 channels) +84; these constants give 112, 160 and 240 with the headroom.
+FDS_PER_CPU_WORKER = 6
+FDS_PER_GPU_WORKER = 4
+FDS_PER_CHANNEL = 4
+#: Left free for what the run opens besides pipes: source and sink files, the wakeup pipe.
+FDS_HEADROOM = 64
 
 # Module-level so tests can point them at fake trees (see tests/test_environment.py).
 _CGROUP_ROOT = "/sys/fs/cgroup"
@@ -49,6 +69,13 @@ def cpu_count() -> int:
     Raises:
         ValueError: ``STREAMPROC_MAX_WORKERS`` is set to something other than a positive int.
     """
+    cap = _max_workers_from_env()
+    count = _machine_cpu_count()
+    return count if cap is None else min(count, cap)
+
+
+def _machine_cpu_count() -> int:
+    """:func:`cpu_count` without the ``STREAMPROC_MAX_WORKERS`` cap."""
     counts = [os.cpu_count() or 1]
     affinity = _affinity_count()
     if affinity is not None:
@@ -56,14 +83,16 @@ def cpu_count() -> int:
     quota = _cgroup_cpu_quota(_CGROUP_ROOT, _PROC_SELF_CGROUP)
     if quota is not None:
         counts.append(math.ceil(quota))
-    count = max(1, min(counts))
-    cap = _max_workers_from_env()
-    return count if cap is None else min(count, cap)
+    return max(1, min(counts))
 
 
 def _max_workers_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
     """The value of ``STREAMPROC_MAX_WORKERS``, or None when unset or blank."""
-    raw = (os.environ if environ is None else environ).get(MAX_WORKERS_ENV_VAR, "").strip()
+    return _positive_int_from_env(MAX_WORKERS_ENV_VAR, environ, example=4)
+
+
+def _positive_int_from_env(name: str, environ: Optional[Mapping[str, str]], example: int) -> Optional[int]:
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
         return None
     try:
@@ -71,7 +100,7 @@ def _max_workers_from_env(environ: Optional[Mapping[str, str]] = None) -> Option
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"{MAX_WORKERS_ENV_VAR}={raw!r} is invalid: expected a positive integer such as 4")
+        raise ValueError(f"{name}={raw!r} is invalid: expected a positive integer such as {example}")
     return value
 
 
@@ -205,3 +234,128 @@ def default_num_cpu_workers(num_gpu_workers: int) -> int:
     if isinstance(num_gpu_workers, bool) or not isinstance(num_gpu_workers, int) or num_gpu_workers < 0:
         raise ValueError(f"num_gpu_workers must be an int >= 0, got {num_gpu_workers!r}")
     return max(1, cpu_count() - num_gpu_workers)
+
+
+# --- Worker-count checks ----------------------------------------------------------------------
+
+
+def worker_limit(environ: Optional[Mapping[str, str]] = None) -> int:
+    """The most worker processes (CPU + GPU) one run may start on this machine.
+
+    ``STREAMPROC_WORKER_LIMIT`` when set, else ``max(64, 8 x CPUs)`` (the CPUs of
+    :func:`cpu_count` before the ``STREAMPROC_MAX_WORKERS`` cap, which only sizes defaults):
+    far more than the CPUs can keep busy, even for I/O-bound ops, and far fewer than the
+    thousands that exhaust memory and descriptors before any error names the option.
+
+    >>> worker_limit({"STREAMPROC_WORKER_LIMIT": "500"})
+    500
+    >>> worker_limit({}) >= 64
+    True
+
+    Raises:
+        ValueError: ``STREAMPROC_WORKER_LIMIT`` is set to something other than a positive int.
+    """
+    limit = _positive_int_from_env(WORKER_LIMIT_ENV_VAR, environ, example=256)
+    return limit if limit is not None else max(MIN_WORKER_LIMIT, WORKER_LIMIT_PER_CPU * _machine_cpu_count())
+
+
+def fds_needed(num_cpu_workers: int, num_gpu_workers: int) -> int:
+    """File descriptors the main process needs to start the workers, headroom included.
+
+    An estimate from above (see ``FDS_PER_*``); CPU worker ``p`` talks to
+    ``len(set(cycle_p))`` GPU workers, ``P + C - gcd(P, C)`` channels in all (NOTE [ streamproc
+    dispatch schedule ], guarantee 2).
+
+    >>> fds_needed(4, 0), fds_needed(4, 2)
+    (88, 112)
+    """
+    channels = num_cpu_workers + num_gpu_workers - math.gcd(num_cpu_workers, num_gpu_workers) if num_gpu_workers else 0
+    return (
+        FDS_PER_CPU_WORKER * num_cpu_workers + FDS_PER_GPU_WORKER * num_gpu_workers + FDS_PER_CHANNEL * channels + FDS_HEADROOM
+    )
+
+
+def check_worker_counts(
+    num_cpu_workers: int,
+    num_gpu_workers: int,
+    *,
+    environ: Optional[Mapping[str, str]] = None,
+    fd_limit: Optional[int] = None,
+    open_fds: Optional[int] = None,
+) -> None:
+    """Refuses worker counts this machine cannot hold, before any process starts.
+
+    A machine check, so it belongs to the backend, not to ``set_processing`` (design.md
+    section 5): the same stream may run elsewhere with more CPUs. Call it with the counts the
+    run will start (defaults resolved). Without it, ``num_cpu_workers=10000`` started
+    thousands of processes until the kernel killed the run, or failed with a bare ``EMFILE``.
+
+    >>> check_worker_counts(2, 1)
+    >>> check_worker_counts(10_000, 0, environ={})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: num_cpu_workers=10000 asks for 10000 worker processes, ...
+
+    Args:
+        num_cpu_workers: CPU workers to start, ``>= 1``.
+        num_gpu_workers: GPU workers to start, ``>= 0``.
+        environ: The environment to read ``STREAMPROC_WORKER_LIMIT`` from (default:
+            ``os.environ``); for tests.
+        fd_limit: The soft ``RLIMIT_NOFILE`` (default: this process's; none on Windows).
+        open_fds: Descriptors already open in this process (default: counted, where possible).
+
+    Raises:
+        ValueError: More workers than :func:`worker_limit`, or more descriptors than the
+            soft ``RLIMIT_NOFILE`` allows (:func:`fds_needed` plus those already open); the
+            message names the options and what would fix it.
+    """
+    total = num_cpu_workers + num_gpu_workers
+    limit = worker_limit(environ)
+    if total > limit:
+        asked = f"num_cpu_workers={num_cpu_workers}" + (f" and num_gpu_workers={num_gpu_workers}" if num_gpu_workers else "")
+        why = "" if (environ if environ is not None else os.environ).get(WORKER_LIMIT_ENV_VAR, "").strip() else (
+            f" (max({MIN_WORKER_LIMIT}, {WORKER_LIMIT_PER_CPU} x {_machine_cpu_count()} CPUs))"
+        )
+        raise ValueError(
+            f"{asked} asks for {total} worker processes, more than the limit of {limit} on this machine{why}; "
+            f"use fewer workers (the default is one per CPU), or set {WORKER_LIMIT_ENV_VAR} to raise the limit"
+        )
+    soft = _soft_fd_limit() if fd_limit is None else fd_limit
+    if soft is None:
+        return
+    already = _open_fd_count() if open_fds is None else open_fds
+    needed = fds_needed(num_cpu_workers, num_gpu_workers)
+    if already + needed > soft:
+        raise ValueError(
+            f"num_cpu_workers={num_cpu_workers} and num_gpu_workers={num_gpu_workers} need about {needed} file "
+            f"descriptors for their pipes, and this process already has {already} open, but the open-files limit "
+            f"(RLIMIT_NOFILE) is {soft}; use fewer workers, or raise the limit (`ulimit -n`, or "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, ...) up to the hard limit)"
+        )
+
+
+def _soft_fd_limit() -> Optional[int]:
+    """This process's soft ``RLIMIT_NOFILE``, or None where there is none (Windows) or unlimited."""
+    try:
+        import resource
+    except ImportError:  # Windows: no descriptor limit of this kind
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _open_fd_count() -> int:
+    """How many descriptors this process has open (0 where that cannot be counted)."""
+    for fd_dir in ("/proc/self/fd", "/dev/fd"):  # Linux; macOS and the BSDs
+        try:
+            return max(0, len(os.listdir(fd_dir)) - 1)  # minus the one listdir itself opened
+        except OSError:
+            continue
+    if sys.platform == "win32":
+        return 0
+    try:
+        import psutil
+
+        return int(psutil.Process().num_fds())
+    except Exception:  # ImportError, psutil.Error
+        return 0

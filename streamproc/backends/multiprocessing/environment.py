@@ -1,7 +1,7 @@
-"""What the process allows: start method, thread caps, fault handler, exit codes.
+"""What the process allows: thread caps, fault handler, exit codes.
 
-The CPU budget (``cpu_count``, default worker counts) lives in :mod:`.cpu_budget` and is
-re-exported here.
+The CPU budget (``cpu_count``, default worker counts, worker-count checks) lives in
+:mod:`.cpu_budget` and the start method in :mod:`.start_method`; both are re-exported here.
 
 Pure helpers for the multiprocessing executor, importable from a child process at no cost:
 stdlib only at module level (``psutil`` is imported lazily, as a fallback), and torch is
@@ -18,12 +18,22 @@ import sys
 from collections.abc import Mapping
 from typing import Optional
 
-from .cpu_budget import MAX_WORKERS_ENV_VAR, cpu_count, default_num_cpu_workers
+from .cpu_budget import MAX_WORKERS_ENV_VAR, WORKER_LIMIT_ENV_VAR, check_worker_counts, cpu_count, default_num_cpu_workers
+from .start_method import (
+    configure_forkserver,
+    cuda_initialized_in_parent,
+    default_start_method,
+    resolve_start_method,
+    torch_thread_pool_may_have_started,
+)
 
 __all__ = [
     "MAX_WORKERS_ENV_VAR",
     "THREAD_ENV_VARS",
+    "WORKER_LIMIT_ENV_VAR",
     "cap_worker_threads",
+    "check_worker_counts",
+    "configure_forkserver",
     "cpu_count",
     "cuda_initialized_in_parent",
     "default_num_cpu_workers",
@@ -31,6 +41,7 @@ __all__ = [
     "enable_faulthandler",
     "format_exit_code",
     "resolve_start_method",
+    "torch_thread_pool_may_have_started",
     "worker_env_overrides",
 ]
 
@@ -69,110 +80,6 @@ _NTSTATUS_REASONS = {
     0xC00000FD: "stack overflow",
     0xC0000409: "stack buffer overrun",
 }
-
-
-
-# --- Start method -----------------------------------------------------------------------------
-
-
-def cuda_initialized_in_parent() -> bool:
-    """Whether CUDA has been initialised in *this* process (the parent of the workers to start).
-
-    Only looks: torch is consulted if, and only if, it is already in ``sys.modules``; this
-    function never imports it (importing torch costs seconds and can itself touch CUDA).
-
-    >>> import sys
-    >>> "torch" in sys.modules or cuda_initialized_in_parent() is False
-    True
-    """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    try:
-        return bool(torch.cuda.is_initialized())
-    except Exception:  # a half-imported or stubbed torch: it cannot have initialised CUDA
-        return False
-
-
-def default_start_method(
-    needs_gpu_workers: bool,
-    *,
-    platform: Optional[str] = None,
-    cuda_initialized: Optional[bool] = None,
-) -> str:
-    """The safest fast start method for this run's worker processes.
-
-    On Linux, "fork" when no GPU worker is requested and CUDA was not initialised in this
-    process; otherwise "spawn". On macOS and Windows, always "spawn".
-
-    Why: fork is by far the fastest way to start a worker on Linux (no interpreter start-up,
-    no re-import, copy-on-write memory), but the CUDA runtime does not survive a fork: a
-    child forked after the parent initialised CUDA fails, or hangs, on its first CUDA call.
-    So never fork once CUDA is up in the parent, and never for a run that has GPU workers,
-    whose start-up cost (loading a model) dwarfs spawn's anyway. macOS cannot fork safely
-    (system frameworks are not fork-safe; CPython's default there is spawn since 3.8) and
-    Windows has no fork. "forkserver" is never the default but may be chosen explicitly
-    (``process_start_method``); see :func:`resolve_start_method`.
-
-    >>> default_start_method(False, platform="linux", cuda_initialized=False)
-    'fork'
-    >>> default_start_method(True, platform="linux", cuda_initialized=False)
-    'spawn'
-    >>> default_start_method(False, platform="linux", cuda_initialized=True)
-    'spawn'
-    >>> default_start_method(False, platform="darwin"), default_start_method(False, platform="win32")
-    ('spawn', 'spawn')
-
-    Args:
-        needs_gpu_workers: Whether the run starts GPU workers.
-        platform: ``sys.platform`` to decide for (default: this one); for tests.
-        cuda_initialized: Whether CUDA is initialised in this process (default:
-            :func:`cuda_initialized_in_parent`); for tests.
-
-    Returns:
-        "fork" or "spawn".
-    """
-    platform = sys.platform if platform is None else platform
-    if not platform.startswith("linux"):
-        return "spawn"
-    if cuda_initialized is None:
-        cuda_initialized = cuda_initialized_in_parent()
-    return "spawn" if needs_gpu_workers or cuda_initialized else "fork"
-
-
-def resolve_start_method(requested: Optional[str], needs_gpu_workers: bool) -> str:
-    """The start method to use: ``requested`` when given and safe, else the default.
-
-    >>> resolve_start_method("spawn", needs_gpu_workers=True)
-    'spawn'
-    >>> resolve_start_method(None, needs_gpu_workers=True)
-    'spawn'
-
-    Args:
-        requested: The user's ``process_start_method``, or None for
-            :func:`default_start_method`.
-        needs_gpu_workers: Whether the run starts GPU workers.
-
-    Returns:
-        "fork", "spawn" or "forkserver".
-
-    Raises:
-        ValueError: The method does not exist on this platform, or it is "fork" while CUDA is
-            initialised in this process (the children would fail on their first CUDA call).
-    """
-    if requested is None:
-        return default_start_method(needs_gpu_workers)
-    import multiprocessing  # absolute import: the stdlib, not this package (which shares its name)
-
-    available = multiprocessing.get_all_start_methods()
-    if requested not in available:
-        raise ValueError(f"process_start_method={requested!r} is not available here: use one of {', '.join(available)}")
-    if requested == "fork" and cuda_initialized_in_parent():
-        raise ValueError(
-            "process_start_method='fork' is unsafe: CUDA is already initialised in this process and forked "
-            "workers would fail on their first CUDA call; use 'spawn' or 'forkserver'"
-        )
-    return requested
 
 
 # --- Thread caps ------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class _PeerSender:
                 # the batch would never be answered (see as_crash).
                 error = as_crash(exc, self.worker, "while pickling the outputs of forward")
                 if error is exc:
-                    error = SerializationError(f"outputs of forward cannot be pickled to send them back from {self.worker}: {exc}")
+                    error = SerializationError(f"outputs of forward cannot be pickled to send back from {self.worker}: {exc}")
                 data = dumps_message(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, str(self.worker))))
             try:
                 self.conn.send_bytes(data)
