@@ -55,6 +55,8 @@ class WorkerHandle:
     start_method: str
     #: The worker said ``WorkerStarted``: it runs streamproc code.
     started: bool = False
+    #: A GPU worker said ``WorkerDone``: it ended normally, every CPU peer having stopped.
+    done: bool = False
     #: The process ended and was reaped (its sentinel no longer waited on).
     exited: bool = False
     #: Its exit code, kept once the pool has shut down and closed the process object.

@@ -29,7 +29,9 @@ NOTE [ streamproc shutdown ]
     source, which nothing can interrupt, gets ``SOURCE_RETURN_GRACE_S``, then a warning); workers still alive after
     ``SHUTDOWN_JOIN_TIMEOUT_S`` are killed (SIGKILL); then every pipe end is closed. Nothing
     here waits without a timeout. During a run no worker ends by itself: any worker exit
-    before shutdown, whatever its exit code, is a crash.
+    before shutdown, whatever its exit code, is a crash. (A GPU worker that says
+    ``WorkerDone`` ended because every CPU peer stopped, which during a run only a dying CPU
+    worker does: that worker's exit is the crash reported.)
 """
 
 from __future__ import annotations
@@ -235,7 +237,9 @@ class _Run:
             self.assigned[worker.id.index].ended = message
         elif isinstance(message, WorkerFailed):
             raise message.error
-        elif not isinstance(message, WorkerDone):  # a GPU worker's normal end: its sentinel follows
+        elif isinstance(message, WorkerDone):  # a GPU worker's normal end: its sentinel follows
+            worker.done = True
+        else:
             raise TypeError(f"unexpected message from {worker.id}: {message!r:.100}")
 
     def _raise_if_gpu_worker_gone(self, error: BaseException) -> None:
@@ -259,7 +263,7 @@ class _Run:
             self.dispatcher.task_finished(worker.id.index)
 
     def _worker_exited(self, worker: WorkerHandle, reorder: ReorderBuffer) -> None:
-        """``worker``'s process ended during the run: always a crash (see the NOTE above)."""
+        """``worker``'s process ended during the run: a crash (see the NOTE above), its own or a peer's."""
         conn: Any = worker.result_conn
         while conn.poll() and self._receive_available(worker, reorder):
             pass  # what it sent before exiting (the user error of a sys.exit, for example)
@@ -270,6 +274,10 @@ class _Run:
                 raise assignment.last_error
             doing = f" while running task {assignment.dispatched[0]}" if assignment.dispatched else ""
             raise worker.crash_error(doing)
+        if worker.done:
+            # It ended normally because every CPU peer stopped, which during a run only a
+            # dying CPU worker does: that worker's own exit is the crash to report.
+            return
         raise worker.crash_error(" during the run")
 
     # -- shutdown -------------------------------------------------------------------------------
