@@ -37,6 +37,7 @@ RUN_TIMEOUT_S = 60.0
 
 CONFIGS = {
     "simple": {"backend": "simple"},
+    "threads": {"backend": "threads", "num_cpu_workers": 2},
     "mp-forward-in-cpu-workers": {"backend": "multiprocessing", "num_cpu_workers": 2, "num_gpu_workers": 0},
     "mp-gpu-worker-on-cpu": {
         "backend": "multiprocessing",
@@ -155,9 +156,12 @@ def test_torch_threads_applies_in_every_backend(two_main_threads: None, config: 
     assert run(forward_thread_count, torch_threads=2, deterministic=False, **CONFIGS[config]) == expected
 
 
+@pytest.mark.parametrize("backend", ["simple", "threads"])
 @pytest.mark.parametrize("torch_threads", [None, 1, 3])
-def test_the_main_process_thread_count_is_restored_after_a_simple_run(two_main_threads: None, torch_threads: Any) -> None:
-    outputs = run(forward_thread_count, torch_threads=torch_threads, **CONFIGS["simple"])
+def test_the_main_process_thread_count_is_restored_after_an_in_process_run(
+    two_main_threads: None, torch_threads: Any, backend: str
+) -> None:
+    outputs = run(forward_thread_count, torch_threads=torch_threads, **CONFIGS[backend])
     assert outputs == [float(torch_threads or 1)] * len(SEEDS)
     assert torch.get_num_threads() == 2
 

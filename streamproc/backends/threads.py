@@ -86,6 +86,8 @@ def _shared_forward_runners(options: ProcessingOptions) -> Callable[[Stage], Loc
     Models move to the device once, under a lock, in the first thread that needs them; each
     thread then runs ``forward`` itself (torch releases the GIL). As in the simple backend,
     forward runs on the first of ``gpu_worker_devices``, else on CUDA, else on the CPU.
+    torch's thread count is process-wide: the run sets it once (:func:`_torch_threads_for_run`)
+    rather than each forward, whose set-and-restore would race between threads.
     """
     lock = threading.Lock()
     forwards: dict[int, DeviceForward] = {}
@@ -95,12 +97,24 @@ def _shared_forward_runners(options: ProcessingOptions) -> Callable[[Stage], Loc
         with lock:
             if stage.index not in forwards:
                 op: Any = stage.op
-                forward = DeviceForward(op.forward, device, options.autocast, stage.name, op.batch_size, options.forward_threads)
+                forward = DeviceForward(op.forward, device, options.autocast, stage.name, op.batch_size, None)
                 forward.start()
                 forwards[stage.index] = forward
         return LocalForwardRunner(forwards[stage.index])
 
     return runner
+
+
+def _torch_threads_for_run(plan: Plan) -> Callable[[], None]:
+    """Sets torch's intra-op threads to ``forward_threads`` for a run with ``map_gpu``; returns the undo."""
+    threads = plan.options.forward_threads
+    if not plan.has_gpu_stage or threads is None:
+        return lambda: None
+    import torch  # a map_gpu stage runs torch anyway
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return lambda: torch.set_num_threads(before)
 
 
 def _stage_running_in(thread: threading.Thread) -> str:
@@ -131,10 +145,12 @@ class _ThreadRun:
         ]
         self._shutdown_lock = threading.Lock()
         self._is_shut_down = False
+        self._restore_torch_threads: Callable[[], None] = lambda: None
 
     def outputs(self) -> Iterator[TaskOutput]:
         """The consumer's side (the caller's thread): outputs in order, errors in their place."""
         try:
+            self._restore_torch_threads = _torch_threads_for_run(self.plan)
             for thread in self.threads:
                 thread.start()
             reorder = ReorderBuffer(self.deterministic)
@@ -249,6 +265,7 @@ class _ThreadRun:
                 )
         while not self.results.empty():  # drop the outputs nobody will read
             self.results.get_nowait()
+        self._restore_torch_threads()
 
 
 class ThreadsBackend(Backend):
