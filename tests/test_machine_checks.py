@@ -153,3 +153,13 @@ def test_set_processing_keeps_accepting_any_count() -> None:
     """A machine check belongs to the backend: the stream may run on a bigger machine."""
     stream = sp.from_iterable([1]).set_processing(num_cpu_workers=10_000, num_gpu_workers=500)
     assert stream.options.num_cpu_workers == 10_000
+
+
+@pytest.mark.parametrize("backend", ["simple", "threads"])
+def test_in_process_backends_refuse_a_forward_device_this_machine_lacks(backend):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    stream = sp.from_iterable([1.0, 2.0]).map_gpu(torch.tensor, lambda t: t * 2)
+    with pytest.raises(ValueError, match=r"gpu_worker_devices: 'cuda:0' does not exist here"):
+        stream.set_processing(backend=backend, gpu_worker_devices=["cuda:0"]).to_list()

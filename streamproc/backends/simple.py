@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import add_context_note
 from ..execution.context import ExecutionContext
 from ..execution.task import Task, TaskOutput, run_task
+from ..gpu.availability import check_devices_exist
 from ..plan import Plan
 from ..stats import RunStats
 from .base import Backend, RunHandle
@@ -30,10 +31,18 @@ def forward_context(plan: Plan, where: str) -> ExecutionContext:
     )
 
 
+def check_forward_device(plan: Plan) -> None:
+    """Raises ``ValueError`` now if ``forward`` would run on a device this machine lacks."""
+    devices = plan.options.gpu_worker_devices
+    if plan.has_gpu_stage and devices:
+        check_devices_exist(devices[:1])
+
+
 class SimpleBackend(Backend):
     name = "simple"
 
     def run(self, plan: Plan, sink: Sink) -> RunHandle:
+        check_forward_device(plan)
         return RunHandle(self._outputs(plan, sink), RunStats(self.name))
 
     def _outputs(self, plan: Plan, sink: Sink) -> Iterator[TaskOutput]:

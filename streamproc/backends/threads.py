@@ -45,6 +45,7 @@ from ..plan import Plan, Stage
 from ..stats import RunStats
 from .base import Backend, BackendCapabilities, RunHandle
 from .multiprocessing.cpu_budget import default_num_cpu_workers
+from .simple import check_forward_device
 
 if TYPE_CHECKING:
     from ..io.sinks import Sink
@@ -287,6 +288,7 @@ class ThreadsBackend(Backend):
                 f"{options.effective_gpu_workers} (gpu_worker_devices={options.gpu_worker_devices}): "
                 "use backend='multiprocessing' for several GPU workers"
             )
+        check_forward_device(plan)
         run = _ThreadRun(plan, sink.finalizer(), options.num_cpu_workers or default_num_cpu_workers(0))
         outputs = run.outputs()
         weakref.finalize(outputs, run.shutdown)  # a handle garbage collected half-read stops its threads
