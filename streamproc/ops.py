@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Optional
@@ -77,6 +79,14 @@ def _tagged(it: Iterable[Any], stage: str) -> Iterator[Any]:
     except Exception as exc:
         tag_stage(exc, stage)
         raise
+
+
+def stage_running_in(thread: threading.Thread) -> str:
+    """The stage ``thread`` is running now (each stage runs inside ``_tagged``; the innermost wins)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None and frame.f_code is not _tagged.__code__:
+        frame = frame.f_back
+    return str(frame.f_locals["stage"]) if frame is not None else "streamproc's own code"
 
 
 def records_of(chunks: Iterator[list[Any]]) -> Iterator[Any]:

@@ -24,24 +24,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import queue
-import sys
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Union, cast
+from typing import TYPE_CHECKING, Optional, Union, cast
 
 from ..errors import PipelineShutdownError, add_context_note
 from ..execution.context import ExecutionContext
 from ..execution.dispatch import SourceFailed, TaskDispatcher
 from ..execution.reorder import ReorderBuffer
 from ..execution.task import ChunkFinalizer, Task, TaskOutput, run_task
-from ..gpu import DeviceForward, LocalForwardRunner
-from ..ops import _tagged
-from ..options import ProcessingOptions
-from ..plan import Plan, Stage
+from ..gpu.forward import set_torch_threads, shared_forward_runners
+from ..ops import stage_running_in
+from ..plan import Plan
 from ..stats import RunStats
 from .base import Backend, BackendCapabilities, RunHandle
 from .multiprocessing.cpu_budget import default_num_cpu_workers
@@ -81,51 +79,6 @@ class _ThreadExited:
 _Message = Union[TaskOutput, _TaskFailed, _ThreadExited]
 
 
-def _shared_forward_runners(options: ProcessingOptions) -> Callable[[Stage], LocalForwardRunner]:
-    """The forward runner factory of every thread of a run: one :class:`DeviceForward` per stage.
-
-    Models move to the device once, under a lock, in the first thread that needs them; each
-    thread then runs ``forward`` itself (torch releases the GIL). As in the simple backend,
-    forward runs on the first of ``gpu_worker_devices``, else on CUDA, else on the CPU.
-    torch's thread count is process-wide: the run sets it once (:func:`_torch_threads_for_run`)
-    rather than each forward, whose set-and-restore would race between threads.
-    """
-    lock = threading.Lock()
-    forwards: dict[int, DeviceForward] = {}
-    device = options.gpu_worker_devices[0] if options.gpu_worker_devices else None
-
-    def runner(stage: Stage) -> LocalForwardRunner:
-        with lock:
-            if stage.index not in forwards:
-                op: Any = stage.op
-                forward = DeviceForward(op.forward, device, options.autocast, stage.name, op.batch_size, None)
-                forward.start()
-                forwards[stage.index] = forward
-        return LocalForwardRunner(forwards[stage.index])
-
-    return runner
-
-
-def _torch_threads_for_run(plan: Plan) -> Callable[[], None]:
-    """Sets torch's intra-op threads to ``forward_threads`` for a run with ``map_gpu``; returns the undo."""
-    threads = plan.options.forward_threads
-    if not plan.has_gpu_stage or threads is None:
-        return lambda: None
-    import torch  # a map_gpu stage runs torch anyway
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    return lambda: torch.set_num_threads(before)
-
-
-def _stage_running_in(thread: threading.Thread) -> str:
-    """The stage ``thread`` is in now: each stage runs inside ``_tagged``; the innermost wins."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    while frame is not None and frame.f_code is not _tagged.__code__:
-        frame = frame.f_back
-    return str(frame.f_locals["stage"]) if frame is not None else "streamproc's own code"
-
-
 class _ThreadRun:
     """One run of a plan over ``num_threads`` worker threads; see the module docstring."""
 
@@ -137,7 +90,7 @@ class _ThreadRun:
         payloads = plan.source.iter_tasks(plan.task_size)  # a generator: reads nothing yet
         self.dispatcher = TaskDispatcher(payloads, num_threads, MAX_TASKS_IN_FLIGHT_PER_THREAD, window)
         self.results: queue.Queue[_Message] = queue.Queue(RESULT_QUEUE_CHUNKS_PER_THREAD * num_threads)
-        self.forward_runners = _shared_forward_runners(plan.options)
+        self.forward_runners = shared_forward_runners(plan.options.gpu_worker_devices, plan.options.autocast)
         self.stopping = threading.Event()
         #: The task each thread runs (None: between tasks, or reading the source).
         self.running: list[Optional[int]] = [None] * num_threads
@@ -151,7 +104,10 @@ class _ThreadRun:
     def outputs(self) -> Iterator[TaskOutput]:
         """The consumer's side (the caller's thread): outputs in order, errors in their place."""
         try:
-            self._restore_torch_threads = _torch_threads_for_run(self.plan)
+            # torch's thread count is process-wide: set once for the run, not around each forward,
+            # whose set-and-restore would race between threads.
+            if self.plan.has_gpu_stage:
+                self._restore_torch_threads = set_torch_threads(self.plan.options.forward_threads)
             for thread in self.threads:
                 thread.start()
             reorder = ReorderBuffer(self.deterministic)
@@ -257,7 +213,7 @@ class _ThreadRun:
         for worker, thread in enumerate(self.threads):
             if thread in others and thread.is_alive():
                 task = self.running[worker]
-                where = f"{_stage_running_in(thread)} of task {task}" if task is not None else "the source, reading a task"
+                where = f"{stage_running_in(thread)} of task {task}" if task is not None else "the source, reading a task"
                 warnings.warn(
                     f"streamproc: worker thread {thread.name} is still in {where} {SHUTDOWN_JOIN_TIMEOUT_S} s after the "
                     "run stopped; a thread cannot be killed: it is left running (a daemon thread) until its next chunk",

@@ -6,12 +6,16 @@ calls it: the main process (simple backend), a CPU worker without GPU workers, o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, Optional
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import add_context_note
 from .device import _pinned, default_device, resolve_autocast, to_device
 from .models import find_modules
+
+if TYPE_CHECKING:
+    from ..plan import Stage
 
 
 class DeviceForward:
@@ -120,3 +124,41 @@ class LocalForwardRunner:
         forward_batch = self.device_forward.forward_batch
         for records, batch in batches:
             yield records, forward_batch(batch)
+
+
+def shared_forward_runners(devices: Optional[Sequence[str]], autocast: Any) -> Callable[[Stage], LocalForwardRunner]:
+    """A forward-runner factory for threads of one process: one :class:`DeviceForward` per stage.
+
+    Models move to the device once, under a lock, in the first thread that needs them; each
+    thread then runs ``forward`` itself (torch releases the GIL). As in the simple backend,
+    forward runs on the first of ``devices``, else on CUDA, else on the CPU. torch's thread
+    count is left alone (see :func:`set_torch_threads`).
+    """
+    lock = threading.Lock()
+    forwards: dict[int, DeviceForward] = {}
+    device = devices[0] if devices else None
+
+    def runner(stage: Stage) -> LocalForwardRunner:
+        with lock:
+            if stage.index not in forwards:
+                op: Any = stage.op
+                forward = DeviceForward(op.forward, device, autocast, stage.name, op.batch_size)
+                forward.start()
+                forwards[stage.index] = forward
+        return LocalForwardRunner(forwards[stage.index])
+
+    return runner
+
+
+def set_torch_threads(threads: Optional[int]) -> Callable[[], None]:
+    """Sets torch's intra-op thread count (process-wide) to ``threads``; returns the undo.
+
+    None leaves it as it is. Imports torch: call it for streams that run torch anyway.
+    """
+    if threads is None:
+        return lambda: None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return lambda: torch.set_num_threads(before)
