@@ -16,7 +16,7 @@ Example subclass (the simple backend, in full)::
         def run(self, plan, sink):
             ctx = ExecutionContext("main process")
             tasks = (Task(i, p) for i, p in enumerate(plan.source.iter_tasks(plan.task_size)))
-            outputs = (out for task in tasks for out in run_task(plan, task, ctx, sink.finalize))
+            outputs = (out for task in tasks for out in run_task(plan, task, ctx, sink.finalizer()))
             return RunHandle(outputs, RunStats(self.name))
 
 Lifecycle guarantee: the handle owns every process and thread the backend starts;
@@ -28,7 +28,7 @@ in index order when deterministic, as they finish otherwise.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Optional
@@ -46,7 +46,7 @@ class BackendCapabilities:
     """What a backend can do, for sinks and options to ask.
 
     Attributes:
-        writes_in_workers: a sink's per-worker writer (``Sink.open_in_worker``) can run where
+        writes_in_workers: a sink's per-worker writers (``Sink.worker_writers``) can run where
             the tasks run, so only counts travel back to the main process.
         separate_processes: tasks run in other processes, so the plan is serialized and
             shared state (open files, locks) captured by user callables cannot work.
@@ -59,15 +59,13 @@ class BackendCapabilities:
 class RunHandle:
     """One run of a plan: iterate it for :class:`TaskOutput` s; ``close()`` stops the run.
 
-    Made by a backend from a generator of outputs and an idempotent ``close`` (default: the
-    generator's own). Counts tasks and records into ``stats`` as they are delivered.
+    Made by a backend from the generator of its outputs, whose ``close()`` (GeneratorExit at
+    its current ``yield``) runs the backend's shutdown. Counts tasks and records into
+    ``stats`` as they are delivered.
     """
 
-    def __init__(
-        self, outputs: Iterator[TaskOutput], stats: RunStats, close: Optional[Callable[[], None]] = None
-    ) -> None:
+    def __init__(self, outputs: Generator[TaskOutput, None, None], stats: RunStats) -> None:
         self._outputs = outputs
-        self._close = close
         self.stats = stats
 
     def __iter__(self) -> RunHandle:
@@ -86,11 +84,7 @@ class RunHandle:
 
     def close(self) -> None:
         """Stops the run and reaps what it started (idempotent)."""
-        close = getattr(self._outputs, "close", None)
-        if close is not None:
-            close()
-        if self._close is not None:
-            self._close()
+        self._outputs.close()
 
     def __enter__(self) -> RunHandle:
         return self
@@ -111,9 +105,9 @@ class Backend(ABC):
     def run(self, plan: Plan, sink: Sink) -> RunHandle:
         """Starts running ``plan`` for ``sink``; see the module docstring.
 
-        ``sink.finalize`` runs where each task runs; when ``sink.in_workers`` is set (only
+        ``sink.finalizer()`` runs where each task runs; when ``sink.in_workers`` is set (only
         if :attr:`capabilities` allows it), each worker writes through
-        ``sink.open_in_worker(i)`` instead and only counts come back.
+        ``sink.worker_writers().open_in_worker(i)`` instead and only counts come back.
 
         Raises:
             ValueError: an option this backend cannot honour on this machine (a worker count

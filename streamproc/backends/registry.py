@@ -14,10 +14,6 @@ _BACKENDS = {
 }
 
 
-def backend_names() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
-
-
 def get_backend(name: str) -> Backend:
     """A new instance of the backend called ``name``.
 

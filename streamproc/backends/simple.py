@@ -7,7 +7,7 @@ given, else on CUDA when available, else on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 from ..errors import add_context_note
@@ -45,7 +45,7 @@ class SimpleBackend(Backend):
         check_forward_device(plan)
         return RunHandle(self._outputs(plan, sink), RunStats(self.name))
 
-    def _outputs(self, plan: Plan, sink: Sink) -> Iterator[TaskOutput]:
+    def _outputs(self, plan: Plan, sink: Sink) -> Generator[TaskOutput, None, None]:
         ctx = forward_context(plan, "main process")
         finalize = sink.finalizer()
         task_index = 0

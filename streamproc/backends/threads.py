@@ -28,7 +28,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union, cast
 
@@ -101,7 +101,7 @@ class _ThreadRun:
         self._is_shut_down = False
         self._restore_torch_threads: Callable[[], None] = lambda: None
 
-    def outputs(self) -> Iterator[TaskOutput]:
+    def outputs(self) -> Generator[TaskOutput, None, None]:
         """The consumer's side (the caller's thread): outputs in order, errors in their place."""
         try:
             # torch's thread count is process-wide: set once for the run, not around each forward,

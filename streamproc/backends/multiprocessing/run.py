@@ -42,7 +42,7 @@ import multiprocessing.connection
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import PipelineShutdownError, SerializationError, add_context_note
@@ -103,7 +103,7 @@ class _Run:
         self._is_shut_down = False
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def outputs(self) -> Iterator[TaskOutput]:
+    def outputs(self) -> Generator[TaskOutput, None, None]:
         try:
             self._start()
             yield from self._collect()

@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 from ..._warnings import stacklevel_outside_streamproc
 
@@ -64,6 +64,20 @@ FORKSERVER_PRELOAD = (
 _CPYTHON_DEFAULT_PRELOAD = ["__main__"]
 
 
+def _imported_torch_says(question: Callable[[Any], Any]) -> bool:
+    """``question(torch)`` if torch is already imported, else False; never imports it.
+
+    A half-imported or stubbed torch (the question raises) can have initialised nothing.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    try:
+        return bool(question(torch))
+    except Exception:
+        return False
+
+
 def cuda_initialized_in_parent() -> bool:
     """Whether CUDA has been initialised in *this* process (the parent of the workers to start).
 
@@ -74,13 +88,7 @@ def cuda_initialized_in_parent() -> bool:
     >>> "torch" in sys.modules or cuda_initialized_in_parent() is False
     True
     """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    try:
-        return bool(torch.cuda.is_initialized())
-    except Exception:  # a half-imported or stubbed torch: it cannot have initialised CUDA
-        return False
+    return _imported_torch_says(lambda torch: torch.cuda.is_initialized())
 
 
 def torch_thread_pool_may_have_started() -> bool:
@@ -97,13 +105,7 @@ def torch_thread_pool_may_have_started() -> bool:
     >>> "torch" in sys.modules or torch_thread_pool_may_have_started() is False
     True
     """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    try:
-        return int(torch.get_num_threads()) > 1
-    except Exception:  # a half-imported or stubbed torch has run no parallel region
-        return False
+    return _imported_torch_says(lambda torch: int(torch.get_num_threads()) > 1)
 
 
 def default_start_method(
