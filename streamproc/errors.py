@@ -38,6 +38,19 @@ class SchemaError(StreamprocError, ValueError):
     """Records cannot be written with one consistent schema (names the offending field)."""
 
 
+class TaskTimeoutError(StreamprocError):
+    """A task ran longer than ``task_timeout`` without finishing a record or batch (names the
+    worker, its pid, the stage, and carries the worker's Python stack)."""
+
+
+class TooManyErrorsError(StreamprocError):
+    """More records failed than ``max_errors`` allows (summarises the errors by stage and type)."""
+
+
+class ResumeMismatchError(StreamprocError):
+    """``resume=True`` over output written by a different input or task layout (says what changed)."""
+
+
 class RemoteTraceback(Exception):
     """Holds the formatted traceback of an exception raised in another process.
 

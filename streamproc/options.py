@@ -7,11 +7,14 @@ Validation happens when ``set_processing`` is called, in the main process: a bad
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from .batching import BatchBy, BatchSize, validate_batch_by
+from .execution.error_policy import ON_ERROR_CHOICES
 
 BACKENDS = ("simple", "threads", "multiprocessing", "ray")
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -33,6 +36,11 @@ class ProcessingOptions:
     ``torch_threads`` is torch's intra-op thread count while ``forward`` runs, in whichever
     process runs it (see :attr:`forward_threads`). It is not capped here: how many threads
     a machine can run is for the backend to judge, like worker counts.
+
+    Production jobs (design.md section 5): ``on_error``, ``dead_letter_path``, ``max_errors``
+    (a count, or a fraction in (0, 1) of the records seen), ``max_task_retries``,
+    ``task_timeout`` (seconds), ``shard`` (``"auto"`` or ``(rank, world_size)``).
+    ``show_stats`` prints the run's stats report at its end.
     """
 
     backend: Optional[str] = None
@@ -47,6 +55,13 @@ class ProcessingOptions:
     process_start_method: Optional[str] = None
     task_size: Optional[int] = None
     torch_threads: Optional[int] = None
+    on_error: str = "raise"
+    dead_letter_path: Optional[str] = None
+    max_errors: Optional[float] = None
+    max_task_retries: int = 0
+    task_timeout: Optional[float] = None
+    shard: Any = None
+    show_stats: bool = False
 
     def updated(self, **changes: Any) -> ProcessingOptions:
         """Returns a copy with ``changes`` validated and applied."""
@@ -54,6 +69,14 @@ class ProcessingOptions:
         if unknown:
             raise TypeError(f"set_processing() got unknown option(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **{k: _VALIDATORS[k](v) for k, v in changes.items()})
+
+    def check_combination(self) -> None:
+        """Raises ``ValueError`` for options that are valid alone but not together (at run time:
+        ``set_processing`` calls may come in any order)."""
+        if self.on_error == "dead_letter" and self.dead_letter_path is None:
+            raise ValueError("on_error='dead_letter' needs dead_letter_path= (a directory for the dead-letter parquet parts)")
+        if self.dead_letter_path is not None and self.on_error != "dead_letter":
+            raise ValueError(f"dead_letter_path is set but on_error={self.on_error!r}: use on_error='dead_letter'")
 
     def changed_fields(self) -> dict[str, Any]:
         """The options that differ from the defaults (used by ``repr``)."""
@@ -153,6 +176,54 @@ def _check_autocast(value: Any) -> Any:
     raise ValueError(f"autocast must be None, True/False, a torch.dtype or one of {', '.join(AUTOCAST_DTYPES)}, got {value!r}")
 
 
+def _check_path(name: str):  # type: ignore[no-untyped-def]
+    def check(value: Any) -> Optional[str]:
+        if value is None:
+            return None
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            raise ValueError(f"{name} must be a directory path or None, got {value!r}")
+        return str(os.fspath(value))
+
+    return check
+
+
+def _check_max_errors(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, float) and 0.0 < value < 1.0:
+        return value
+    raise ValueError(
+        f"max_errors must be an int >= 0 (a count), a float in (0, 1) (a fraction of the records seen) or None, got {value!r}"
+    )
+
+
+def _check_seconds(name: str):  # type: ignore[no-untyped-def]
+    def check(value: Any) -> Optional[float]:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _check_shard(value: Any) -> Any:
+    if value is None or value == "auto":
+        return value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and value[1] >= 1
+        and 0 <= value[0] < value[1]
+    ):
+        return (value[0], value[1])
+    raise ValueError(f"shard must be None, 'auto' or (rank, world_size) with 0 <= rank < world_size, got {value!r}")
+
+
 _VALIDATORS = {
     "backend": _check_backend,
     "num_cpu_workers": _check_count("num_cpu_workers", 1),
@@ -166,4 +237,11 @@ _VALIDATORS = {
     "process_start_method": lambda v: _check_choice("process_start_method", v, START_METHODS),
     "task_size": _check_count("task_size", 1),
     "torch_threads": _check_count("torch_threads", 1),
+    "on_error": lambda v: _check_choice("on_error", v if v is not None else "raise", ON_ERROR_CHOICES),
+    "dead_letter_path": _check_path("dead_letter_path"),
+    "max_errors": _check_max_errors,
+    "max_task_retries": lambda v: _check_count("max_task_retries", 0)(v) or 0,
+    "task_timeout": _check_seconds("task_timeout"),
+    "shard": _check_shard,
+    "show_stats": _check_bool("show_stats"),
 }

@@ -8,8 +8,9 @@ built in the main process, when a sink asks for records.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
+from .execution.selection import TaskSelection
 from .io.base import Source
 from .ops import BatchedOp, MapGPU, Op
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_TASK_SIZE, ProcessingOptions
@@ -36,6 +37,8 @@ class Plan:
 
     ``task_size`` source records form one task (parquet: one row group per task); batches
     never span tasks. ``chunk_size`` is the most output records sent to the sink per message.
+    ``task_selection`` (None: every task) is which tasks this run does: a sink that resumes
+    skips committed ones, a shard keeps its own (see :func:`.execution.task.iter_selected_payloads`).
     """
 
     source: Source
@@ -43,6 +46,7 @@ class Plan:
     options: ProcessingOptions
     task_size: int
     chunk_size: int
+    task_selection: Optional[TaskSelection] = None
 
     @property
     def ops(self) -> tuple[Op, ...]:
@@ -71,6 +75,7 @@ def default_task_size(ops: tuple[Op, ...]) -> int:
 
 def build_plan(stream: Stream) -> Plan:
     options = stream.options
+    options.check_combination()
     default_size = options.batch_size or DEFAULT_BATCH_SIZE
     ops = tuple(op.resolved(default_size, options.batch_by) if isinstance(op, BatchedOp) else op for op in stream.ops)
     task_size = options.task_size or default_task_size(ops)

@@ -99,7 +99,7 @@ def test_an_idle_worker_waiting_for_the_source_goes_first():
     # When it returns, the idle one reads next, whatever the order in which they asked.
     gate = threading.Event()
     source = CountingIterator(list(range(10)), gate=gate)
-    dispatcher = TaskDispatcher(source, 3, 2, None)
+    dispatcher = TaskDispatcher(enumerate(source), 3, 2, None)
     gate.set()
     assert dispatcher.next_task(1) == Task(0, 0)
     assert dispatcher.next_task(2) == Task(1, 1)
@@ -162,7 +162,7 @@ def _simulate(num_workers: int, num_tasks: int, max_in_flight: int, window: Opti
     its worker thread still finishes what it was given, so that the reorder window moves on.
     Returns the task indices each worker received.
     """
-    dispatcher = TaskDispatcher(iter(range(num_tasks)), num_workers, max_in_flight, window)
+    dispatcher = TaskDispatcher(enumerate(iter(range(num_tasks))), num_workers, max_in_flight, window)
     received: list[list[int]] = [[] for _ in range(num_workers)]
     done: set[int] = set()
     lock = threading.Lock()

@@ -84,7 +84,7 @@ class CountingIterator:
 
 
 def make(items: Any, num_workers: int = 1, max_in_flight: int = 100, window: Optional[int] = None) -> TaskDispatcher:
-    return TaskDispatcher(iter(items), num_workers, max_in_flight, window)
+    return TaskDispatcher(enumerate(iter(items)), num_workers, max_in_flight, window)
 
 
 # -- TaskDispatcher ---------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_fail_at_stops_handing_out_later_tasks():
 
 def test_source_error_is_raised_once_and_ends_the_tasks():
     source = CountingIterator(["a", "b", "c"], fail_at=2)
-    dispatcher = TaskDispatcher(source, 2, 100, None)
+    dispatcher = TaskDispatcher(enumerate(source), 2, 100, None)
     assert dispatcher.next_task(0) == Task(0, "a")
     assert dispatcher.next_task(1) == Task(1, "b")
     with pytest.raises(SourceFailed) as info:
@@ -193,7 +193,7 @@ def test_source_error_is_raised_once_and_ends_the_tasks():
 def test_source_error_with_a_feeder_waiting_for_the_source_lock():
     gate = threading.Event()
     source = CountingIterator([], fail_at=0, gate=gate)
-    dispatcher = TaskDispatcher(source, 2, 100, None)
+    dispatcher = TaskDispatcher(enumerate(source), 2, 100, None)
     first = Call(lambda: dispatcher.next_task(0))
     assert source.entered.wait(RETURN_TIMEOUT_S)
     second = Call(lambda: dispatcher.next_task(1))  # waits for the source lock
@@ -211,7 +211,7 @@ def test_main_thread_never_waits_behind_a_slow_source():
     # thread) must still return at once.
     gate = threading.Event()
     source = CountingIterator(list(range(5)), gate=gate)
-    dispatcher = TaskDispatcher(source, 2, 100, 4)
+    dispatcher = TaskDispatcher(enumerate(source), 2, 100, 4)
     gate.set()
     dispatcher.next_task(0)
     gate.clear()
@@ -233,7 +233,7 @@ def test_stop_wakes_every_caller_waiting_for_the_source_at_once():
     # SHUTDOWN_JOIN_TIMEOUT_S; they must return as soon as stop() is called.
     gate = threading.Event()
     source = CountingIterator(list(range(5)), gate=gate)
-    dispatcher = TaskDispatcher(source, 4, 2, None)
+    dispatcher = TaskDispatcher(enumerate(source), 4, 2, None)
     inside = Call(lambda: dispatcher.next_task(0))
     assert source.entered.wait(RETURN_TIMEOUT_S)
     waiting = [Call(lambda w=w: dispatcher.next_task(w)) for w in (1, 2, 3)]
@@ -255,7 +255,7 @@ def test_stop_wakes_every_caller_waiting_for_the_source_at_once():
 def test_a_source_ending_or_failing_after_stop_raises_dispatch_stopped(outcome):
     gate = threading.Event()
     source = CountingIterator([], fail_at=0 if outcome == "error" else None, gate=gate)
-    dispatcher = TaskDispatcher(source, 1, 2, None)
+    dispatcher = TaskDispatcher(enumerate(source), 1, 2, None)
     inside = Call(lambda: dispatcher.next_task(0))
     assert source.entered.wait(RETURN_TIMEOUT_S)
     dispatcher.stop()
@@ -369,7 +369,7 @@ def test_feeder_reports_an_unpicklable_record_and_stops_dispatch():
 
 def test_feeder_reports_a_source_error():
     conn = FakeConn()
-    recorder = run_feeder(TaskDispatcher(CountingIterator(["a"], fail_at=1), 1, 100, None), conn)
+    recorder = run_feeder(TaskDispatcher(enumerate(CountingIterator(["a"], fail_at=1)), 1, 100, None), conn)
     [(task, error)] = recorder.errors
     assert task == 1 and type(error) is UserError
     assert conn.messages[1:] == [Task(0, "a"), EndRun(7)]
@@ -405,7 +405,7 @@ def test_feeder_inside_the_source_when_the_run_stops_sends_nothing():
     # descriptor reused) by the time the source returns. Nothing is sent, not even EndRun.
     gate = threading.Event()
     source = CountingIterator(["a", "b"], gate=gate)
-    dispatcher = TaskDispatcher(source, 1, 2, None)
+    dispatcher = TaskDispatcher(enumerate(source), 1, 2, None)
     conn = FakeConn()
     recorder = Recorder()
     feeder = Call(

@@ -15,7 +15,7 @@ Example subclass (the simple backend, in full)::
 
         def run(self, plan, sink):
             ctx = ExecutionContext("main process")
-            tasks = (Task(i, p) for i, p in enumerate(plan.source.iter_tasks(plan.task_size)))
+            tasks = (Task(i, p, key=k) for i, (k, p) in enumerate(iter_selected_payloads(plan)))
             outputs = (out for task in tasks for out in run_task(plan, task, ctx, sink.finalizer()))
             return RunHandle(outputs, RunStats(self.name))
 

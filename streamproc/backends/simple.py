@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import add_context_note
 from ..execution.context import ExecutionContext
-from ..execution.task import Task, TaskOutput, run_task
+from ..execution.task import Task, TaskOutput, iter_selected_payloads, run_task
 from ..gpu.availability import check_devices_exist
 from ..plan import Plan
 from ..stats import RunStats
@@ -50,8 +50,8 @@ class SimpleBackend(Backend):
         finalize = sink.finalizer()
         task_index = 0
         try:
-            for payload in plan.source.iter_tasks(plan.task_size):
-                yield from run_task(plan, Task(task_index, payload), ctx, finalize)
+            for key, payload in iter_selected_payloads(plan):
+                yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize)
                 task_index += 1
         except Exception as exc:
             add_context_note(exc, f"streamproc: while running task {task_index} in the main process (simple backend)")

@@ -36,7 +36,7 @@ from ..errors import PipelineShutdownError, add_context_note
 from ..execution.context import ExecutionContext
 from ..execution.dispatch import SourceFailed, TaskDispatcher
 from ..execution.reorder import ReorderBuffer
-from ..execution.task import ChunkFinalizer, Task, TaskOutput, run_task
+from ..execution.task import ChunkFinalizer, Task, TaskOutput, iter_selected_payloads, run_task
 from ..gpu.forward import set_torch_threads, shared_forward_runners
 from ..ops import stage_running_in
 from ..plan import Plan
@@ -87,7 +87,7 @@ class _ThreadRun:
         self.finalize = finalize
         self.deterministic = plan.options.deterministic
         window = REORDER_WINDOW_TASKS_PER_THREAD * num_threads if self.deterministic else None
-        payloads = plan.source.iter_tasks(plan.task_size)  # a generator: reads nothing yet
+        payloads = iter_selected_payloads(plan)  # a generator: reads nothing yet
         self.dispatcher = TaskDispatcher(payloads, num_threads, MAX_TASKS_IN_FLIGHT_PER_THREAD, window)
         self.results: queue.Queue[_Message] = queue.Queue(RESULT_QUEUE_CHUNKS_PER_THREAD * num_threads)
         self.forward_runners = shared_forward_runners(plan.options.gpu_worker_devices, plan.options.autocast)

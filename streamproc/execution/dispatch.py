@@ -66,7 +66,10 @@ def may_take_task(worker: int, in_flight: Sequence[int], live: Sequence[bool]) -
 
 
 class TaskDispatcher:
-    """Hands out ``Task(index, payload)`` in source order to whichever feeder may take it first.
+    """Hands out ``Task(index, payload, key)`` in source order to whichever feeder may take it first.
+
+    ``payloads`` yields ``(key, payload)`` pairs (see :func:`.task.iter_selected_payloads`);
+    indices count the tasks handed out, 0, 1, 2..., whatever keys a task selection skipped.
 
     Thread-safe; every field is guarded by ``_cond``. One caller at a time reads the source
     (``_reader`` names its worker); it reads without holding ``_cond``, so the main thread,
@@ -89,7 +92,7 @@ class TaskDispatcher:
     """
 
     def __init__(
-        self, payloads: Iterator[Any], num_workers: int, max_in_flight: int, window: Optional[int], run_id: int = 0
+        self, payloads: Iterator[tuple[int, Any]], num_workers: int, max_in_flight: int, window: Optional[int], run_id: int = 0
     ) -> None:
         self._payloads = payloads
         self._run_id = run_id
@@ -142,7 +145,7 @@ class TaskDispatcher:
             index = self._next_index
             self._reader = worker
         try:
-            payload = next(self._payloads)
+            key, payload = next(self._payloads)
         except StopIteration:
             self._end_reading(index, next_index=index, total=index)
             return None
@@ -156,7 +159,7 @@ class TaskDispatcher:
             if index >= self._stop_at:  # a task before it failed meanwhile: not needed
                 return None
             self._in_flight[worker] += 1
-        return Task(index, payload, self._run_id)
+        return Task(index, payload, self._run_id, None if key == index else key)
 
     def _end_reading(self, index: int, next_index: int, total: Optional[int] = None) -> None:
         """The source returned for task ``index`` (``total``: it ended or failed there).

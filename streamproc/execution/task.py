@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from ..stats import TaskStats
     from .context import ExecutionContext
+    from .error_policy import RecordError
 
 #: Turns a task's list of output records into what travels to the sink (a list, an Arrow table...).
 ChunkFinalizer = Callable[[list[Any]], Any]
@@ -25,11 +26,23 @@ ChunkFinalizer = Callable[[list[Any]], Any]
 
 @dataclass(frozen=True)
 class Task:
-    """A numbered unit of work of run ``run_id``: ``payload`` is what ``Source.read_task`` needs."""
+    """A numbered unit of work of run ``run_id``: ``payload`` is what ``Source.read_task`` needs.
+
+    ``index`` is the task's position in this run (0, 1, 2, ... with no gap: dispatch and the
+    reorder buffer count on it); ``key`` is its number in the whole, unsharded stream (the
+    task's place in the part layout, its seed, its name in error rows). They differ when a
+    :class:`~streamproc.execution.selection.TaskSelection` skips tasks (resume, sharding);
+    ``key=None`` means ``key == index``.
+    """
 
     index: int
     payload: Any
     run_id: int = 0
+    key: Optional[int] = None
+
+    @property
+    def task_key(self) -> int:
+        return self.index if self.key is None else self.key
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,8 @@ class TaskOutput:
     where the task ran (an Arrow table, JSON text, nothing for a sink that wrote them there).
     A task's chunks come in order; ``last`` marks its final one, which carries ``stats``.
     A task with no output yields one ``TaskOutput`` with ``chunk=None`` and ``count=0``.
+    ``task_key`` is the task's key in the whole stream (see :class:`Task`; None: the index).
+    ``errors`` are the records the error policy dropped in this chunk (dead-letter rows).
     """
 
     task_index: int
@@ -47,6 +62,8 @@ class TaskOutput:
     count: int
     stats: Optional[TaskStats] = None
     last: bool = True
+    task_key: Optional[int] = None
+    errors: tuple[RecordError, ...] = ()
 
 
 def iter_task_records(plan: Plan, payload: Any, ctx: ExecutionContext) -> Iterator[list[Any]]:
@@ -91,13 +108,27 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     try:
         for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize):
             if previous is not None:
-                yield TaskOutput(task.index, previous[0], previous[1], last=False)
+                yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key)
             previous = (chunk, count)
     except GeneratorExit:  # the consumer closed us: nothing more may be yielded
         raise
     except BaseException:
         if previous is not None:
-            yield TaskOutput(task.index, previous[0], previous[1], last=False)
+            yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key)
         raise
     chunk, count = previous if previous is not None else (None, 0)
-    yield TaskOutput(task.index, chunk, count, last=True)
+    yield TaskOutput(task.index, chunk, count, last=True, task_key=task.task_key)
+
+
+def iter_selected_payloads(plan: Plan) -> Iterator[tuple[int, Any]]:
+    """``(key, payload)`` of the tasks this run does, in source order (main process).
+
+    Every task of the source is numbered (its key); the plan's task selection (resume,
+    sharding) drops the ones this run skips. A skipped task's payload is still produced (an
+    iterable source is re-iterated and its records discarded); a splittable source's payload
+    holds no records, so skipping a parquet row group reads nothing of it.
+    """
+    selection = plan.task_selection
+    for key, payload in enumerate(plan.source.iter_tasks(plan.task_size)):
+        if selection is None or selection.selects(key):
+            yield key, payload

@@ -59,6 +59,13 @@ class Source(ABC):
                 return
             yield chunk
 
+    def locate(self, payload: Any, row: int | None = None) -> str:
+        """Where task ``payload`` (and its record number ``row``, counted from 0) is in the input,
+        for error notes and dead-letter rows (where the task runs). Override to name the file,
+        row group or line; the default names the source and the row only."""
+        where = self.describe()
+        return where if row is None else f"{where}, record {row} of its task"
+
     @abstractmethod
     def describe(self) -> str:
         """A short text for ``repr(stream)``."""

@@ -149,7 +149,7 @@ def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId) -> None:
 def _run_task(run: _RunState, task: Task, sender: _ResultSender, worker: WorkerId) -> None:
     try:
         for output in run_task(run.plan, task, run.ctx, run.finalize):
-            sender.send(TaskChunk(run.run_id, task.index, output.chunk, output.count, output.last))
+            sender.send(TaskChunk(run.run_id, output))
     except BaseException as exc:
         error = as_crash(exc, worker, f"in task {task.index}")
         sender.send(TaskFailed(run.run_id, task.index, ExceptionWithTraceback(error, f"{worker}, task {task.index}")))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ...execution.task import Task  # noqa: F401 (the main -> worker message is the shared core's Task)
+from ...execution.task import Task, TaskOutput  # noqa: F401 (the main -> worker message is the shared core's Task)
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,18 @@ class WorkerDone:
 
 @dataclass(frozen=True)
 class TaskChunk:
-    """Up to ``chunk_size`` outputs of task ``task_index``; chunks of a task arrive in order."""
+    """One :class:`TaskOutput` (up to ``chunk_size`` outputs of a task); a task's chunks arrive in order."""
 
     run_id: int
-    task_index: int
-    chunk: Any
-    count: int
-    last: bool
+    output: TaskOutput
+
+    @property
+    def task_index(self) -> int:
+        return self.output.task_index
+
+    @property
+    def last(self) -> bool:
+        return self.output.last
 
 
 @dataclass(frozen=True)

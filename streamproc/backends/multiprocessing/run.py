@@ -50,7 +50,7 @@ from ...execution.dispatch import TaskDispatcher
 from ...execution.reorder import ReorderBuffer
 from ...execution.serialization import dumps_message, dumps_plan, dumps_worker_plan, loads_message
 from ...execution.split import split_plan
-from ...execution.task import TaskOutput
+from ...execution.task import TaskOutput, iter_selected_payloads
 from ...plan import Plan
 from .feeder import feed_worker
 from .messages import EndRun, RunEnded, StartRun, TaskChunk, TaskFailed, WorkerDone, WorkerFailed, WorkerStarted
@@ -122,7 +122,7 @@ class _Run:
         # Created after the workers: no child inherits it.
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
-        payloads = self.plan.source.iter_tasks(self.plan.task_size)
+        payloads = iter_selected_payloads(self.plan)
         self.dispatcher = TaskDispatcher(payloads, self.num_workers, MAX_TASKS_IN_FLIGHT_PER_WORKER, window, run_id=self.run_id)
         first, last = dumps_message(start), dumps_message(EndRun(self.run_id))
         for worker, assignment in zip(self.pool.cpu_workers, self.assigned):
@@ -221,8 +221,8 @@ class _Run:
         if isinstance(message, (TaskChunk, TaskFailed, RunEnded)) and message.run_id != self.run_id:
             raise PipelineShutdownError(f"{worker.id} answered for run {message.run_id} during run {self.run_id}")
         if isinstance(message, TaskChunk):
-            reorder.add(TaskOutput(message.task_index, message.chunk, message.count, last=message.last))
-            if message.last:
+            reorder.add(message.output)
+            if message.output.last:
                 self._task_done(worker, message.task_index)
         elif isinstance(message, TaskFailed):
             self._raise_if_gpu_worker_gone(message.error)
