@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 from .errors import (
+    CorruptInputError,
     PipelineShutdownError,
     RemoteError,
     RemoteTraceback,
@@ -76,6 +77,7 @@ def read_jsonl(path: PathLike, filesystem: Any = None) -> Stream:
 
 
 __all__ = [
+    "CorruptInputError",
     "ModelShippedWarning",
     "PipelineShutdownError",
     "RemoteError",
