@@ -2,6 +2,9 @@
 
 The main process reads raw lines in tasks of ``task_size`` lines; parsing happens where the
 task runs (a CPU worker with the multiprocessing backend). ``.gz`` files are decompressed.
+Lines end at ``"\n"`` (the JSON Lines separator; a ``"\r\n"`` ending is JSON whitespace). Each
+line is decoded as UTF-8 on its own, so invalid UTF-8 and a truncated or corrupt ``.gz`` raise
+:class:`~streamproc.errors.CorruptInputError` naming the file and the line, in the main process.
 """
 
 from __future__ import annotations
@@ -10,21 +13,71 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from typing import Any, Optional
 
+from ..errors import CorruptInputError
 from .base import Source
 from .paths import PathLike, resolve_files
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+#: Bytes read (decompressed) at a time while splitting a file into lines.
+READ_BLOCK_BYTES = 1 << 20
+#: What a truncated or corrupt gzip stream raises while it is read.
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
-def _open_text(fs: Any, path: str) -> Any:
+def _open_binary(fs: Any, path: str) -> Any:
     # compression=None: pyarrow would otherwise detect ".gz" and decompress too, and the
     # GzipFile below would then read plain text ("Not a gzipped file").
     raw = fs.open_input_stream(path, compression=None)
-    stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-    return io.TextIOWrapper(stream, encoding="utf-8")
+    return gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+
+
+def iter_lines(fs: Any, path: str) -> Iterator[str]:
+    """The lines of ``path`` (``"\n"`` kept), decoded one by one (main process).
+
+    Raises:
+        CorruptInputError: a line is not valid UTF-8, or the ``.gz`` stream is truncated or
+            corrupt (names the file and the line).
+    """
+    line_no = 0
+    with _open_binary(fs, path) as stream:
+        # The start of a line not ended yet, in pieces (a long line is joined once, not per block).
+        pending: list[bytes] = []
+        # read1 on a GzipFile returns what one underlying read decompressed: data before a
+        # truncation comes out before the error, so the error names the line where it stops.
+        read = stream.read1 if isinstance(stream, gzip.GzipFile) else stream.read
+        while True:
+            try:
+                block = read(READ_BLOCK_BYTES)
+            except _GZIP_ERRORS as exc:
+                raise CorruptInputError(
+                    f"read_jsonl: {path}: truncated or corrupt gzip data at line {line_no + 1} "
+                    f"(the lines before it were read): {type(exc).__name__}: {exc}"
+                ) from exc
+            if not block:
+                break
+            if b"\n" not in block:
+                pending.append(block)
+                continue
+            first, *lines, rest = block.split(b"\n")
+            for raw in [b"".join([*pending, first]), *lines]:
+                line_no += 1
+                yield _decode(raw + b"\n", path, line_no)
+            pending = [rest] if rest else []
+        if pending:
+            yield _decode(b"".join(pending), path, line_no + 1)
+
+
+def _decode(raw: bytes, path: str, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptInputError(
+            f"read_jsonl: invalid UTF-8 in {path}, line {line_no}, byte {exc.start} of the line: {exc.reason}"
+        ) from exc
 
 
 class JsonlSource(Source):
@@ -36,17 +89,16 @@ class JsonlSource(Source):
 
     def iter_tasks(self, task_size: int) -> Iterator[tuple[str, int, list[str]]]:
         for path in self.files:
-            with _open_text(self.filesystem, path) as lines:
-                first_line, chunk = 1, list[str]()
-                for line_no, line in enumerate(lines, start=1):
-                    if not chunk:
-                        first_line = line_no
-                    chunk.append(line)
-                    if len(chunk) >= task_size:
-                        yield path, first_line, chunk
-                        chunk = []
-                if chunk:
+            first_line, chunk = 1, list[str]()
+            for line_no, line in enumerate(iter_lines(self.filesystem, path), start=1):
+                if not chunk:
+                    first_line = line_no
+                chunk.append(line)
+                if len(chunk) >= task_size:
                     yield path, first_line, chunk
+                    chunk = []
+            if chunk:
+                yield path, first_line, chunk
 
     def read_task(self, payload: tuple[str, int, list[str]]) -> Iterator[Any]:
         path, first_line, lines = payload
@@ -57,6 +109,17 @@ class JsonlSource(Source):
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"read_jsonl: malformed JSON in {path}, line {line_no}: {exc.msg} (column {exc.colno})") from exc
+
+    def locate(self, payload: tuple[str, int, list[str]], row: Optional[int] = None) -> str:
+        """``"<file>, lines <first> to <last>"``, or ``"<file>, line <n>"`` for record ``row`` of the
+        task (blank lines hold no record: the ``row``-th non-blank line)."""
+        path, first_line, lines = payload
+        if row is None:
+            return f"{path}, lines {first_line} to {first_line + len(lines) - 1}"
+        record_lines = [line_no for line_no, line in enumerate(lines, start=first_line) if line.strip()]
+        if 0 <= row < len(record_lines):
+            return f"{path}, line {record_lines[row]}"
+        return f"{path}, lines {first_line} to {first_line + len(lines) - 1} (record {row} is past the task's end)"
 
     def describe(self) -> str:
         return f"read_jsonl({self.path_text!r}: {len(self.files)} file(s))"
