@@ -55,7 +55,8 @@ def tasks_of(items: list[Any], task_size: int) -> list[list[Any]]:
 
 def rank_share(items: list[Any], task_size: int, rank: int, world_size: int, tasks_per_group: int = 1) -> list[Any]:
     """What rank ``rank`` outputs of ``items`` (one output per input record, task by task)."""
-    return [x for key, task in enumerate(tasks_of(items, task_size)) if (key // tasks_per_group) % world_size == rank for x in task]
+    tasks = enumerate(tasks_of(items, task_size))
+    return [x for key, task in tasks if (key // tasks_per_group) % world_size == rank for x in task]
 
 
 def reassemble(per_rank: list[list[Any]], task_size: int, tasks_per_group: int = 1) -> list[Any]:

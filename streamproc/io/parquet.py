@@ -10,6 +10,7 @@ the task that reads it, naming the file and the row group.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
@@ -76,7 +77,11 @@ def read_footer_schema(path: str, filesystem: Any) -> pa.Schema:
     except _reader_errors() as exc:
         if not _is_corruption(exc):
             raise
-        raise CorruptInputError(f"read_parquet: cannot read the footer of {path!r} (empty, truncated or not parquet): {exc}") from exc
+        raise _corrupt_footer(path, exc) from exc
+
+
+def _corrupt_footer(path: str, exc: BaseException) -> CorruptInputError:
+    return CorruptInputError(f"read_parquet: cannot read the footer of {path!r} (empty, truncated or not parquet): {exc}")
 
 
 class ParquetSource(Source):
@@ -102,31 +107,31 @@ class ParquetSource(Source):
                 )
             columns = list(columns)
         self.columns = columns
-        self._open: Optional[tuple[str, Any]] = None
+        self._local = threading.local()
 
     def _parquet_file(self, path: str) -> Any:
-        # Keep the last file open: consecutive tasks usually come from the same file.
+        # Keep the last file open: consecutive tasks usually come from the same file. One per
+        # thread: the threads backend's threads share this source, and a reader is not shared.
         import pyarrow.parquet as pq
 
-        if self._open is None or self._open[0] != path:
-            self._open = (path, pq.ParquetFile(path, filesystem=self.filesystem))
-        return self._open[1]
+        opened: Optional[tuple[str, Any]] = getattr(self._local, "open", None)
+        if opened is None or opened[0] != path:
+            opened = (path, pq.ParquetFile(path, filesystem=self.filesystem))
+            self._local.open = opened
+        return opened[1]
 
     def _read_footer(self, path: str) -> _Footer:
         """The row counts of the row groups of ``path`` and its schema (selected columns only)."""
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         try:
-            metadata = self._parquet_file(path).metadata
+            metadata = pq.read_metadata(path, filesystem=self.filesystem)
             schema = metadata.schema.to_arrow_schema()
         except _reader_errors() as exc:
             if not _is_corruption(exc):
                 raise
-            raise CorruptInputError(
-                f"read_parquet: cannot read the footer of {path!r} (empty, truncated or not parquet): {exc}"
-            ) from exc
-        finally:
-            self._open = None  # the main process lists files; workers open them
+            raise _corrupt_footer(path, exc) from exc
         if self.columns is not None:
             schema = pa.schema([schema.field(name) for name in self.columns if name in schema.names])
         return _Footer(path, [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)], schema)
@@ -184,5 +189,9 @@ class ParquetSource(Source):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_open"] = None  # open file handles do not travel
+        del state["_local"]  # open file handles do not travel
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()

@@ -68,7 +68,9 @@ def unify_file_schemas(file_schemas: Sequence[tuple[str, pa.Schema]]) -> pa.Sche
     return pa.schema([field.with_nullable(True) for field in unified])
 
 
-def _incompatibility(unified: pa.Schema, type_origin: dict[str, str], path: str, schema: pa.Schema, exc: Exception) -> SchemaError:
+def _incompatibility(
+    unified: pa.Schema, type_origin: dict[str, str], path: str, schema: pa.Schema, exc: Exception
+) -> SchemaError:
     import pyarrow as pa
 
     for field in schema:
