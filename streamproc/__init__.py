@@ -59,7 +59,9 @@ def read_parquet(path: PathLike, columns: Optional[list[str]] = None, filesystem
 
     ``path`` is a file, a directory (read recursively, hidden and ``_`` files skipped), a glob
     or a list of those. A missing path or an unknown column raises now, not at run time.
-    With the multiprocessing backend, row groups are decoded in the CPU workers.
+    With the multiprocessing backend, row groups are decoded in the CPU workers. When the run
+    starts, every footer is read: files whose schemas differ are unified (or refused with
+    ``SchemaError`` naming both files), and a corrupt file raises ``CorruptInputError``.
     """
     from .io.parquet import ParquetSource
 
@@ -69,7 +71,8 @@ def read_parquet(path: PathLike, columns: Optional[list[str]] = None, filesystem
 def read_jsonl(path: PathLike, filesystem: Any = None) -> Stream:
     """A stream of records from JSON Lines files (one JSON value per non-empty line; ``.gz`` ok).
 
-    A malformed line raises ``ValueError`` naming the file and the line number.
+    A malformed line raises ``ValueError`` naming the file and the line number; invalid UTF-8
+    or a truncated ``.gz`` raises ``CorruptInputError`` naming them too.
     """
     from .io.jsonl import JsonlSource
 
