@@ -2,9 +2,10 @@
 
 The main process reads raw lines in tasks of ``task_size`` lines; parsing happens where the
 task runs (a CPU worker with the multiprocessing backend). ``.gz`` files are decompressed.
-Lines end at ``"\n"`` (the JSON Lines separator; a ``"\r\n"`` ending is JSON whitespace). Each
-line is decoded as UTF-8 on its own, so invalid UTF-8 and a truncated or corrupt ``.gz`` raise
-:class:`~streamproc.errors.CorruptInputError` naming the file and the line, in the main process.
+Lines end at ``"\n"`` (the JSON Lines separator; a ``"\r\n"`` ending is JSON whitespace) and
+are decoded a block at a time; invalid UTF-8 and a truncated or corrupt ``.gz`` raise
+:class:`~streamproc.errors.CorruptInputError` naming the file and the line, in the main process,
+after the lines before it.
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ def _open_binary(fs: Any, path: str) -> Any:
     return gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
 
 
-def iter_lines(fs: Any, path: str) -> Iterator[str]:
-    """The lines of ``path`` (``"\n"`` kept), decoded one by one (main process).
+def iter_line_blocks(fs: Any, path: str) -> Iterator[list[str]]:
+    """The lines of ``path`` (without their ``"\n"``), decoded and split a block at a time (main process).
 
     Raises:
         CorruptInputError: a line is not valid UTF-8, or the ``.gz`` stream is truncated or
-            corrupt (names the file and the line).
+            corrupt (names the file and the line); the lines before it are yielded first.
     """
-    line_no = 0
+    line_no = 0  # lines yielded so far
     with _open_binary(fs, path) as stream:
         # The start of a line not ended yet, in pieces (a long line is joined once, not per block).
         pending: list[bytes] = []
@@ -59,25 +60,36 @@ def iter_lines(fs: Any, path: str) -> Iterator[str]:
                 ) from exc
             if not block:
                 break
-            if b"\n" not in block:
+            cut = block.rfind(b"\n") + 1
+            if not cut:
                 pending.append(block)
                 continue
-            first, *lines, rest = block.split(b"\n")
-            for raw in [b"".join([*pending, first]), *lines]:
-                line_no += 1
-                yield _decode(raw + b"\n", path, line_no)
-            pending = [rest] if rest else []
+            yield from _decode_lines(b"".join([*pending, block[: cut - 1]]), path, line_no)
+            pending = [block[cut:]] if cut < len(block) else []
+            line_no += block.count(b"\n", 0, cut)  # the lines just yielded (pending holds no "\n")
         if pending:
-            yield _decode(b"".join(pending), path, line_no + 1)
+            yield from _decode_lines(b"".join(pending), path, line_no)
 
 
-def _decode(raw: bytes, path: str, line_no: int) -> str:
+def _decode_lines(data: bytes, path: str, lines_before: int) -> Iterator[list[str]]:
+    """Yields the lines of ``data`` (whole lines joined by ``"\n"``, the first being line
+    ``lines_before + 1``), decoded at once and split at ``"\n"`` only (a JSON string may hold
+    U+2028, at which ``str.splitlines`` would split too).
+
+    Raises:
+        CorruptInputError: invalid UTF-8, after yielding the lines before the bad one.
+    """
     try:
-        return raw.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        if line_start:
+            yield data[: line_start - 1].decode("utf-8").split("\n")
+        line_no = lines_before + data.count(b"\n", 0, exc.start) + 1
         raise CorruptInputError(
-            f"read_jsonl: invalid UTF-8 in {path}, line {line_no}, byte {exc.start} of the line: {exc.reason}"
+            f"read_jsonl: invalid UTF-8 in {path}, line {line_no}, byte {exc.start - line_start} of the line: {exc.reason}"
         ) from exc
+    yield text.split("\n")
 
 
 class JsonlSource(Source):
@@ -90,13 +102,19 @@ class JsonlSource(Source):
     def iter_tasks(self, task_size: int) -> Iterator[tuple[str, int, list[str]]]:
         for path in self.files:
             first_line, chunk = 1, list[str]()
-            for line_no, line in enumerate(iter_lines(self.filesystem, path), start=1):
-                if not chunk:
-                    first_line = line_no
-                chunk.append(line)
-                if len(chunk) >= task_size:
-                    yield path, first_line, chunk
-                    chunk = []
+            lines_before = 0  # lines of the file before the current block
+            for lines in iter_line_blocks(self.filesystem, path):
+                taken = 0
+                while taken < len(lines):
+                    if not chunk:
+                        first_line = lines_before + taken + 1
+                    more = lines[taken : taken + task_size - len(chunk)]
+                    chunk.extend(more)
+                    taken += len(more)
+                    if len(chunk) >= task_size:
+                        yield path, first_line, chunk
+                        chunk = []
+                lines_before += len(lines)
             if chunk:
                 yield path, first_line, chunk
 
