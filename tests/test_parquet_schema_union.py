@@ -132,3 +132,11 @@ def test_a_value_that_does_not_fit_the_unified_type_names_the_file(tmp_path):
     assert outputs == [{"n": 1}]
     assert isinstance(exc, sp.SchemaError)
     assert f"field 'n' of {str(tmp_path / 'b.parquet')!r}, row group 0 cannot be read as int64" in str(exc)
+
+
+def test_module_doctests():
+    import doctest
+
+    from streamproc.io import parquet_schema
+
+    assert doctest.testmod(parquet_schema).failed == 0

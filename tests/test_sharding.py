@@ -307,3 +307,13 @@ def test_forward_runs_on_the_local_rank_device_under_torchrun(monkeypatch):
 
     stream = sp.from_iterable(range(6)).map_gpu(torch.tensor, device_of)
     assert [int(x) for x in stream.to_list()] == [local_rank] * 6
+
+
+def test_module_doctests():
+    import doctest
+
+    from streamproc import plan
+    from streamproc.execution import sharding
+
+    assert doctest.testmod(sharding).failed == 0
+    assert doctest.testmod(plan).failed == 0
