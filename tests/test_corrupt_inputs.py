@@ -189,3 +189,11 @@ def test_a_line_longer_than_a_read_block(tmp_path, monkeypatch):
     path = tmp_path / "a.jsonl"
     path.write_text("".join(f'{{"i": {r["i"]}, "text": "{r["text"]}"}}\n' for r in records), encoding="utf-8")
     assert sp.read_jsonl(path).to_list() == records
+
+
+def test_unicode_line_separators_inside_strings_do_not_split_lines(tmp_path):
+    # U+2028 and U+0085 are valid raw inside JSON strings; str.splitlines would split at them.
+    records = [{"t": "a\u2028b"}, {"t": "c\x85d\u2029e"}]
+    path = tmp_path / "a.jsonl"
+    path.write_bytes("".join(f'{{"t": "{r["t"]}"}}\n' for r in records).encode("utf-8"))
+    assert sp.read_jsonl(path).to_list() == records
