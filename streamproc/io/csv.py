@@ -1,0 +1,250 @@
+"""CSV input: ``read_csv``, streamed block by block with pyarrow's CSV reader where each task runs.
+
+Two task layouts, both pure functions of the files (never of the workers):
+
+* one task per file (the default, and always for compressed files): values may hold quoted
+  newlines, so only a reader that starts at the top of the file can tell rows apart;
+* with ``newlines_in_values=False`` (the user declares that no value holds a newline), each
+  file is cut into byte ranges of ``block_size`` bytes. A range owns the lines that *start*
+  in it: the task's reader skips to the first line start at or after its first byte, and
+  reads to the first line start at or after its last byte. The file's header line is put in
+  front of each range's bytes, so every range parses as a complete CSV file.
+
+The main process only lists files, their sizes and the first file's header (to check
+``columns``); the rows are parsed where the task runs (a CPU worker with multiprocessing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Optional, Union
+
+from ..errors import SchemaError
+from .base import Source
+from .parquet import batch_to_records
+from .paths import PathLike, resolve_files
+
+CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".csv.bz2", ".tsv.bz2")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
+DEFAULT_BLOCK_SIZE = 16 * 1024 * 1024
+#: How far past a byte offset the reader scans per read while looking for the next line start.
+_SCAN_BYTES = 64 * 1024
+
+#: A task: a whole file ``(path, None, None)`` or the byte range ``(path, start, stop)``.
+CSVTask = tuple[str, Optional[int], Optional[int]]
+
+
+def _csv_error(path: str, exc: Exception, start: Optional[int] = None, stop: Optional[int] = None) -> ValueError:
+    where = path if start is None else f"{path} (bytes {start}-{stop})"
+    return ValueError(f"read_csv: cannot read {where}: {exc}")
+
+
+def _next_line_start(f: Any, offset: int, size: int) -> int:
+    """The offset of the first line that starts at or after ``offset`` (``size`` if none)."""
+    if offset <= 0:
+        return 0
+    if offset >= size:
+        return size
+    f.seek(offset - 1)  # a line starts at ``offset`` if the byte before it ends a line
+    position = offset - 1
+    while True:
+        block = f.read(_SCAN_BYTES)
+        if not block:
+            return size
+        newline = block.find(b"\n")
+        if newline >= 0:
+            return position + newline + 1
+        position += len(block)
+
+
+class CSVSource(Source):
+    """Dict records from CSV files; see the module docstring for tasks.
+
+    Args:
+        path: a file, a directory (read recursively), a glob or a list of those.
+        columns: the columns to read (all when None); unknown names fail at once.
+        newlines_in_values: False promises no value holds a newline: files are then split
+            into ``block_size``-byte tasks instead of one task per file.
+        read_options, parse_options, convert_options: pyarrow's ``csv.ReadOptions``,
+            ``csv.ParseOptions`` and ``csv.ConvertOptions`` (copied; named arguments of
+            :func:`streamproc.read_csv` override their fields).
+        filesystem: a ``pyarrow.fs.FileSystem`` or an fsspec filesystem (local when None).
+        block_size: the byte size of a task with ``newlines_in_values=False``.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        columns: Optional[list[str]] = None,
+        newlines_in_values: bool = True,
+        read_options: Any = None,
+        parse_options: Any = None,
+        convert_options: Any = None,
+        filesystem: Any = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        import pyarrow.csv as pacsv
+
+        if not isinstance(newlines_in_values, bool):
+            raise TypeError(f"read_csv: newlines_in_values must be True or False, got {newlines_in_values!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"read_csv: block_size must be a positive int (bytes), got {block_size!r}")
+        self.path_text = str(path)
+        self.filesystem, self.files = resolve_files(path, CSV_SUFFIXES, filesystem, what="read_csv")
+        self.read_options = _copy_options(read_options, pacsv.ReadOptions, "read_options")
+        self.parse_options = _copy_options(parse_options, pacsv.ParseOptions, "parse_options")
+        self.convert_options = _copy_options(convert_options, pacsv.ConvertOptions, "convert_options")
+        self.parse_options.newlines_in_values = newlines_in_values
+        self.newlines_in_values = newlines_in_values
+        self.block_size = block_size
+        if not newlines_in_values and (self.read_options.skip_rows or self.read_options.skip_rows_after_names):
+            raise ValueError("read_csv: skip_rows and skip_rows_after_names need newlines_in_values=True (one task per file)")
+        if columns is not None:
+            if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+                raise TypeError(f"read_csv: columns must be a list of column names, got {columns!r}")
+            names = self._column_names(self.files[0])
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise SchemaError(f"read_csv: unknown column(s) {missing} in {self.files[0]!r}; available: {names}")
+            self.convert_options.include_columns = list(columns)
+        self.columns = columns
+
+    def _column_names(self, path: str) -> list[str]:
+        """The column names of ``path``: given ones, else its header (main process, first block)."""
+        if self.read_options.column_names:
+            return list(self.read_options.column_names)
+        reader = self._open_reader(path, self.filesystem.open_input_stream(path), include_columns=False)
+        try:
+            names: list[str] = reader.schema.names
+        finally:
+            reader.close()
+        return names
+
+    def _open_reader(self, path: str, stream: Any, include_columns: bool = True, start: Optional[int] = None, stop: Optional[int] = None) -> Any:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        convert = self.convert_options
+        if not include_columns:
+            convert = _copy_options(convert, pacsv.ConvertOptions, "convert_options")
+            convert.include_columns = []
+        try:
+            return pacsv.open_csv(stream, read_options=self.read_options, parse_options=self.parse_options, convert_options=convert)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            stream.close()
+            raise _csv_error(path, exc, start, stop) from exc
+
+    def _splittable(self, path: str) -> bool:
+        return not self.newlines_in_values and not path.endswith(COMPRESSED_SUFFIXES)
+
+    def iter_tasks(self, task_size: int) -> Iterator[CSVTask]:
+        for path in self.files:
+            if not self._splittable(path):
+                yield path, None, None
+                continue
+            size = self.filesystem.get_file_info(path).size
+            for start in range(0, max(size, 1), self.block_size):
+                yield path, start, min(start + self.block_size, size)
+
+    def read_task(self, payload: CSVTask) -> Iterator[dict[str, Any]]:
+        for records in self.read_task_chunks(payload, 0):
+            yield from records
+
+    def read_task_chunks(self, payload: CSVTask, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
+        """One list of dicts per block pyarrow parses (``read_options.block_size`` bytes)."""
+        import pyarrow as pa
+
+        path, start, stop = payload
+        stream: Any = self.filesystem.open_input_stream(path) if start is None else self._range_stream(path, start, stop)
+        reader = self._open_reader(path, stream, start=start, stop=stop)
+        try:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    return
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                    raise _csv_error(path, exc, start, stop) from exc
+                if batch.num_rows:
+                    yield batch_to_records(batch)
+        finally:
+            reader.close()
+
+    def _range_stream(self, path: str, start: int, stop: Optional[int]) -> Any:
+        """The header line (unless names are given) and the lines that start in ``[start, stop)``."""
+        import pyarrow as pa
+
+        assert stop is not None
+        with self.filesystem.open_input_file(path) as f:
+            size = f.size()
+            header = b""
+            first = _next_line_start(f, start, size)
+            if not self.read_options.column_names and not self.read_options.autogenerate_column_names:
+                header_end = _next_line_start(f, 1, size)
+                f.seek(0)
+                header = f.read(header_end)
+                first = max(first, header_end)  # the first range's header is read once
+            last = _next_line_start(f, stop, size)
+            f.seek(first)
+            body = f.read(max(last - first, 0))
+        return pa.BufferReader(header + body if body else header)
+
+    def locate(self, payload: CSVTask, row: int | None = None) -> str:
+        path, start, stop = payload
+        where = path if start is None else f"{path}, bytes {start}-{stop}"
+        return where if row is None else f"{where}, row {row} of the task"
+
+    def describe(self) -> str:
+        cols = f", columns={self.columns}" if self.columns is not None else ""
+        return f"read_csv({self.path_text!r}{cols}: {len(self.files)} file(s))"
+
+
+def _copy_options(options: Any, kind: type, name: str) -> Any:
+    """A copy of a pyarrow CSV options object (or a new default one), so the user's stays as is."""
+    if options is None:
+        return kind()
+    if not isinstance(options, kind):
+        raise TypeError(f"read_csv: {name} must be a pyarrow.csv.{kind.__name__}, got {type(options).__name__}")
+    import pickle
+
+    return pickle.loads(pickle.dumps(options))  # pyarrow's options have no copy(); they pickle
+
+
+def make_csv_source(
+    path: PathLike,
+    columns: Optional[list[str]] = None,
+    *,
+    delimiter: Optional[str] = None,
+    quote_char: Union[str, bool, None] = None,
+    column_names: Optional[list[str]] = None,
+    column_types: Optional[dict[str, Any]] = None,
+    newlines_in_values: bool = True,
+    read_options: Any = None,
+    parse_options: Any = None,
+    convert_options: Any = None,
+    filesystem: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> CSVSource:
+    """The source of ``sp.read_csv``: named arguments set the fields of pyarrow's options."""
+    import pyarrow.csv as pacsv
+
+    read_options = _copy_options(read_options, pacsv.ReadOptions, "read_options")
+    parse_options = _copy_options(parse_options, pacsv.ParseOptions, "parse_options")
+    convert_options = _copy_options(convert_options, pacsv.ConvertOptions, "convert_options")
+    if delimiter is not None:
+        if not isinstance(delimiter, str) or len(delimiter) != 1:
+            raise ValueError(f"read_csv: delimiter must be one character, got {delimiter!r}")
+        parse_options.delimiter = delimiter
+    if quote_char is not None:
+        if not (quote_char is False or (isinstance(quote_char, str) and len(quote_char) == 1)):
+            raise ValueError(f"read_csv: quote_char must be one character or False (no quoting), got {quote_char!r}")
+        parse_options.quote_char = quote_char
+    if column_names is not None:
+        if isinstance(column_names, str) or not all(isinstance(c, str) for c in column_names):
+            raise TypeError(f"read_csv: column_names must be a list of names, got {column_names!r}")
+        read_options.column_names = list(column_names)
+    if column_types is not None:
+        if not isinstance(column_types, dict):
+            raise TypeError(f"read_csv: column_types must be a dict of column name -> pyarrow type, got {column_types!r}")
+        convert_options.column_types = column_types
+    return CSVSource(path, columns, newlines_in_values, read_options, parse_options, convert_options, filesystem, block_size)
