@@ -189,6 +189,18 @@ class CSVSource(Source):
             body = f.read(max(last - first, 0))
         return pa.BufferReader(header + body if body else header)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("read_options", "parse_options", "convert_options"):
+            state[name] = (type(state[name]), _option_fields(state[name]))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in ("read_options", "parse_options", "convert_options"):
+            kind, fields = state[name]
+            state[name] = kind(**fields)
+        self.__dict__.update(state)
+
     def locate(self, payload: CSVTask, row: int | None = None) -> str:
         path, start, stop = payload
         where = path if start is None else f"{path}, bytes {start}-{stop}"
@@ -199,15 +211,46 @@ class CSVSource(Source):
         return f"read_csv({self.path_text!r}{cols}: {len(self.files)} file(s))"
 
 
+#: The fields of pyarrow's CSV option classes that a source keeps (as plain values: see
+#: _copy_options) and rebuilds the objects from where it reads.
+_OPTION_FIELDS = {
+    "ReadOptions": (
+        "use_threads", "block_size", "skip_rows", "skip_rows_after_names", "column_names", "autogenerate_column_names",
+        "encoding",
+    ),
+    "ParseOptions": (
+        "delimiter", "quote_char", "double_quote", "escape_char", "newlines_in_values", "ignore_empty_lines",
+        "invalid_row_handler",
+    ),
+    "ConvertOptions": (
+        "check_utf8", "column_types", "null_values", "true_values", "false_values", "decimal_point", "strings_can_be_null",
+        "quoted_strings_can_be_null", "include_columns", "include_missing_columns", "auto_dict_encode",
+        "auto_dict_max_cardinality", "timestamp_parsers", "default_column_type",
+    ),
+}
+
+
 def _copy_options(options: Any, kind: type, name: str) -> Any:
-    """A copy of a pyarrow CSV options object (or a new default one), so the user's stays as is."""
+    """A new pyarrow CSV options object with the fields of ``options`` (default ones when None),
+    so that the caller's object stays as it is.
+
+    Copied field by field: pyarrow's options have no ``copy()``, and a pickled ParseOptions
+    comes back with a handler that calls None on every invalid row (pyarrow 26), so the
+    source also pickles its options as plain fields (see :meth:`CSVSource.__getstate__`).
+    """
     if options is None:
-        return kind()
+        fresh = kind()
+        if kind.__name__ == "ReadOptions":
+            fresh.use_threads = False  # one parsing thread per task: the workers are the parallelism
+        return fresh
     if not isinstance(options, kind):
         raise TypeError(f"read_csv: {name} must be a pyarrow.csv.{kind.__name__}, got {type(options).__name__}")
-    import pickle
+    return kind(**_option_fields(options))
 
-    return pickle.loads(pickle.dumps(options))  # pyarrow's options have no copy(); they pickle
+
+def _option_fields(options: Any) -> dict[str, Any]:
+    fields = {field: getattr(options, field) for field in _OPTION_FIELDS[type(options).__name__] if hasattr(options, field)}
+    return {field: value for field, value in fields.items() if value is not None}
 
 
 def make_csv_source(
