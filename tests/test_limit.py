@@ -103,7 +103,9 @@ def test_limit_with_deterministic_false_gives_n_distinct_records(backend_options
 
 
 def test_error_before_the_limit_keeps_the_users_type(backend_options):
-    stream = sp.from_iterable(range(100)).map(fn_raises(at=3)).limit(50).map(double).set_processing(task_size=2, **backend_options)
+    stream = (
+        sp.from_iterable(range(100)).map(fn_raises(at=3)).limit(50).map(double).set_processing(task_size=2, **backend_options)
+    )
     with pytest.raises(UserError, match="raised at 3"):
         guarded(stream.to_list)
 

@@ -120,7 +120,9 @@ class CSVSource(Source):
             reader.close()
         return names
 
-    def _open_reader(self, path: str, stream: Any, include_columns: bool = True, start: Optional[int] = None, stop: Optional[int] = None) -> Any:
+    def _open_reader(
+        self, path: str, stream: Any, include_columns: bool = True, start: Optional[int] = None, stop: Optional[int] = None
+    ) -> Any:
         import pyarrow as pa
         import pyarrow.csv as pacsv
 
@@ -129,7 +131,9 @@ class CSVSource(Source):
             convert = _copy_options(convert, pacsv.ConvertOptions, "convert_options")
             convert.include_columns = []
         try:
-            return pacsv.open_csv(stream, read_options=self.read_options, parse_options=self.parse_options, convert_options=convert)
+            return pacsv.open_csv(
+                stream, read_options=self.read_options, parse_options=self.parse_options, convert_options=convert
+            )
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             stream.close()
             raise _csv_error(path, exc, start, stop) from exc
@@ -215,17 +219,38 @@ class CSVSource(Source):
 #: _copy_options) and rebuilds the objects from where it reads.
 _OPTION_FIELDS = {
     "ReadOptions": (
-        "use_threads", "block_size", "skip_rows", "skip_rows_after_names", "column_names", "autogenerate_column_names",
+        "use_threads",
+        "block_size",
+        "skip_rows",
+        "skip_rows_after_names",
+        "column_names",
+        "autogenerate_column_names",
         "encoding",
     ),
     "ParseOptions": (
-        "delimiter", "quote_char", "double_quote", "escape_char", "newlines_in_values", "ignore_empty_lines",
+        "delimiter",
+        "quote_char",
+        "double_quote",
+        "escape_char",
+        "newlines_in_values",
+        "ignore_empty_lines",
         "invalid_row_handler",
     ),
     "ConvertOptions": (
-        "check_utf8", "column_types", "null_values", "true_values", "false_values", "decimal_point", "strings_can_be_null",
-        "quoted_strings_can_be_null", "include_columns", "include_missing_columns", "auto_dict_encode",
-        "auto_dict_max_cardinality", "timestamp_parsers", "default_column_type",
+        "check_utf8",
+        "column_types",
+        "null_values",
+        "true_values",
+        "false_values",
+        "decimal_point",
+        "strings_can_be_null",
+        "quoted_strings_can_be_null",
+        "include_columns",
+        "include_missing_columns",
+        "auto_dict_encode",
+        "auto_dict_max_cardinality",
+        "timestamp_parsers",
+        "default_column_type",
     ),
 }
 

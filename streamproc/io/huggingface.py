@@ -90,7 +90,9 @@ def make_huggingface_source(dataset: Any) -> Source:
     if isinstance(dataset, datasets.IterableDataset):
         return HuggingFaceIterableSource(dataset)
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        raise TypeError(f"from_huggingface() needs one split, got a {type(dataset).__name__} of {list(dataset)}: pass ds['train']")
+        raise TypeError(
+            f"from_huggingface() needs one split, got a {type(dataset).__name__} of {list(dataset)}: pass ds['train']"
+        )
     raise TypeError(f"from_huggingface() needs a datasets.Dataset or datasets.IterableDataset, got {type(dataset).__name__}")
 
 
