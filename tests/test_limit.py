@@ -147,3 +147,44 @@ def test_count_ships_counts_not_records():
 def test_bad_n_raises_naming_the_method(method, n, exc):
     with pytest.raises(exc, match=method):
         getattr(sp.from_iterable(range(3)), method)(n)
+
+
+def _break_after_first(stream: sp.Stream) -> Any:
+    records = iter(stream)
+    first = next(records)
+    records.close()  # the consumer leaves early: both runs must stop and reap their workers
+    return first
+
+
+@pytest.mark.parametrize("outer", [{"backend": "multiprocessing", "num_cpu_workers": 2}, {"backend": "threads", "num_cpu_workers": 2}])
+def test_leaving_early_stops_the_run_before_the_limit_too(outer):
+    stream = sp.from_iterable(range(10**6)).map(double).limit(10**5).map(add, kwargs={"k": 1})
+    stream = stream.set_processing(task_size=10, **outer)
+    assert guarded(lambda: _break_after_first(stream)) == 1
+
+
+@pytest.mark.parametrize("outer", [{"backend": "multiprocessing", "num_cpu_workers": 2}, {"backend": "threads", "num_cpu_workers": 2}])
+def test_an_error_after_the_limit_stops_the_run_before_it_too(outer):
+    stream = sp.from_iterable(range(10**6)).map(double).limit(10**5).map(fn_raises(at=40)).set_processing(task_size=10, **outer)
+    with pytest.raises(UserError, match="raised at 40"):
+        guarded(stream.to_list)
+
+
+def test_stopping_a_dispatcher_closes_its_source_generator():
+    # What stops a limit's inner run when the outer run stops on an error (the error's
+    # traceback would otherwise keep the suspended generator, and the inner workers, alive).
+    from streamproc.execution.dispatch import TaskDispatcher
+
+    closed = []
+
+    def payloads():
+        try:
+            yield from enumerate(range(100))
+        finally:
+            closed.append(True)
+
+    dispatcher = TaskDispatcher(payloads(), num_workers=1, max_in_flight=2, window=None)
+    assert dispatcher.next_task(0) is not None
+    dispatcher.stop()
+    assert closed == [True]
+    assert dispatcher.next_task(0) is None
