@@ -110,3 +110,10 @@ def test_to_arrow_errors_name_the_problem(backend_options):
     records = [{"a": 1}, {"a": "x"}]
     with pytest.raises(sp.SchemaError, match="to_arrow"):
         guarded(sp.from_iterable(records).set_processing(task_size=1, **backend_options).to_arrow)
+
+
+def test_dataset_under_forkserver(tmp_path):
+    pq.write_table(TABLE, tmp_path / "a.parquet", row_group_size=4)
+    stream = sp.from_arrow(pads.dataset(tmp_path / "a.parquet"), columns=["id", "score"])
+    options = {"backend": "multiprocessing", "num_cpu_workers": 2, "process_start_method": "forkserver"}
+    assert guarded(lambda: assert_same_as_simple(stream, **options)) == TABLE.select(["id", "score"]).to_pylist()

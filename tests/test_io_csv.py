@@ -29,6 +29,33 @@ def write_csv(path, rows=ROWS, header=True, sep=",", trailing_newline=True):
     return path
 
 
+def test_empty_files_have_no_records_and_header_only_files_none_either(backend_options, tmp_path):
+    (tmp_path / "a.csv").write_text("", encoding="utf-8")
+    (tmp_path / "b.csv").write_text("id,text,score\n", encoding="utf-8")
+    write_csv(tmp_path / "c.csv", ROWS[:3])
+    for newlines_in_values in (True, False):
+        stream = sp.read_csv(tmp_path, newlines_in_values=newlines_in_values, block_size=5)
+        assert guarded(lambda stream=stream: assert_same_as_simple(stream, **backend_options)) == ROWS[:3]
+
+
+def test_large_blocks_come_in_bounded_chunks(tmp_path):
+    rows = [{"id": i, "text": "x", "score": 0.5} for i in range(20_000)]
+    path = write_csv(tmp_path / "a.csv", rows)
+    chunks = list(sp.read_csv(path).source.read_task_chunks((str(path), None, None), 100))
+    assert max(len(chunk) for chunk in chunks) <= 8192 and sum(map(len, chunks)) == 20_000
+
+
+@pytest.mark.parametrize("newlines_in_values", [True, False])
+def test_under_forkserver(tmp_path, newlines_in_values):
+    # The source travels to fresh interpreters: pyarrow's CSV options must survive pickling.
+    path = write_csv(tmp_path / "a.csv")
+    stream = sp.read_csv(
+        path, delimiter=",", column_types={"id": pa.int32()}, newlines_in_values=newlines_in_values, block_size=64
+    )
+    options = {"backend": "multiprocessing", "num_cpu_workers": 2, "process_start_method": "forkserver"}
+    assert guarded(lambda: assert_same_as_simple(stream, **options)) == ROWS
+
+
 def test_one_file_matches_simple(backend_options, tmp_path):
     path = write_csv(tmp_path / "a.csv")
     assert guarded(lambda: assert_same_as_simple(sp.read_csv(path), **backend_options)) == ROWS

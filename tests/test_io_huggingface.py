@@ -85,3 +85,13 @@ def test_without_datasets_the_error_names_the_pip_command(monkeypatch):
         sp.from_huggingface(ds)
     with pytest.raises(ImportError, match=r"to_huggingface\(\).*pip install streamproc\[datasets\]"):
         stream.to_huggingface()
+
+
+def test_dataset_under_forkserver(tmp_path):
+    ds = make_dataset()
+    ds.save_to_disk(str(tmp_path / "ds"))
+    on_disk = datasets.load_from_disk(str(tmp_path / "ds")).shuffle(seed=1)  # memory-mapped, with indices
+    options = {"backend": "multiprocessing", "num_cpu_workers": 2, "process_start_method": "forkserver"}
+    assert guarded(lambda: assert_same_as_simple(sp.from_huggingface(on_disk).set_processing(task_size=4), **options)) == list(
+        on_disk
+    )

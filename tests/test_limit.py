@@ -156,14 +156,18 @@ def _break_after_first(stream: sp.Stream) -> Any:
     return first
 
 
-@pytest.mark.parametrize("outer", [{"backend": "multiprocessing", "num_cpu_workers": 2}, {"backend": "threads", "num_cpu_workers": 2}])
+@pytest.mark.parametrize(
+    "outer", [{"backend": "multiprocessing", "num_cpu_workers": 2}, {"backend": "threads", "num_cpu_workers": 2}]
+)
 def test_leaving_early_stops_the_run_before_the_limit_too(outer):
     stream = sp.from_iterable(range(10**6)).map(double).limit(10**5).map(add, kwargs={"k": 1})
     stream = stream.set_processing(task_size=10, **outer)
     assert guarded(lambda: _break_after_first(stream)) == 1
 
 
-@pytest.mark.parametrize("outer", [{"backend": "multiprocessing", "num_cpu_workers": 2}, {"backend": "threads", "num_cpu_workers": 2}])
+@pytest.mark.parametrize(
+    "outer", [{"backend": "multiprocessing", "num_cpu_workers": 2}, {"backend": "threads", "num_cpu_workers": 2}]
+)
 def test_an_error_after_the_limit_stops_the_run_before_it_too(outer):
     stream = sp.from_iterable(range(10**6)).map(double).limit(10**5).map(fn_raises(at=40)).set_processing(task_size=10, **outer)
     with pytest.raises(UserError, match="raised at 40"):

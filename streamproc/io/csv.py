@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 from ..errors import SchemaError
 from .base import Source
-from .parquet import batch_to_records
+from .parquet import READ_BATCH_ROWS, batch_to_records
 from .paths import PathLike, resolve_files
 
 CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".csv.bz2", ".tsv.bz2")
@@ -142,12 +142,15 @@ class CSVSource(Source):
         return not self.newlines_in_values and not path.endswith(COMPRESSED_SUFFIXES)
 
     def iter_tasks(self, task_size: int) -> Iterator[CSVTask]:
+        """Tasks in file order; an empty (0-byte) file has no task, hence no records."""
         for path in self.files:
+            size = self.filesystem.get_file_info(path).size
+            if not size:
+                continue
             if not self._splittable(path):
                 yield path, None, None
                 continue
-            size = self.filesystem.get_file_info(path).size
-            for start in range(0, max(size, 1), self.block_size):
+            for start in range(0, size, self.block_size):
                 yield path, start, min(start + self.block_size, size)
 
     def read_task(self, payload: CSVTask) -> Iterator[dict[str, Any]]:
@@ -155,10 +158,12 @@ class CSVSource(Source):
             yield from records
 
     def read_task_chunks(self, payload: CSVTask, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
-        """One list of dicts per block pyarrow parses (``read_options.block_size`` bytes)."""
+        """Lists of at most ``max(chunk_size, READ_BATCH_ROWS)`` dicts, from the blocks pyarrow
+        parses one at a time (``read_options.block_size`` bytes)."""
         import pyarrow as pa
 
         path, start, stop = payload
+        rows = max(chunk_size, READ_BATCH_ROWS)
         stream: Any = self.filesystem.open_input_stream(path) if start is None else self._range_stream(path, start, stop)
         reader = self._open_reader(path, stream, start=start, stop=stop)
         try:
@@ -169,8 +174,8 @@ class CSVSource(Source):
                     return
                 except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                     raise _csv_error(path, exc, start, stop) from exc
-                if batch.num_rows:
-                    yield batch_to_records(batch)
+                for offset in range(0, batch.num_rows, rows):
+                    yield batch_to_records(batch.slice(offset, rows))
         finally:
             reader.close()
 
