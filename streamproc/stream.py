@@ -237,10 +237,10 @@ class Stream:
     def limit(self, n: int) -> Stream:
         """Keeps the first ``n`` records (lazy); later ops see only them.
 
-        The ops before the limit run as their own run, in the main process's feeding of this
-        one: once ``n`` records are out, it stops reading the source and its workers stop.
-        Options set before ``limit`` apply to the ops before it; options set after apply to
-        all (see NOTE [ streamproc limit ] in ``streamproc/io/limit.py``).
+        The ops before the limit run as a run of their own, whose records the main process
+        feeds to the ops after it: once ``n`` records are out, that run stops reading the
+        source and its workers stop. Options set before ``limit`` apply to the ops before it;
+        options set after apply to all (see NOTE [ streamproc limit ] in ``io/limit.py``).
 
         >>> import streamproc as sp
         >>> sp.from_iterable(range(100)).map(lambda x: x * 2).limit(3).map(str).to_list()

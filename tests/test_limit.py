@@ -10,7 +10,7 @@ import pytest
 
 import streamproc as sp
 from streamproc.io.limit import CountSink
-from tests.hang_guard import run_guarded
+from tests.hang_guard import run_guarded, worker_processes
 from tests.utils import (
     MAX_PREFETCHED_TASKS,
     CountingSource,
@@ -192,3 +192,19 @@ def test_stopping_a_dispatcher_closes_its_source_generator():
     dispatcher.stop()
     assert closed == [True]
     assert dispatcher.next_task(0) is None
+
+
+def test_the_run_before_the_limit_has_stopped_when_its_last_record_goes_on():
+    # n <= task_size: the one outer task is handed on only after the inner run was closed, so
+    # when the first output arrives, only the outer run's two workers are left.
+    stream = sp.from_iterable(range(10**6)).map(double).limit(5).map(add, kwargs={"k": 1})
+    stream = stream.set_processing(backend="multiprocessing", num_cpu_workers=2, task_size=10)
+
+    def first_output_and_live_workers() -> tuple[Any, int]:
+        records = iter(stream)
+        try:
+            return next(records), len(worker_processes())
+        finally:
+            records.close()
+
+    assert guarded(first_output_and_live_workers) == (1, 2)
