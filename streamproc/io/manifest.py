@@ -111,7 +111,12 @@ def _describe_input_change(before: Any, now: Any) -> str:
         changes = [f"{path} is new" for path in new if path not in old]
         changes += [f"{path} is gone" for path in old if path not in new]
         for path in old.keys() & new.keys():
-            diffs = [f"{key} {old[path].get(key)} -> {new[path].get(key)}" for key in old[path] if old[path].get(key) != new[path].get(key)]
+            before_file, now_file = old[path], new[path]
+            diffs = [
+                f"{key} {before_file.get(key)} -> {now_file.get(key)}"
+                for key in before_file
+                if before_file.get(key) != now_file.get(key)
+            ]
             if diffs:
                 changes.append(f"{path}: {', '.join(diffs)}")
         if changes:

@@ -44,6 +44,12 @@ class OutputDir:
     def describe(self) -> str:
         return self.path if self.is_local else f"{self.path!r} on {type(self.fs).__name__}"
 
+    def is_per_process(self) -> bool:
+        """Whether the filesystem lives in this process only (fsspec's ``memory``)."""
+        fsspec_fs = getattr(getattr(self.fs, "handler", None), "fs", None)
+        protocol = getattr(fsspec_fs, "protocol", ())
+        return "memory" in ((protocol,) if isinstance(protocol, str) else protocol)
+
     def kind(self) -> str:
         """``"dir"``, ``"file"`` or ``"missing"``."""
         import pyarrow.fs as pafs

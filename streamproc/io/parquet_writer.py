@@ -101,9 +101,8 @@ class ParquetOutput:
         self.selection = dataclasses.replace(selection, tasks_per_group=group_size)
         self.settings = PartSettings(self.directory, group_size, self.row_group_size, schema=self.user_schema)
         self.manifest_name = manifest_name(selection.rank, selection.world_size)
-        if in_workers and getattr(getattr(self.directory.fs, "handler", None), "fs", None) is not None:
-            if "memory" in getattr(self.directory.fs.handler.fs, "protocol", ()):
-                raise ValueError(
+        if in_workers and self.directory.is_per_process():
+            raise ValueError(
                     "write_parquet: a memory filesystem lives in one process: with deterministic=False the "
                     "CPU workers write the parts; use deterministic=True (the main process writes) or a shared filesystem"
                 )
