@@ -12,6 +12,7 @@ with ``resume=True`` completes the job. Runs in the main process.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import warnings
@@ -30,8 +31,15 @@ class RunTerminated(KeyboardInterrupt):
 def _sigterm_raises() -> Iterator[list[Any]]:
     """Installs the handler; yields ``[previous handler]`` plus a flag appended once SIGTERM came."""
     state: list[Any] = [signal.getsignal(signal.SIGTERM)]
+    owner = os.getpid()
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:
+            # A worker forked during the run inherited this handler: it must die of SIGTERM as
+            # before (the pool's terminate() counts on it), not raise in its own loop.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         if len(state) > 1:
             return  # already stopping: let the abort path finish
         state.append(True)
