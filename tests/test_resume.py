@@ -150,7 +150,8 @@ def test_uncommitted_files_are_removed_and_other_files_kept(tmp_path):
 )
 def test_changed_layout_is_refused(tmp_path, change, match):
     def stream(task_size: int = 10) -> sp.Stream:
-        return sp.from_iterable(_records()).map(FailsWhileFileExists(str(tmp_path / "flag"), at=77)).set_processing(task_size=task_size)
+        failing = FailsWhileFileExists(str(tmp_path / "flag"), at=77)
+        return sp.from_iterable(_records()).map(failing).set_processing(task_size=task_size)
 
     (tmp_path / "flag").write_text("")
     with pytest.raises(RuntimeError):
