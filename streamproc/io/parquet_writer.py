@@ -195,7 +195,13 @@ class ParquetOutput:
     def _check_schema(self, entry: PartEntry) -> None:
         """Fails early, naming the field and the part, when parts' schemas cannot be one."""
         if entry.schema is not None and self.user_schema is None:
-            self._schema = unify_schemas(self._schema, schema_from_text(entry.schema), f"part {entry.file}")
+            self._schema = unify_schemas(self._schema, schema_from_text(entry.schema), self._part_text(entry))
+
+    def _part_text(self, entry: PartEntry) -> str:
+        assert self.settings is not None
+        size = self.settings.group_size
+        first = entry.group * size
+        return f"{entry.file} (task {first})" if size == 1 else f"{entry.file} (tasks {first} to {first + size - 1})"
 
     # -- after the run ---------------------------------------------------------------------------------
     def commit(self) -> list[str]:
@@ -208,7 +214,7 @@ class ParquetOutput:
         if final is None:
             for entry in entries:
                 if entry.schema is not None:
-                    final = unify_schemas(final, schema_from_text(entry.schema), f"part {entry.file}")
+                    final = unify_schemas(final, schema_from_text(entry.schema), self._part_text(entry))
         if final is not None:
             text = schema_to_text(final)
             for entry in entries:
