@@ -42,7 +42,9 @@ def test_null_then_typed_and_late_fields_across_parts(tmp_path, config):
     stream = sp.from_iterable([{"x": i} for i in range(20)]).map(late_label).set_processing(task_size=5, **config)
     paths = _write(stream, tmp_path / "out", rows_per_file=5, row_group_size=2)
     assert len(paths) == 4
-    expected_schema = pa.schema([("x", pa.int64()), ("label", pa.string()), ("tokens", pa.list_(pa.int64())), ("extra", pa.float64())])
+    expected_schema = pa.schema(
+        [("x", pa.int64()), ("label", pa.string()), ("tokens", pa.list_(pa.int64())), ("extra", pa.float64())]
+    )
     assert all(pq.read_schema(p) == expected_schema for p in paths)  # one schema, the first part rewritten
     expected = [{"extra": None, **late_label({"x": i})} for i in range(20)]
     assert pq.read_table(tmp_path / "out").to_pylist() == expected
