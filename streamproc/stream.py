@@ -233,12 +233,12 @@ class Stream:
             streamproc.SchemaError: a field whose types do not agree, naming both and the task.
             SystemExit: SIGTERM received (status 143), after committing the complete parts.
         """
-        from .io.sinks import ParquetSink, run_into
+        from .io.sinks import ParquetSink
         from .io.termination import run_until_sigterm
 
         sink = ParquetSink(path, overwrite, schema, rows_per_file, row_group_size, resume, filesystem)
         plan = sink.prepare(build_plan(self))
-        paths: list[str] = run_until_sigterm(lambda: run_into(plan, sink), f"write_parquet({os.fspath(path)!r})")
+        paths: list[str] = run_until_sigterm(lambda: sink.run(plan), f"write_parquet({os.fspath(path)!r})")
         return paths
 
     def write_jsonl(self, path: str | os.PathLike[str], overwrite: bool = False) -> str:

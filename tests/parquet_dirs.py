@@ -43,6 +43,15 @@ def manifest_parts(directory: str | os.PathLike[str], name: str = MANIFEST) -> l
     return parts
 
 
+def mark_incomplete(directory: str | os.PathLike[str], name: str = MANIFEST) -> None:
+    """Makes a complete output look like one whose run died after its last commit (a shorter
+    stream stood in for the interrupted one): a resume then runs the rest of the input."""
+    path = Path(directory) / name
+    document = json.loads(path.read_text())
+    document["complete"] = False
+    path.write_text(json.dumps(document))
+
+
 class FailsWhileFileExists:
     """A map that raises at record ``at`` (by its ``"x"``) while the file ``flag`` exists."""
 

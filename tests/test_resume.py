@@ -17,7 +17,15 @@ from streamproc.execution.selection import TaskSelection
 from streamproc.io.parquet_writer import ParquetOutput
 from streamproc.io.sinks import ParquetSink
 from tests.hang_guard import run_guarded
-from tests.parquet_dirs import MANIFEST, FailsWhileFileExists, RaisesBelow, doubled, manifest_parts, snapshot
+from tests.parquet_dirs import (
+    MANIFEST,
+    FailsWhileFileExists,
+    RaisesBelow,
+    doubled,
+    manifest_parts,
+    mark_incomplete,
+    snapshot,
+)
 from tests.utils import BACKEND_CONFIGS, config_id
 
 WRITER_CONFIGS = [
@@ -105,6 +113,7 @@ def test_committed_parquet_row_groups_are_not_read_again(tmp_path, config):
     _write(cut, tmp_path / "out")
     manifest = tmp_path / "out" / MANIFEST
     text = manifest.read_text().replace('"fingerprint": null', f'"fingerprint": {_json(partial.source.fingerprint())}')
+    text = text.replace('"complete": true', '"complete": false')  # the cut run reached its end, not the input's
     manifest.write_text(text)
     # Any record of the 60 committed rows processed again raises.
     resumed = sp.read_parquet(tmp_path / "in.parquet").map(RaisesBelow(60)).set_processing(task_size=10, **config)
@@ -131,6 +140,7 @@ def test_uncommitted_files_are_removed_and_other_files_kept(tmp_path):
     expected = _reference(tmp_path)
     out = tmp_path / "out"
     _write(sp.from_iterable(_records(40)).map(doubled).set_processing(task_size=10), out)  # parts 0 and 1
+    mark_incomplete(out)
     (out / "part-000004.parquet").write_bytes(b"written, never recorded")
     (out / ".part-000006.parquet.inprogress").write_bytes(b"half")
     (out / "part-000099.parquet").write_bytes(b"a stray part of no group")
@@ -234,3 +244,13 @@ def test_ranks_write_resume_and_overwrite_only_their_parts(tmp_path, monkeypatch
     _write(stream, out, resume=True)
     assert (out / ".part-000000.parquet.inprogress").read_bytes() == b"rank 0's"
     assert snapshot(out) == {**after, ".part-000000.parquet.inprogress": b"rank 0's"}
+
+
+def test_a_listed_part_that_was_deleted_is_written_again(tmp_path):
+    stream = sp.from_iterable(_records()).map(doubled).set_processing(task_size=10)
+    _write(stream, tmp_path / "out")
+    before = snapshot(tmp_path / "out")
+    os.unlink(tmp_path / "out" / "part-000004.parquet")
+    again = sp.from_iterable(_records()).map(RaisesBelow(40)).set_processing(task_size=10)  # groups 0, 1 stay skipped
+    _write(again, tmp_path / "out", resume=True)
+    assert snapshot(tmp_path / "out") == before

@@ -10,7 +10,8 @@ hidden temporary file moved over it) after each part commit. It records:
   ``row_group_size``, ``tasks_per_group``, ``rank``, ``world_size``);
 * ``parts``: the committed part groups, each with its file name (None: the group produced no
   rows, so no file), its rows and its schema;
-* ``schema``: the schema every part has once the run completed (None before).
+* ``schema``: the schema every part has once the run completed (None before);
+* ``complete``: whether a run reached the end of the input (a resume then runs nothing).
 
 A part file that the manifest does not list is not committed (a run died between writing it
 and recording it): readers of an object store should read the manifest's list of files. Built
@@ -53,6 +54,7 @@ class Manifest:
     layout: dict[str, int]
     parts: dict[int, PartEntry] = field(default_factory=dict)
     schema: Optional[str] = None
+    complete: bool = False
 
     def to_json(self) -> str:
         entries = [
@@ -65,6 +67,7 @@ class Manifest:
             "layout": self.layout,
             "parts": entries,
             "schema": self.schema,
+            "complete": self.complete,
         }
         return json.dumps(document, indent=1, sort_keys=True)
 
@@ -78,7 +81,9 @@ class Manifest:
                 int(e["group"]): PartEntry(int(e["group"]), e["file"], int(e["rows"]), e.get("schema"))
                 for e in document["parts"]
             }
-            return cls(document["fingerprint"], dict(document["layout"]), parts, document.get("schema"))
+            return cls(
+                document["fingerprint"], dict(document["layout"]), parts, document.get("schema"), bool(document.get("complete"))
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise ResumeMismatchError(f"write_parquet(resume=True): the manifest {where} cannot be read: {exc}") from exc
 

@@ -120,7 +120,9 @@ class ParquetOutput:
             check_resumable(existing, fingerprint, layout, self.directory.describe())
             present = set(names)
             # A listed file the user deleted is not done: that group runs again.
-            existing.parts = {g: e for g, e in existing.parts.items() if e.file is None or e.file in present}
+            kept = {g: e for g, e in existing.parts.items() if e.file is None or e.file in present}
+            existing.complete = existing.complete and len(kept) == len(existing.parts)
+            existing.parts = kept
             self.manifest = existing
         else:
             self.manifest = Manifest(fingerprint, layout)
@@ -133,6 +135,14 @@ class ParquetOutput:
                     )
         self.selection = dataclasses.replace(self.selection, done_groups=frozenset(self.manifest.parts))
         return dataclasses.replace(plan, task_selection=self.selection)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the output is already complete (a resume after a finished run): nothing to run.
+
+        The input was checked against the fingerprint where the source has one; an in-memory
+        source is taken to be the same stream, as everywhere in resume."""
+        return self.resume and self.manifest is not None and self.manifest.complete
 
     def _owns(self, name: str) -> bool:
         """Whether the file ``name`` is this rank's (its manifest, its parts, their in-progress files)."""
@@ -227,6 +237,7 @@ class ParquetOutput:
                     self.manifest.parts[entry.group] = dataclasses.replace(entry, schema=text)
                     save_manifest(self.directory, self.manifest_name, self.manifest)
             self.manifest.schema = text
+        self.manifest.complete = True
         save_manifest(self.directory, self.manifest_name, self.manifest)
         return [self.directory.join(name) for name in self.manifest.part_files()]
 

@@ -224,6 +224,14 @@ class ParquetSink(Sink):
             plan = dataclasses.replace(plan, options=plan.options.updated(deterministic=True))
         return self.output.prepare(plan, in_workers=self.wants_workers(plan.options) and capable)
 
+    def run(self, plan: Plan) -> list[str]:
+        """Runs the prepared ``plan`` into the output (main process); a complete output runs nothing."""
+        if self.output.complete:
+            self.start()  # clears uncommitted files all the same
+            return self.commit()
+        paths: list[str] = run_into(plan, self)
+        return paths
+
     def finalizer(self) -> ChunkFinalizer:
         from .write_schema import ArrowTableFinalizer
 
