@@ -130,8 +130,8 @@ class ParquetOutput:
                 mine = names if selection.world_size == 1 else [n for n in names if self._owns(n)]
                 if mine:
                     raise FileExistsError(
-                        f"write_parquet: output directory {self.directory.describe()!r} is not empty ({mine[:3]}...); "
-                        f"pass overwrite=True to replace its content or resume=True to complete it"
+                        f"write_parquet: output directory {self.directory.describe()!r} is not empty; pass overwrite=True "
+                        f"to replace its content, or resume=True to complete it (it holds {', '.join(mine[:3])}...)"
                     )
         self.selection = dataclasses.replace(self.selection, done_groups=frozenset(self.manifest.parts))
         return dataclasses.replace(plan, task_selection=self.selection)
