@@ -3,6 +3,7 @@ the same files for every backend, worker count and writer (main process or worke
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import streamproc as sp
+from streamproc.io import parquet_parts, worker_parts, write_schema
 from streamproc.io.parquet_parts import parse_part_name, part_name, tasks_per_group
 from streamproc.io.worker_parts import group_payloads
 from tests.hang_guard import run_guarded
@@ -25,6 +27,11 @@ WRITER_CONFIGS = [
     {"backend": "threads", "num_cpu_workers": 3, "deterministic": False},
 ]
 GUARD_S = 120
+
+
+@pytest.mark.parametrize("module", [parquet_parts, worker_parts, write_schema], ids=lambda m: m.__name__)
+def test_module_doctests(module):
+    assert doctest.testmod(module).failed == 0
 
 
 def test_tasks_per_group_and_names():

@@ -89,7 +89,11 @@ class WorkerPartWriter:
         ``task.index`` and ``last=False`` but the group's final one, whose ``chunk`` is the
         committed part's :class:`~.manifest.PartEntry`. On any exception the part is dropped.
         """
-        group: TaskGroup = task.payload
+        group = task.payload
+        if not isinstance(group, TaskGroup):
+            # A task rerun on its own (isolating a record, say) has no part to go to: a retry
+            # of a run that writes in workers must resend the whole group.
+            raise TypeError(f"a worker writing parts runs part groups, got {type(group).__name__} for task {task.index}")
         part = self._part = PartFileWriter(self.settings, group.group)
         final: Optional[TaskOutput] = None
         try:
