@@ -92,11 +92,13 @@ class ParquetOutput:
         self.manifest_name = manifest_name(0, 1)
         self._part: Optional[PartFileWriter] = None
         self._schema: Any = None  # the union of the committed parts' schemas so far
+        self._source_text = "the source"
 
     # -- before the run ---------------------------------------------------------------------------
     def prepare(self, plan: Plan, in_workers: bool) -> Plan:
         """Checks the directory and the manifest; returns ``plan`` with its task selection set."""
         selection = plan.task_selection or TaskSelection()
+        self._source_text = plan.source.describe()
         group_size = tasks_per_group(self.rows_per_file, plan.task_size)
         self.selection = dataclasses.replace(selection, tasks_per_group=group_size)
         self.settings = PartSettings(self.directory, group_size, self.row_group_size, schema=self.user_schema)
@@ -186,7 +188,7 @@ class ParquetOutput:
         if self._part is None:
             self._part = PartFileWriter(self.settings, group)
         if output.chunk is not None:
-            self._part.write(output.chunk, f"task {key}")
+            self._part.write(output.chunk, f"task {key} of {self._source_text}")
         if output.last and (key + 1) % self.settings.group_size == 0:
             self._commit_part()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..execution.task import Task, TaskOutput, run_task
+from .base import Source
 from .parquet_parts import PartFileWriter, PartSettings
 from .write_schema import ArrowTableFinalizer
 
@@ -51,6 +52,13 @@ def group_payloads(payloads: Iterator[tuple[int, Any]], group_size: int) -> Iter
         pending.append((key, payload))
     if pending:
         yield pending[0][0], TaskGroup(pending[0][0] // group_size, tuple(pending))
+
+
+def _where(plan: Plan, key: int, payload: Any) -> str:
+    """Task ``key`` and, when its source can say it (file, row group...), where it is in the input."""
+    if type(plan.source).locate is Source.locate:  # the default names the worker's copy of the source only
+        return f"task {key}"
+    return f"task {key} ({plan.source.locate(payload)})"
 
 
 class WorkerParquetSink:
@@ -101,7 +109,7 @@ class WorkerPartWriter:
                 closing = position == len(group.tasks) - 1
                 for output in run_task(plan, Task(task.index, payload, task.run_id, key), ctx, self.finalize):
                     if output.chunk is not None:
-                        part.write(output.chunk, f"task {key}")
+                        part.write(output.chunk, _where(plan, key, payload))
                     stripped = dataclasses.replace(output, chunk=(), last=output.last and closing)
                     if stripped.last:
                         final = stripped
