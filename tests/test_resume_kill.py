@@ -157,3 +157,49 @@ def test_sigterm_commits_exits_143_then_resume(tmp_path, reference, config):
         # not in the manifest, so not committed; resume writes them again.
         assert listed <= on_disk
     _resume_and_check(out, config, reference)
+
+
+# -- the SIGTERM handler itself (in this process's main thread) ------------------------------------
+
+
+def _sigterm_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.sigtimedwait([], 0)  # a syscall: the handler runs here at the latest
+    raise AssertionError("SIGTERM did not stop the run")
+
+
+def test_sigterm_with_the_default_handler_exits_143_and_restores_it(recwarn):
+    from streamproc.io.termination import RunTerminated, run_until_sigterm
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as info:
+            run_until_sigterm(_sigterm_self, "the test run")
+        assert info.value.code == 128 + signal.SIGTERM
+        assert isinstance(info.value.__cause__, RunTerminated)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert "SIGTERM stopped the test run" in str(recwarn.pop(RuntimeWarning).message)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_calls_a_python_handler_after_the_abort_and_restores_it(recwarn):
+    from streamproc.io.termination import RunTerminated, run_until_sigterm
+
+    calls: list[int] = []
+
+    def mine(signum: int, frame: Any) -> None:
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with pytest.raises(RunTerminated):
+            run_until_sigterm(_sigterm_self, "the test run")
+        assert calls == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is mine
+        # Another exception, without SIGTERM, goes through as is.
+        with pytest.raises(ZeroDivisionError):
+            run_until_sigterm(lambda: 1 // 0, "the test run")
+        assert calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
