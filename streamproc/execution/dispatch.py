@@ -174,7 +174,8 @@ class TaskDispatcher:
             key, payload = next(self._payloads)
         except StopIteration:
             self._end_reading(index, next_index=index, total=index)
-            return None
+            # Holding: wait, like every other caller, for the tasks in flight (they may come back).
+            return self.next_task(worker) if self._hold else None
         except BaseException as exc:
             # A failed generator raises StopIteration on the next call: never make one, or the
             # run would end at ``index`` as if the source were complete, and the error be lost.

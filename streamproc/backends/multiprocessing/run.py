@@ -84,6 +84,9 @@ RESULT_WAIT_TIMEOUT_S = 1.0
 #: How long shutdown waits for the feeder blocked inside the user's source to come out.
 SOURCE_RETURN_GRACE_S = 1.0
 
+#: Retries: deaths in a row of a worker index holding no task, before the run gives up.
+MAX_IDLE_DEATHS = 2
+
 _run_ids = itertools.count(1)
 
 
@@ -99,6 +102,8 @@ class _Assignment:
         self.ended: Optional[RunEnded] = None
         #: Why the run killed this worker (its task made no progress for ``task_timeout``).
         self.stuck: Optional[TaskStuck] = None
+        #: Deaths in a row of its process while it held no task (retries enabled).
+        self.idle_deaths = 0
         #: When its oldest task became its running one (``time.monotonic()``).
         self.running_since = time.monotonic()
 
@@ -340,6 +345,9 @@ class _Run:
         assert assignment.slot is not None
         tasks = list(assignment.slot.tasks.values())
         stuck, assignment.stuck = assignment.stuck, None
+        assignment.idle_deaths = 0 if tasks else assignment.idle_deaths + 1
+        if assignment.idle_deaths > MAX_IDLE_DEATHS:
+            raise crash  # something kills this worker index without any task to blame
         if tasks:
             # Raises when the running task may not be rerun; the tasks behind it are not blamed.
             if self.retries.after_death(tasks[0], crash, stuck):

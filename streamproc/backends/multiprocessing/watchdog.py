@@ -68,6 +68,16 @@ def progress_signature(frame: Optional[FrameType]) -> tuple[Any, ...]:
     return (frame, user, *(work.get(name) for name in _WORK_LOCALS))
 
 
+#: Where a worker's own stack starts (a forked worker's stack also shows its parent's frames).
+WORKER_ENTRY_POINTS = frozenset({"run_cpu_worker", "run_gpu_worker"})
+
+
+def _format_worker_stack(frame: FrameType) -> str:
+    summary = traceback.extract_stack(frame)
+    start = next((i for i, entry in enumerate(summary) if entry.name in WORKER_ENTRY_POINTS), 0)
+    return "".join(traceback.format_list(summary[start:]))
+
+
 def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
@@ -146,7 +156,7 @@ class TaskWatchdog:
     def _report(self, task: tuple[int, int], row: Optional[int], seconds: float) -> None:
         thread = next((t for t in threading.enumerate() if t.ident == self._thread_id), None)
         frame = sys._current_frames().get(self._thread_id)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack: the thread has ended)"
+        stack = _format_worker_stack(frame) if frame is not None else "(no stack: the thread has ended)"
         stage = stage_running_in(thread) if thread is not None else "unknown"
         del frame
         try:
