@@ -96,3 +96,17 @@ def to_tensor(records: list[Any]) -> Any:
 
 def keep_records(records: list[Any], outputs: Any) -> list[Any]:
     return [r + 1000 * 0 for r in records]
+
+
+class SlowIdentity:
+    """A ``map`` fn that takes ``seconds`` per record (CPU load, not a synchronisation)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.__name__ = "slow_identity"
+
+    def __call__(self, x: Any) -> Any:
+        import time
+
+        time.sleep(self.seconds)
+        return x
