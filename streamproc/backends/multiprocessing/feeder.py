@@ -38,7 +38,7 @@ class WorkerSlot:
 
     Args:
         task_conn: the worker's task pipe (write end).
-        first_message / last_message: the run's ``StartRun`` / ``EndRun`` bytes.
+        first_message / last_message: the run's ``StartRun`` / ``EndRun`` bytes (empty: not sent).
         encode: the bytes of a task (an isolated task is sent as ``IsolatedTask``).
         survives_worker_death: whether the run replaces a dead worker (retries enabled).
     """
@@ -76,12 +76,14 @@ class WorkerSlot:
     def send_end(self) -> None:
         with self.lock:
             self._send_start()
-            self.task_conn.send_bytes(self.last_message)
+            if self.last_message:
+                self.task_conn.send_bytes(self.last_message)
 
     def _send_start(self) -> None:
         if self._started_generation != self.generation:
             self._started_generation = self.generation
-            self.task_conn.send_bytes(self.first_message)
+            if self.first_message:
+                self.task_conn.send_bytes(self.first_message)
 
     def finished(self, task_index: int) -> bool:
         """Task ``task_index`` is finished; False if the current process did not hold it."""
