@@ -41,7 +41,9 @@ def mp(num_workers: int = 2, method: str = "fork", **changes: Any) -> dict[str, 
     return {**options, "process_start_method": method, **changes}
 
 
-def crashing_stream(fault: str, at: int, directory: str, times: Optional[int], spread: bool = False) -> tuple[sp.Stream, sp.Stream]:
+def crashing_stream(
+    fault: str, at: int, directory: str, times: Optional[int], spread: bool = False
+) -> tuple[sp.Stream, sp.Stream]:
     """The stream whose ``map`` kills its worker on record ``at``, and the same without the fault.
 
     ``spread``: each record becomes three (``flatten``), so a task's outputs span several
@@ -114,6 +116,15 @@ def test_past_the_retries_the_crash_is_raised_with_the_count(tmp_path, fault):
         run_to_list(faulty, mp(2, max_task_retries=2), "a task that always kills its worker")
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_a_user_error_is_raised_not_retried(deterministic):
+    from tests.utils import UserError, fn_raises
+
+    stream = sp.from_iterable(range(NUM_RECORDS)).map(fn_raises(at=MID_TASK))
+    with pytest.raises(UserError, match=f"raised at {MID_TASK}"):
+        run_to_list(stream, mp(2, max_task_retries=2, deterministic=deterministic), "a user error with retries on")
+
+
 def test_without_retries_a_crash_still_raises(tmp_path):
     faulty, _ = crashing_stream("sigkill", MID_TASK, str(tmp_path), times=1)
     with pytest.raises(sp.WorkerCrashedError, match=r"SIGKILL"):
@@ -142,6 +153,17 @@ def test_with_a_gpu_worker_under_spawn(tmp_path):
     expected = base.map(identity).map_gpu(*gpu, batch_size=3).set_processing(backend="simple").to_list()
     options = mp(2, "spawn", max_task_retries=1, num_gpu_workers=1, gpu_worker_devices=["cpu"])
     assert run_to_list(faulty, options, "a CPU worker dies beside a GPU worker, spawn") == expected
+
+
+def test_a_gpu_worker_death_is_not_retried(tmp_path):
+    pytest.importorskip("torch")
+    from tests.multiprocessing_fakes import FaultInGPUWorker
+
+    forward = FaultInGPUWorker("segfault", gpu=0, at_batch=2)
+    stream = sp.from_iterable(range(NUM_RECORDS)).map_gpu(fakes.to_tensor, forward, fakes.keep_records, batch_size=3)
+    options = mp(2, max_task_retries=2, num_gpu_workers=1, gpu_worker_devices=["cpu"])
+    with pytest.raises(sp.WorkerCrashedError, match=r"gpu worker 0 \(pid \d+\).*SIGSEGV"):
+        run_to_list(stream, options, "a GPU worker dies with retries on")
 
 
 # -- isolation: a poisonous record -------------------------------------------------------------

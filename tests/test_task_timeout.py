@@ -91,7 +91,8 @@ def test_a_slow_task_that_progresses_does_not_time_out():
 @pytest.mark.parametrize("backend", ["simple", "threads"])
 def test_backends_without_worker_processes_refuse_task_timeout(backend):
     stream = sp.from_iterable(range(3)).set_processing(backend=backend, task_timeout=5)
-    with pytest.raises(ValueError, match=r"task_timeout=5 needs a backend that runs tasks in worker processes \('multiprocessing'\)"):
+    expected = r"task_timeout=5 needs a backend that runs tasks in worker processes \('multiprocessing'\)"
+    with pytest.raises(ValueError, match=expected):
         stream.to_list()
 
 

@@ -328,6 +328,10 @@ class ProcessPool:
             self.terminate()
         else:
             self._send_stop()
+        # No peer will be replaced any more: a GPU worker waiting for one ends at once.
+        for worker in self.gpu_workers:
+            if worker.task_conn is not None and worker.task_conn in self._held:
+                self._close(worker.task_conn)
         processes = [w.process for w in self.workers if w.process.pid is not None]
         deadline = time.monotonic() + SHUTDOWN_JOIN_TIMEOUT_S
         for process in processes:
