@@ -134,6 +134,27 @@ def test_fault_at_worker_boundary(tmp_path, method, boundary, fault):
         check_crash(exc, fault, r"cpu worker \d")
 
 
+#: Retries (tests/test_task_retries.py has the runs that survive): a fault that fires on every
+#: attempt exhausts ``max_task_retries`` and ends as without retries, the count in the message.
+RETRIED_FAULTS = ["os_exit", "segfault", "sys_exit"]
+
+
+@pytest.mark.parametrize(
+    ("method", "boundary", "fault"),
+    [pytest.param("fork", b, f, id=f"fork-{b}-{f}") for b in WORKER_BOUNDARIES for f in RETRIED_FAULTS]
+    + [pytest.param("spawn", "map", "segfault", id="spawn-map-segfault")],
+)
+def test_fault_at_worker_boundary_with_retries(tmp_path, method, boundary, fault):
+    stream = build_worker_boundary(boundary, fault, str(tmp_path / "started"))
+    what = f"a run with {fault} at {boundary} under {method}, max_task_retries=1"
+    outputs, exc, _ = run_with_fault(stream, mp_options(method, max_task_retries=1), fault, what=what)
+    assert exc is not None, f"no error; outputs: {outputs}"
+    check_prefix_of_whole_tasks(outputs, before=FAULT_TASK * TASK_SIZE)
+    check_crash(exc, fault, r"cpu worker \d")
+    if fault != "sys_exit":  # sys.exit in user code is a user error: never retried
+        assert "was retried 1 time(s)" in str(exc), str(exc)
+
+
 # -- faults at main-process boundaries --------------------------------------------------------
 
 
