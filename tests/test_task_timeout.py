@@ -46,7 +46,7 @@ def test_a_stuck_task_raises_with_worker_stage_record_and_stack(how):
     message = str(exc)
     assert re.search(r"task 2 made no progress for [\d.]+ s \(task_timeout=1.5\) in cpu worker \d \(pid \d+\)", message), message
     assert "in stage 1 (map(hang_at_13))" in message
-    assert "from_iterable(range(0, 40))" in message  # where the task's records are
+    assert "items 10 to 14" in message  # where the task's records are (task 2 of 5-record tasks)
     # The worker's stack, from its entry point to the blocking call, not the parent's frames.
     stack = message.split("Python stack of the worker's task thread (most recent call last):\n", 1)[1]
     assert stack.lstrip().startswith('File "') and "in run_cpu_worker" in stack.splitlines()[0], stack
@@ -75,7 +75,7 @@ def test_with_on_error_the_stuck_record_is_isolated_and_reported(how):
     assert len(errors) == 1, errors
     task_index, last, error = errors[0]
     assert (task_index, last, error.error_type, error.record) == (STUCK_AT // TASK_SIZE, True, "TaskTimeoutError", str(STUCK_AT))
-    assert f"record {STUCK_AT % TASK_SIZE} of its task" in error.source
+    assert error.source == f"item {STUCK_AT}"  # the iterable source names the item
     assert f"record {STUCK_AT % TASK_SIZE} of the task" in error.message
     if how == "event":
         assert error.stage == "stage 1 (map(hang_at_13))" and "threading.Event().wait()" in error.traceback
