@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from .errors import (
     PipelineShutdownError,
+    RecordsSkippedWarning,
     RemoteError,
     RemoteTraceback,
     ResumeMismatchError,
@@ -78,6 +79,7 @@ def read_jsonl(path: PathLike, filesystem: Any = None) -> Stream:
 __all__ = [
     "ModelShippedWarning",
     "PipelineShutdownError",
+    "RecordsSkippedWarning",
     "RemoteError",
     "RemoteTraceback",
     "ResumeMismatchError",
