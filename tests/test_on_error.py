@@ -365,3 +365,39 @@ def test_survivors_of_a_split_batch_are_equal_within_float_tolerance(backend_opt
             torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(clean[x]))
         else:
             assert got.tobytes() == clean[x].tobytes(), x
+
+
+@pytest.mark.parametrize("backend", ["multiprocessing", "threads"])
+def test_non_deterministic_runs_drop_the_same_records(backend, tmp_path):
+    """deterministic=False: the same multiset of outputs, the same dead letters per task."""
+    stream = sp.from_iterable(range(60)).map(RaisesAtAny(BAD)).map_batches(bad_batch_of_fifty, batch_size=4)
+    options = {"task_size": 6, "on_error": "dead_letter"}
+    expected = run(stream, backend="simple", dead_letter_path=str(tmp_path / "simple"), **options)
+    outputs = run(
+        stream,
+        backend=backend,
+        num_cpu_workers=3,
+        deterministic=False,
+        dead_letter_path=str(tmp_path / backend),
+        **options,
+    )
+    assert_records_equal(outputs, expected, ordered=False)
+    assert expected == [x for x in range(60) if x not in BAD and x != 50]
+    import pyarrow.parquet as pq
+
+    def rows(path: Any) -> dict[str, list[tuple[str, str]]]:
+        return {p.name: [(r["record"], r["stage"]) for r in pq.read_table(p).to_pylist()] for p in sorted(path.iterdir())}
+
+    assert rows(tmp_path / backend) == rows(tmp_path / "simple")
+    assert list(rows(tmp_path / "simple")) == [
+        "dead-00000000.parquet",
+        "dead-00000002.parquet",
+        "dead-00000004.parquet",
+        "dead-00000008.parquet",
+    ]
+
+
+def bad_batch_of_fifty(batch: list[int]) -> list[int]:
+    if 50 in batch:
+        raise ValueError("fifty")
+    return batch
