@@ -128,15 +128,17 @@ def test_raise_is_todays_code_path():
 
 def test_skip_reports_errors_and_records_in_with_the_outputs():
     stream = sp.from_iterable(range(10)).map(RaisesAtAny((1, 2))).set_processing(task_size=4, on_error="skip")
-    plan = build_plan(stream)
-    outputs = list(run_task(plan, Task(0, [0, 1, 2, 3], key=5), ExecutionContext()))
-    [output] = outputs
-    assert output.chunk == [0, 3] and output.last
-    assert [(e.task, e.stage, e.error_type, e.record) for e in output.errors] == [
-        (5, "stage 1 (map(raises_at_any))", "UserError", "1"),
-        (5, "stage 1 (map(raises_at_any))", "UserError", "2"),
-    ]
-    assert output.stats is not None and output.stats.extra == {"records_in": 4}
+    for max_errors, stats in [(None, None), (5, None), (0.5, {"records_in": 4})]:
+        plan = build_plan(stream.set_processing(max_errors=max_errors))
+        outputs = list(run_task(plan, Task(0, [0, 1, 2, 3], key=5), ExecutionContext()))
+        [output] = outputs
+        assert output.chunk == [0, 3] and output.last
+        assert [(e.task, e.stage, e.error_type, e.record) for e in output.errors] == [
+            (5, "stage 1 (map(raises_at_any))", "UserError", "1"),
+            (5, "stage 1 (map(raises_at_any))", "UserError", "2"),
+        ]
+        # Records in: only for a fractional max_errors, the one reader of the count.
+        assert (output.stats.extra if output.stats is not None else None) == stats
 
 
 def test_engine_errors_are_not_skipped(backend_options):

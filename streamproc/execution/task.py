@@ -70,7 +70,7 @@ class TaskOutput:
 def iter_task_records(plan: Plan, payload: Any, ctx: ExecutionContext) -> Iterator[list[Any]]:
     """Streams the output records of one task, in lists (source read included)."""
     chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
-    if ctx.error_policy is not None:
+    if ctx.error_policy is not None and ctx.error_policy.counts_records:
         chunks = ctx.error_policy.count_source(chunks)
     for stage in plan.stages:
         chunks = stage.op.apply(chunks, ctx, stage)
@@ -109,9 +109,10 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
 
     With ``on_error`` other than ``"raise"``, the task's :class:`ErrorPolicy` is
     ``ctx.error_policy`` while it runs; each chunk carries the errors recorded until it was
-    yielded, and the last one ``stats.extra["records_in"]`` (records the source produced).
+    yielded, and the last one ``stats.extra["records_in"]`` (records the source produced) with
+    a fractional ``max_errors``.
     """
-    policy = ctx.error_policy = make_policy(plan.options.on_error, plan.source, task.payload, task.task_key)
+    policy = ctx.error_policy = make_policy(plan.options, plan.source, task.payload, task.task_key)
     previous: Optional[tuple[Any, int]] = None
     try:
         for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize):
@@ -131,7 +132,7 @@ def _output(task: Task, chunk: tuple[Any, int], policy: Optional[ErrorPolicy], l
     if policy is None:
         return TaskOutput(task.index, chunk[0], chunk[1], last=last, task_key=task.task_key)
     stats = None
-    if last:
+    if last and policy.counts_records:
         stats = TaskStats(extra={RECORDS_IN_KEY: policy.records_in})
     return TaskOutput(task.index, chunk[0], chunk[1], stats, last, task.task_key, policy.drain())
 

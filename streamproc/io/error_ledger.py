@@ -8,9 +8,9 @@ main process. For each output it:
 * with ``on_error="dead_letter"``, keeps a task's errors until its last output arrives, then
   writes them as one file (:class:`~streamproc.io.dead_letters.DeadLetterWriter`);
 * enforces ``max_errors``: an int is a count, checked at every output (more errors than that
-  stop the run); a float is a fraction of the records seen (the records the sources of the
-  completed tasks produced, ``TaskStats.extra["records_in"]``, over the errors of those
-  tasks), checked once 1,000 records were seen and at the end. Past it, it raises
+  stop the run); a float is a fraction of the records seen (the errors of the completed tasks
+  over the records their sources produced, ``TaskStats.extra["records_in"]``, which tasks
+  report only then), checked once 1,000 records were seen and at the end. Past it, it raises
   :class:`~streamproc.errors.TooManyErrorsError`, which leaves the sink like any error: the
   sink aborts and the backend shuts down.
 
@@ -114,8 +114,9 @@ class ErrorLedger:
             else "not kept (on_error='dead_letter' with dead_letter_path= keeps them)"
         )
         seen = f" of {self.records_seen}" if self.records_seen else ""
+        were = "record was" if self.total == 1 and not seen else "records were"
         return (
-            f"streamproc: {self.total}{seen} records were dropped because processing them raised "
+            f"streamproc: {self.total}{seen} {were} dropped because processing them raised "
             f"(on_error={self.on_error!r}): {self.by_stage_and_type()}; {where}"
         )
 
@@ -127,7 +128,7 @@ class ErrorLedger:
         first = self._first
         example = f"; first: {first.error_type}: {first.message} at {first.source}" if first is not None else ""
         return TooManyErrorsError(
-            f"{self.total} records failed, more than {limit} (on_error={self.on_error!r}): {self.by_stage_and_type()}{example}"
+            f"{self.total} record{'' if self.total == 1 else 's'} failed, more than {limit} (on_error={self.on_error!r}): {self.by_stage_and_type()}{example}"
         )
 
 
