@@ -100,6 +100,50 @@ def test_batch_op_rows_name_the_record_that_failed_alone(backend_options, tmp_pa
     [row] = read_dead_letters(tmp_path)["dead-00000000.parquet"]
     assert (row["record"], row["error_type"], row["message"], row["task"]) == ("6", "ValueError", "six in batch", 0)
     assert row["source"].endswith("record 6 of its task")
+    assert 'raise ValueError("six in batch")' in row["traceback"]  # the traceback of the batch of one
+
+
+def keep_odd(record: dict[str, Any]) -> bool:
+    return record["id"] % 2 == 1
+
+
+def test_row_counts_the_inputs_of_the_stage_that_raised(tmp_path):
+    """After a filter, the row is the record's place among the failing stage's inputs."""
+    stream = sp.from_iterable(records(16)).filter(keep_odd).map(FailsOn({7})).set_processing(task_size=16)
+    run_dead_letter(stream, tmp_path)
+    [row] = read_dead_letters(tmp_path)["dead-00000000.parquet"]
+    assert row["stage"] == "stage 2 (map(fails_on))"
+    assert row["source"].endswith("record 3 of its task")  # id 7 is the 4th odd id
+
+
+def test_write_parquet_in_workers_keeps_the_dead_letters(tmp_path):
+    """deterministic=False: the workers write the parts; the errors still reach the main process."""
+    stream = (
+        sp.from_iterable(records(40))
+        .map(FailsOn({4, 25}))
+        .set_processing(
+            backend="multiprocessing",
+            num_cpu_workers=2,
+            deterministic=False,
+            task_size=10,
+            on_error="dead_letter",
+            dead_letter_path=str(tmp_path / "dead"),
+        )
+    )
+
+    def write() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sp.RecordsSkippedWarning)
+            return stream.write_parquet(tmp_path / "out")
+
+    run_guarded(write, RUN_TIMEOUT_S)
+    ids = sorted(pq.read_table(tmp_path / "out").column("id").to_pylist())
+    assert ids == [i for i in range(40) if i not in (4, 25)]
+    files = read_dead_letters(tmp_path / "dead")
+    assert {name: [json.loads(r["record"])["id"] for r in rows] for name, rows in files.items()} == {
+        "dead-00000000.parquet": [4],
+        "dead-00000002.parquet": [25],
+    }
 
 
 def test_record_that_is_not_json_is_stored_as_its_repr(tmp_path):

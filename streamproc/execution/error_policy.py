@@ -131,13 +131,15 @@ class ErrorPolicy:
         self.records_in = 0
         self._errors: list[RecordError] = []
 
-    def record(self, stage: str, exc: BaseException, record: Any, row: int) -> None:
-        """Records that ``record`` (input ``row`` of ``stage`` in this task) raised ``exc``."""
+    def record(self, stage: str, exc: BaseException, record: Any, row: int, formatted: Optional[str] = None) -> None:
+        """Records that ``record`` (input ``row`` of ``stage`` in this task) raised ``exc``
+        (``formatted``: its traceback text, if ``exc`` no longer holds it)."""
         try:
             where = self.source.locate(self.payload, row)
         except Exception as locate_exc:  # a source's locate must not turn a dropped record into a failed run
             where = f"record {row} of task {self.task_key} (locate failed: {type(locate_exc).__name__})"
-        formatted = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if formatted is None:
+            formatted = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self._errors.append(
             RecordError(where, self.task_key, stage, _error_type(exc), _message(exc), formatted, record_text(record))
         )

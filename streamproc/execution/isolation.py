@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
@@ -38,12 +39,19 @@ T = TypeVar("T")
 
 
 class _StepFailed(Exception):
-    """Internal: ``error`` was raised by the step named ``stage`` (never leaves this module)."""
+    """Internal: ``error`` was raised by the step named ``stage`` (never leaves this module).
+
+    The traceback is formatted at once and dropped from ``error``: its frames hold the failed
+    batch (on the device, for a CUDA out-of-memory error), which must be freed before the
+    halves are retried.
+    """
 
     def __init__(self, stage: str, error: BaseException) -> None:
         super().__init__(stage, error)
         self.stage = stage
         self.error = error
+        self.traceback = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        error.__traceback__ = None
 
 
 def _run_step(stage: str, fn: Callable[..., T], *args: Any) -> T:
@@ -124,7 +132,7 @@ def bisect(
     """
     if len(records) <= 1:
         for record in records:
-            policy.record(failure.stage, failure.error, record, offset)
+            policy.record(failure.stage, failure.error, record, offset, failure.traceback)
         return
     middle = len(records) // 2
     for part, part_offset in ((records[:middle], offset), (records[middle:], offset + middle)):

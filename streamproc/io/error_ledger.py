@@ -127,8 +127,9 @@ class ErrorLedger:
             limit = f"max_errors={self.max_errors} allows ({self._errors_of_completed} of the {self.records_seen} records seen)"
         first = self._first
         example = f"; first: {first.error_type}: {first.message} at {first.source}" if first is not None else ""
+        records = "record" if self.total == 1 else "records"
         return TooManyErrorsError(
-            f"{self.total} record{'' if self.total == 1 else 's'} failed, more than {limit} (on_error={self.on_error!r}): {self.by_stage_and_type()}{example}"
+            f"{self.total} {records} failed, more than {limit} (on_error={self.on_error!r}): {self.by_stage_and_type()}{example}"
         )
 
 
