@@ -403,3 +403,29 @@ def bad_batch_of_fifty(batch: list[int]) -> list[int]:
     if 50 in batch:
         raise ValueError("fifty")
     return batch
+
+
+def tensor_with_junk_at_13(records: list[int]) -> Any:
+    """A prepared batch that cannot be pickled (a generator in it) when it holds record 13."""
+    batch: dict[str, Any] = {"x": to_tensor(records)}
+    if 13 in records:
+        batch["junk"] = (x for x in records)
+    return batch
+
+
+def rows_with_batch_size(batch: dict[str, Any]) -> Any:
+    import torch
+
+    x = batch["x"]
+    return torch.stack([x, torch.full_like(x, len(x))], dim=1)
+
+
+def test_batch_that_cannot_be_sent_to_a_gpu_worker_is_isolated_the_others_kept_whole():
+    """The send fails in the CPU worker while other batches are in flight: those are retried
+    whole (same composition), and only record 13 is dropped."""
+    pytest.importorskip("torch")
+    stream = sp.from_iterable(range(48)).map_gpu(tensor_with_junk_at_13, rows_with_batch_size, value_and_batch_size, batch_size=4)
+    outputs = run(stream.set_processing(task_size=48, on_error="skip"), **GPU_WORKERS)
+    sizes = {x: 4 for x in range(48)}
+    sizes.update({12: 1, 14: 2, 15: 2})  # [12..15] -> [12, 13] -> [12] ok, [13] dropped; [14, 15] ok
+    assert outputs == [(float(x), sizes[x]) for x in range(48) if x != 13]
