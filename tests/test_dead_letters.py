@@ -279,3 +279,41 @@ def test_an_aborted_run_writes_the_dead_letters_of_completed_tasks_only(tmp_path
     assert type(exc) is UserError
     assert [r["id"] for r in outputs] == [i for i in range(16) if i not in {1, 9}]
     assert sorted(os.listdir(tmp_path)) == ["dead-00000000.parquet", "dead-00000001.parquet"]
+
+
+def test_ledger_writes_the_dead_letters_of_a_part_group_when_it_completes(tmp_path):
+    """Workers writing parts send one unit per part group: its tasks' outputs share the group's
+    ``task_index``, keep their own ``task_key``, and only the group's final one is ``last``."""
+    from streamproc.execution.task import TaskOutput
+    from streamproc.io.error_ledger import ErrorLedger
+    from streamproc.options import ProcessingOptions
+    from streamproc.stats import TaskStats
+
+    options = ProcessingOptions().updated(on_error="dead_letter", dead_letter_path=str(tmp_path), max_errors=0.9)
+    ledger = ErrorLedger(options, DeadLetterWriter(tmp_path, "new"))
+
+    def output(key: int, errors: tuple[RecordError, ...], last: bool) -> TaskOutput:
+        return TaskOutput(4, (), 0, TaskStats(extra={"records_in": 10}), last, key, errors)
+
+    ledger.add(output(12, (), False))
+    ledger.add(output(13, (error(13, "a"), error(13, "b")), False))
+    assert os.listdir(tmp_path) == []  # the group is not complete yet
+    ledger.add(output(14, (error(14, "c"),), True))
+    files = read_dead_letters(tmp_path)
+    assert {name: [r["message"] for r in rows] for name, rows in files.items()} == {
+        "dead-00000013.parquet": ["a", "b"],
+        "dead-00000014.parquet": ["c"],
+    }
+    assert (ledger.total, ledger.records_seen) == (3, 30)
+
+
+def test_dead_letter_mode_of_a_sink():
+    from streamproc.io.error_ledger import dead_letter_mode_of
+    from streamproc.io.sinks import JsonlSink, ListSink
+
+    assert dead_letter_mode_of(ListSink()) == "new"
+    assert dead_letter_mode_of(JsonlSink("out.jsonl", overwrite=True)) == "overwrite"
+    assert dead_letter_mode_of(JsonlSink("out.jsonl", overwrite=False)) == "new"
+    resuming = ListSink()
+    resuming.dead_letter_mode = "resume"  # type: ignore[attr-defined]
+    assert dead_letter_mode_of(resuming) == "resume"

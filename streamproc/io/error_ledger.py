@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..execution.task import TaskOutput
     from ..options import ProcessingOptions
     from ..plan import Plan
+    from .sinks import Sink
 
 #: A fractional ``max_errors`` is first checked once this many records were seen (design.md).
 MIN_RECORDS_FOR_FRACTION = 1_000
@@ -55,8 +56,7 @@ class ErrorLedger:
         self.records_seen = 0  # by the completed tasks' sources
         self._errors_of_completed = 0
         self._first: Optional[RecordError] = None
-        self._pending: dict[int, list[RecordError]] = {}  # task key -> its errors so far (dead letters)
-        self._pending_counts: dict[int, int] = {}
+        self._units: dict[int, _Unit] = {}  # task index -> what its outputs brought so far
 
     def watch(self, outputs: Iterable[TaskOutput]) -> Iterator[TaskOutput]:
         """Passes ``outputs`` through, accounting for each; checks and warns at their end."""
@@ -66,27 +66,44 @@ class ErrorLedger:
         self.finish()
 
     def add(self, output: TaskOutput) -> None:
-        """Accounts for one output chunk (its errors, and the task's end when ``last``)."""
+        """Accounts for one output chunk (its errors; the dispatch unit's end when ``last``).
+
+        Outputs are grouped by ``task_index``, the unit a backend dispatched: one task, or
+        the tasks of one part group when the workers write the parts (their outputs have
+        each task's own ``task_key``, and only the group's final one is ``last``). Dead
+        letters are written per task key when the unit completes.
+        """
         key = output.task_index if output.task_key is None else output.task_key
-        if output.errors:
-            if self._first is None:
-                self._first = output.errors[0]
-            for error in output.errors:
-                self.counts[(error.stage, error.error_type)] += 1
-            self.total += len(output.errors)
-            self._pending_counts[key] = self._pending_counts.get(key, 0) + len(output.errors)
-            if self.dead_letters is not None:
-                self._pending.setdefault(key, []).extend(output.errors)
-            if isinstance(self.max_errors, int) and self.total > self.max_errors:
-                raise self._too_many()
-        if output.last:
-            self._errors_of_completed += self._pending_counts.pop(key, 0)
+        unit = self._units.get(output.task_index)
+        if unit is None and output.last and not output.errors:  # the common case: a task in one chunk
             if output.stats is not None:
                 self.records_seen += int(output.stats.extra.get(RECORDS_IN_KEY, 0))
             if self.dead_letters is not None:
-                self.dead_letters.write_task(key, self._pending.pop(key, ()))
-            if self.records_seen >= MIN_RECORDS_FOR_FRACTION:
-                self._check_fraction()
+                self.dead_letters.write_task(key, ())
+        else:
+            if unit is None:
+                unit = self._units[output.task_index] = _Unit()
+            unit.add(key, output, keep=self.dead_letters is not None)
+            if output.errors:
+                self._count(output.errors)
+            if output.last:
+                del self._units[output.task_index]
+                self._errors_of_completed += unit.errors
+                self.records_seen += unit.records_in
+                if self.dead_letters is not None:
+                    for task_key, errors in unit.by_key.items():
+                        self.dead_letters.write_task(task_key, errors)
+        if output.last and self.records_seen >= MIN_RECORDS_FOR_FRACTION:
+            self._check_fraction()
+
+    def _count(self, errors: tuple[RecordError, ...]) -> None:
+        if self._first is None:
+            self._first = errors[0]
+        for error in errors:
+            self.counts[(error.stage, error.error_type)] += 1
+        self.total += len(errors)
+        if isinstance(self.max_errors, int) and self.total > self.max_errors:
+            raise self._too_many()
 
     def finish(self) -> None:
         """At the end of a complete run: the last ``max_errors`` check, then the warning."""
@@ -131,6 +148,42 @@ class ErrorLedger:
         return TooManyErrorsError(
             f"{self.total} {records} failed, more than {limit} (on_error={self.on_error!r}): {self.by_stage_and_type()}{example}"
         )
+
+
+class _Unit:
+    """What the outputs of one dispatched unit brought before its last: errors per task key."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.records_in = 0
+        self.by_key: dict[int, list[RecordError]] = {}  # in the order the tasks came (dead letters)
+
+    def add(self, key: int, output: TaskOutput, keep: bool) -> None:
+        self.errors += len(output.errors)
+        if output.stats is not None:
+            self.records_in += int(output.stats.extra.get(RECORDS_IN_KEY, 0))
+        if keep:
+            self.by_key.setdefault(key, []).extend(output.errors)
+
+
+def dead_letter_mode_of(sink: Sink) -> str:
+    """How ``sink``'s run treats earlier dead letters: ``sink.dead_letter_mode`` when the sink
+    sets it, else ``"overwrite"`` for a sink built with ``overwrite=True``, else ``"new"``."""
+    mode = str(getattr(sink, "dead_letter_mode", "new"))
+    if mode == "new" and getattr(sink, "overwrite", False) is True:
+        return "overwrite"
+    return mode
+
+
+def output_dir_of(sink: Sink) -> Optional[str]:
+    """The local path ``sink`` writes to, if any: its ``path``, or that of its output directory
+    (``write_parquet``'s ``output.directory``); None for sinks without one."""
+    path = getattr(sink, "path", None)
+    if path is None:
+        directory = getattr(getattr(sink, "output", None), "directory", None)
+        if directory is not None and getattr(directory, "is_local", True):
+            path = getattr(directory, "path", None)
+    return path if isinstance(path, str) else None
 
 
 def open_error_ledger(plan: Plan, dead_letter_mode: str = "new", output_path: Optional[str] = None) -> Optional[ErrorLedger]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ..backends.registry import get_backend
 from ..progress import with_progress
-from .error_ledger import open_error_ledger, watch_errors
+from .error_ledger import dead_letter_mode_of, open_error_ledger, output_dir_of, watch_errors
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -125,8 +125,7 @@ def run_into(plan: Plan, sink: Sink) -> Any:
     Complete output on success; on any failure the sink is aborted and the error re-raised.
     """
     backend = _backend_for(plan, sink)
-    output_path = getattr(sink, "path", None)
-    ledger = open_error_ledger(plan, "overwrite" if getattr(sink, "overwrite", False) else "new", output_path)
+    ledger = open_error_ledger(plan, dead_letter_mode_of(sink), output_dir_of(sink))
     sink.start()
     try:
         with backend.run(plan, sink) as handle:
