@@ -24,8 +24,6 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .parquet_writer import IN_PROGRESS_SUFFIX
-
 if TYPE_CHECKING:
     from ..execution.error_policy import RecordError
 
@@ -34,6 +32,9 @@ DEAD_LETTER_COLUMNS = ("source", "task", "stage", "error_type", "message", "trac
 DEAD_LETTER_PREFIX = "dead-"
 DEAD_LETTER_SUFFIX = ".parquet"
 DEAD_LETTER_MODES = ("new", "overwrite", "resume")
+#: The hidden name's suffix while a file is written: that of the parquet part files, so that
+#: every check for leftovers (``*.inprogress``) sees both.
+IN_PROGRESS_SUFFIX = ".inprogress"
 
 
 def dead_letter_name(task_key: int) -> str:
