@@ -119,7 +119,7 @@ def test_raise_is_todays_code_path():
     stream = sp.from_iterable(range(10)).map(identity).set_processing(task_size=4)
     plan = build_plan(stream)
     ctx = ExecutionContext()
-    outputs = list(run_task(plan, Task(0, list(range(4))), ctx))
+    outputs = list(run_task(plan, Task(0, next(iter(plan.source.iter_tasks(plan.task_size)))), ctx))
     assert ctx.error_policy is None
     assert [(o.chunk, o.errors, o.stats) for o in outputs] == [([0, 1, 2, 3], (), None)]
     _, exc = collect_until_error(sp.from_iterable(range(10)).map(fn_raises(at=3)))
@@ -130,7 +130,8 @@ def test_skip_reports_errors_and_records_in_with_the_outputs():
     stream = sp.from_iterable(range(10)).map(RaisesAtAny((1, 2))).set_processing(task_size=4, on_error="skip")
     for max_errors, stats in [(None, None), (5, None), (0.5, {"records_in": 4})]:
         plan = build_plan(stream.set_processing(max_errors=max_errors))
-        outputs = list(run_task(plan, Task(0, [0, 1, 2, 3], key=5), ExecutionContext()))
+        payload = next(iter(plan.source.iter_tasks(plan.task_size)))
+        outputs = list(run_task(plan, Task(0, payload, key=5), ExecutionContext()))
         [output] = outputs
         assert output.chunk == [0, 3] and output.last
         assert [(e.task, e.stage, e.error_type, e.record) for e in output.errors] == [
