@@ -13,6 +13,7 @@ Usage::
     python benchmarks/bench_error_policy.py raise
     python benchmarks/bench_error_policy.py skip --repeats 7
     python benchmarks/bench_error_policy.py skip --backend simple
+    python benchmarks/bench_error_policy.py both --repeats 30   # alternating, in one process
 
 Compare two invocations (raise vs skip) with any whole-process timer too (``/usr/bin/time -v``);
 times are reported, never asserted. See docs/benchmarks.md for recorded figures.
@@ -34,26 +35,35 @@ def main() -> None:
     import streamproc as sp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("on_error", choices=["raise", "skip"])
+    parser.add_argument("on_error", choices=["raise", "skip", "both"], help="both: alternate raise and skip runs")
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backend", choices=["multiprocessing", "simple"], default="multiprocessing")
     args = parser.parse_args()
-    stream = sp.from_iterable(range(args.records)).map(identity)
     workers = 2 if args.backend == "multiprocessing" else 1
-    stream = stream.set_processing(backend=args.backend, num_cpu_workers=workers, on_error=args.on_error)
-    walls, cpus = [], []
-    for _ in range(args.repeats):
-        cpu_start, start = _cpu_seconds(), time.perf_counter()
-        count = sum(1 for _ in stream)
-        walls.append(time.perf_counter() - start)
-        cpus.append(_cpu_seconds() - cpu_start)
-        assert count == args.records
-    print(
-        f"on_error={args.on_error} backend={args.backend}: {args.records} records, "
-        f"wall {' '.join(f'{t:.3f}' for t in walls)} s (median {statistics.median(walls):.3f}), "
-        f"cpu {' '.join(f'{t:.3f}' for t in cpus)} s (median {statistics.median(cpus):.3f})"
-    )
+    policies = ["raise", "skip"] if args.on_error == "both" else [args.on_error]
+    streams = {
+        policy: sp.from_iterable(range(args.records))
+        .map(identity)
+        .set_processing(backend=args.backend, num_cpu_workers=workers, on_error=policy)
+        for policy in policies
+    }
+    walls: dict[str, list[float]] = {policy: [] for policy in policies}
+    cpus: dict[str, list[float]] = {policy: [] for policy in policies}
+    for repeat in range(args.repeats):
+        for policy in policies if repeat % 2 else policies[::-1]:  # alternate which goes first
+            cpu_start, start = _cpu_seconds(), time.perf_counter()
+            count = sum(1 for _ in streams[policy])
+            walls[policy].append(time.perf_counter() - start)
+            cpus[policy].append(_cpu_seconds() - cpu_start)
+            assert count == args.records
+    for policy in policies:
+        wall, cpu = walls[policy], cpus[policy]
+        print(
+            f"on_error={policy} backend={args.backend}: {args.records} records, "
+            f"wall {' '.join(f'{t:.3f}' for t in wall)} s (median {statistics.median(wall):.3f}), "
+            f"cpu {' '.join(f'{t:.3f}' for t in cpu)} s (median {statistics.median(cpu):.3f})"
+        )
 
 
 def _cpu_seconds() -> float:
