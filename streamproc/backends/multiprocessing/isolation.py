@@ -16,35 +16,19 @@ source) becomes a :class:`~streamproc.execution.error_policy.RecordError` of the
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 from ...execution.context import ExecutionContext
-from ...execution.error_policy import RecordError
+from ...execution.error_policy import RecordError, record_text
 from ...execution.task import ChunkFinalizer, Task, TaskOutput, run_task
 from ...io.base import Source
 from ...plan import Plan
 from .messages import IsolatedTask, RecordStarted, TaskChunk
 
 _STAGE_NOTE = re.compile(r"^streamproc: raised in (stage \d+ \(.*\)|the source)")
-
-
-def record_text(record: Any) -> str:
-    """A record as dead letters hold it: JSON text when it can be, else its ``repr``.
-
-    >>> record_text({"id": 1}), record_text({1, 2})
-    ('{"id": 1}', '{1, 2}')
-    """
-    try:
-        return json.dumps(record, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):
-        try:
-            return repr(record)
-        except Exception:
-            return f"<unprintable {type(record).__name__} object>"
 
 
 def _stage_of(exc: BaseException) -> str:
