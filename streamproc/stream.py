@@ -225,7 +225,7 @@ class Stream:
         with status 143. ``filesystem`` (a pyarrow or fsspec filesystem) writes through it.
         ``schema`` (a ``pyarrow.Schema``) fixes the column types; otherwise they are unified
         across tasks (a field null at first takes its later type; a field appearing later is
-        added) and every part gets the final schema. See docs/_long_jobs_resume.md.
+        added) and every part gets the final schema. See docs/long-jobs.md.
 
         Returns:
             The paths of this rank's part files, in task order (committed earlier ones too).
