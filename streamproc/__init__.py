@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Optional
 
+from .bottleneck import Bottleneck
+from .collect import collect_stats
 from .errors import (
     PipelineShutdownError,
     RemoteError,
@@ -25,6 +27,7 @@ from .errors import (
 from .execution.captures import ModelShippedWarning
 from .execution.schedule import get_dispatch_schedule
 from .io.paths import PathLike
+from .stats import RunStats
 from .stream import Stream
 
 __version__ = "0.1.0"
@@ -76,11 +79,13 @@ def read_jsonl(path: PathLike, filesystem: Any = None) -> Stream:
 
 
 __all__ = [
+    "Bottleneck",
     "ModelShippedWarning",
     "PipelineShutdownError",
     "RemoteError",
     "RemoteTraceback",
     "ResumeMismatchError",
+    "RunStats",
     "SchemaError",
     "SerializationError",
     "Stream",
@@ -88,6 +93,7 @@ __all__ = [
     "TaskTimeoutError",
     "TooManyErrorsError",
     "WorkerCrashedError",
+    "collect_stats",
     "from_iterable",
     "from_pandas",
     "get_dispatch_schedule",

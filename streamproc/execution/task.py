@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..ops import _tagged
+from .timing import TaskTimer, timed_finalize
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -66,27 +67,44 @@ class TaskOutput:
     errors: tuple[RecordError, ...] = ()
 
 
-def iter_task_records(plan: Plan, payload: Any, ctx: ExecutionContext) -> Iterator[list[Any]]:
-    """Streams the output records of one task, in lists (source read included)."""
+def iter_task_records(
+    plan: Plan, payload: Any, ctx: ExecutionContext, timer: Optional[TaskTimer] = None
+) -> Iterator[list[Any]]:
+    """Streams the output records of one task, in lists (source read included).
+
+    With a ``timer``, the source and every stage are timed once per chunk (see
+    :mod:`.timing`); the stages then see the timer's context, whose forward runners are timed.
+    """
     chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
+    if timer is not None:
+        chunks = timer.wrap(chunks)
+        ctx = timer.ctx
     for stage in plan.stages:
         chunks = stage.op.apply(chunks, ctx, stage)
+        if timer is not None:
+            chunks = timer.wrap(chunks)
     return chunks
 
 
 def iter_task_chunks(
-    plan: Plan, payload: Any, ctx: ExecutionContext, finalize: Optional[ChunkFinalizer] = None
+    plan: Plan,
+    payload: Any,
+    ctx: ExecutionContext,
+    finalize: Optional[ChunkFinalizer] = None,
+    timer: Optional[TaskTimer] = None,
 ) -> Iterator[tuple[Any, int]]:
     """Runs one task and yields ``(chunk, record_count)`` pairs.
 
     Small output lists (after a filter, or per batch) are merged until they hold at least
     ``plan.chunk_size`` records, so that a message carries many records. ``finalize`` (for
     example records -> Arrow table for parquet sinks) is applied to every chunk where the task
-    runs, so a worker does that conversion rather than the main process.
+    runs, so a worker does that conversion rather than the main process. A ``timer`` times
+    the stages and ``finalize``.
     """
     size = plan.chunk_size
+    finalize = timed_finalize(finalize, timer)
     pending: list[Any] = []
-    for chunk in iter_task_records(plan, payload, ctx):
+    for chunk in iter_task_records(plan, payload, ctx, timer):
         if pending:
             pending.extend(chunk)
         else:
@@ -102,11 +120,13 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     """Runs ``task`` and yields its :class:`TaskOutput` chunks, the last one with ``last=True``.
 
     One chunk is held back so that the last can be marked; an exception propagates after
-    the chunks completed before it (marked ``last=False``) were yielded.
+    the chunks completed before it (marked ``last=False``) were yielded. The last chunk
+    carries the task's :class:`~streamproc.stats.TaskStats` (stage times, measured here).
     """
+    timer = TaskTimer(plan, ctx)
     previous: Optional[tuple[Any, int]] = None
     try:
-        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize):
+        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize, timer):
             if previous is not None:
                 yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key)
             previous = (chunk, count)
@@ -117,7 +137,7 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
             yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key)
         raise
     chunk, count = previous if previous is not None else (None, 0)
-    yield TaskOutput(task.index, chunk, count, last=True, task_key=task.task_key)
+    yield TaskOutput(task.index, chunk, count, stats=timer.stats(), last=True, task_key=task.task_key)
 
 
 def iter_selected_payloads(plan: Plan) -> Iterator[tuple[int, Any]]:

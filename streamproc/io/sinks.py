@@ -123,13 +123,18 @@ def run_into(plan: Plan, sink: Sink) -> Any:
 
     Complete output on success; on any failure the sink is aborted and the error re-raised.
     """
+    from ..collect import publish_run
+
     backend = _backend_for(plan, sink)
     sink.start()
     try:
         with backend.run(plan, sink) as handle:
+            write = handle.timed_write(sink.write)
             for output in with_progress(handle, plan.options.show_progress):
-                sink.write(output)
-        return sink.commit()
+                write(output)
+        result = sink.commit()
+        publish_run(handle.stats, plan, sink.in_workers)
+        return result
     except BaseException:
         sink.abort()
         raise
@@ -137,11 +142,14 @@ def run_into(plan: Plan, sink: Sink) -> Any:
 
 def iter_records(plan: Plan) -> Iterator[Any]:
     """Runs ``plan``, yielding its output records one by one (main process)."""
+    from ..collect import publish_run
+
     sink = _RecordsSink()
     with _backend_for(plan, sink).run(plan, sink) as handle:
         for output in with_progress(handle, plan.options.show_progress):
             if output.chunk:
                 yield from output.chunk
+    publish_run(handle.stats, plan)
 
 
 class JsonlSink(Sink):
