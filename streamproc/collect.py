@@ -101,6 +101,8 @@ def publish_run(stats: RunStats, plan: Plan, in_workers: bool = False) -> None:
     """
     stats.deterministic = plan.options.deterministic
     stats.writes_in_workers = in_workers
+    if 0 in stats.stages:  # named here: a worker's copy of the source may not describe it (an iterable)
+        stats.stages[0].name = f"read {plan.source.describe()}"
     for collector in _collectors.get():
         collector._add(stats)
     if plan.options.show_stats:

@@ -198,6 +198,7 @@ class RunStats:
         self.max_task_seconds = max(self.max_task_seconds, task.seconds)
         process = self.process(task.where)
         process.tasks += 1
+        process.busy_seconds += task.seconds  # a worker's own report, when it sends one, replaces it
 
     def process(self, name: str, kind: Optional[str] = None) -> ProcessStats:
         """The :class:`ProcessStats` of ``name``, made on first use."""

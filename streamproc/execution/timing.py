@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..stats import StageStats, TaskStats
+from ..stats import ProcessStats, StageStats, TaskStats
 
 if TYPE_CHECKING:
     from ..plan import Plan, Stage
@@ -143,7 +143,6 @@ class TaskTimer:
 
     def __init__(self, plan: Plan, ctx: ExecutionContext) -> None:
         self.where = ctx.where
-        self.source_name = plan.source.describe()
         self._totals: list[_Inclusive] = []
         self._stages: dict[int, StageStats] = {
             stage.index: StageStats(stage.index, stage.name, ctx.where) for stage in plan.stages
@@ -161,8 +160,7 @@ class TaskTimer:
         """The task's :class:`TaskStats` (call after its last chunk)."""
         totals = self._totals
         source = totals[0] if totals else _Inclusive()
-        stages = [StageStats(0, "source", self.where, source.records, source.records, source.chunks, source.seconds)]
-        stages[0].name = f"read {self.source_name}"
+        stages = [StageStats(0, "read the source", self.where, source.records, source.records, source.chunks, source.seconds)]
         for k, stage in enumerate(self._stages.values(), start=1):
             if k >= len(totals):
                 break
@@ -188,3 +186,24 @@ def timed_finalize(finalize: Any, timer: Optional[TaskTimer]) -> Any:
             timer.finalize_seconds += _clock() - start
 
     return run
+
+
+def timed_payloads(payloads: Iterator[tuple[int, Any]], main: ProcessStats) -> Iterator[tuple[int, Any]]:
+    """``payloads`` (the run's tasks), the time spent producing them added to ``main.source_seconds``.
+
+    Runs in the main process (in the thread that asks for the next task: the consumer's, a
+    feeder's or a worker thread's; the dispatcher's lock serialises them).
+    """
+    clock = _clock
+    while True:
+        start = clock()
+        try:
+            item = next(payloads)
+        except StopIteration:
+            main.source_seconds += clock() - start
+            return
+        except BaseException:
+            main.source_seconds += clock() - start
+            raise
+        main.source_seconds += clock() - start
+        yield item

@@ -22,21 +22,26 @@ from ...execution.task import Task, run_task
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
 from .messages import EndRun, RunEnded, StartRun, Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId, WorkerStarted
 from .worker_runtime import as_crash, start_worker_process
+from .worker_stats import WorkerClock
 
 
 class _ResultSender:
     """Pickles and sends result messages; one that cannot be pickled becomes an error that can."""
 
-    def __init__(self, conn: Any, worker: WorkerId) -> None:
+    def __init__(self, conn: Any, worker: WorkerId, clock: Optional[WorkerClock] = None) -> None:
         self.conn = conn
         self.worker = worker
+        self.clock = clock
 
     def send(self, message: Any) -> None:
         try:
             data = dumps_message(message)
         except Exception as exc:
             data = dumps_message(self._unpicklable(message, exc))
-        self.conn.send_bytes(data)
+        if self.clock is not None:  # a full pipe blocks here: backpressure from the main process
+            self.clock.timed("output_blocked_seconds", self.conn.send_bytes, data)
+        else:
+            self.conn.send_bytes(data)
 
     def _unpicklable(self, message: Any, exc: Exception) -> Any:
         task = getattr(message, "task_index", None)
@@ -100,21 +105,24 @@ def run_cpu_worker(
     """
     worker = WorkerId("cpu", index)
     start_worker_process(worker, parent_pid, inherited)
-    sender = _ResultSender(result_conn, worker)
+    clock = WorkerClock(str(worker), "cpu")
+    sender = _ResultSender(result_conn, worker, clock)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
     run: Optional[_RunState] = None
     try:
         sender.send(WorkerStarted(worker))
         while True:
-            message = loads_message(task_conn.recv_bytes())
+            message = loads_message(clock.timed("input_wait_seconds", task_conn.recv_bytes))
             if isinstance(message, Task):
                 assert run is not None and message.run_id == run.run_id, f"task of run {message.run_id} outside it"
-                _run_task(run, message, sender, worker)
+                clock.busy(_run_task, run, message, sender, worker)
             elif isinstance(message, StartRun):
+                clock.begin_run()
                 run = _start_run(message, worker, client, sender)
+                clock.loaded()
             elif isinstance(message, EndRun):
                 if run is not None:
-                    _end_run(run, sender, worker)
+                    _end_run(run, sender, worker, clock)
                 run = None
             elif isinstance(message, Stop):
                 break
@@ -137,13 +145,13 @@ def _start_run(start: StartRun, worker: WorkerId, client: Optional[GPUClient], s
         sys.exit(1)
 
 
-def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId) -> None:
+def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId, clock: WorkerClock) -> None:
     try:
         paths, rows = run.end()
     except Exception as exc:
         sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
         return
-    sender.send(RunEnded(run.run_id, worker, paths, rows))
+    sender.send(RunEnded(run.run_id, worker, paths, rows, clock.run_stats()))
 
 
 def _run_task(run: _RunState, task: Task, sender: _ResultSender, worker: WorkerId) -> None:

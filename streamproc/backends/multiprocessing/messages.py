@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ...execution.task import Task, TaskOutput  # noqa: F401 (the main -> worker message is the shared core's Task)
+from ...stats import ProcessStats
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class WorkerStarted:
 
 @dataclass(frozen=True)
 class WorkerDone:
-    """A GPU worker ends normally: all its CPU peers said ``NoMoreBatches``."""
+    """A GPU worker ends normally: all its CPU peers said ``NoMoreBatches``; ``stats``: its run's figures."""
 
     worker: WorkerId
+    stats: Optional[ProcessStats] = None
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,13 @@ class TaskFailed:
 
 @dataclass(frozen=True)
 class RunEnded:
-    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none)."""
+    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none); ``stats``: its figures."""
 
     run_id: int
     worker: WorkerId
     paths: list[str]
     rows: Optional[int]
+    stats: Optional[ProcessStats] = None
 
 
 @dataclass(frozen=True)
