@@ -143,7 +143,7 @@ class ProcessStats:
                 continue
             value = getattr(other, f.name)
             if f.name == "tasks":
-                setattr(self, "tasks", self.tasks + value)
+                self.tasks += value
             elif value:
                 setattr(self, f.name, value)
 

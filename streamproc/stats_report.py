@@ -24,7 +24,8 @@ def _stage_rows(stats: RunStats) -> list[tuple[str, str, str, str, str, float]]:
     """(name, where, in, out, batches, seconds) per report line, forward on its own line."""
     rows: list[tuple[str, str, str, str, str, float]] = []
     for stage in stats.stage_rows():
-        rows.append((stage.name, stage.where, f"{stage.records_in:,}", f"{stage.records_out:,}", f"{stage.batches:,}", stage.seconds))
+        counts = f"{stage.records_in:,}", f"{stage.records_out:,}", f"{stage.batches:,}"
+        rows.append((stage.name, stage.where, *counts, stage.seconds))
         if stage.forward_batches:
             where = stage.forward_where or stage.where
             label = "  forward (waiting for it)" if where == "GPU workers" else "  forward"
@@ -45,10 +46,9 @@ def format_report(stats: RunStats) -> str:
     total = stats.stage_seconds
     for name, where, n_in, n_out, batches, seconds in _stage_rows(stats):
         share = f"{seconds / total * 100:5.1f}%" if total > 0 else ""
-        lines.append(
-            f"{_short(name):<{_NAME_WIDTH}} {_short(where, 15):<15} {n_in:>11} {n_out:>11} {batches:>8} {seconds:>9.3f} {share:>6}"
-        )
-    lines.append(f"{'total (stage seconds, summed over workers)':<{_NAME_WIDTH + 57}} {total:>9.3f}")
+        place = _short(where, 15)
+        lines.append(f"{_short(name):<{_NAME_WIDTH}} {place:<15} {n_in:>11} {n_out:>11} {batches:>8} {seconds:>9.3f} {share:>6}")
+    lines.append(f"{'total (stage seconds, summed over workers)':<{_NAME_WIDTH + 49}} {total:>9.3f}")
     lines += ["", f"{'process':<30} {'wall s':>8} {'start-up s':>10} {'busy s':>8} {'waiting s':>9} {'blocked s':>9} {'busy':>5}"]
     for process in stats.processes.values():
         lines.append(

@@ -30,7 +30,7 @@ _clock = time.perf_counter
 class _Inclusive:
     """Running totals of one wrapped iterator: seconds inside its ``next()``, chunks, records."""
 
-    __slots__ = ("seconds", "chunks", "records")
+    __slots__ = ("chunks", "records", "seconds")
 
     def __init__(self) -> None:
         self.seconds = 0.0
