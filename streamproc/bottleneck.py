@@ -11,8 +11,9 @@ limiting resource and one thing to change:
 3. Head-of-line blocking (reorder wait over ``REORDER_WAIT_ABOVE``) -> deterministic=False or
    a smaller task_size.
 4. One task long against the run (``STRAGGLER_ABOVE``, several workers) -> lower task_size.
-5. Otherwise the run is CPU-bound: the stage with the most seconds is named, with "add CPU
-   workers" (or, with the simple backend, a parallel backend).
+5. Otherwise the run is compute-bound: the stage with the most seconds is named, with "add
+   CPU workers" (or, with the simple backend, a parallel backend); when that stage's time is
+   mostly its in-process forward, with "run forward on GPU workers".
 
 Shares are fractions of the run's wall time (main process figures) or of the workers' summed
 busy time (stages), so that the hint reads the same numbers as the report.
@@ -112,6 +113,13 @@ def find_bottleneck(stats: RunStats) -> Bottleneck:
     share = (stage.seconds + stage.forward_seconds) / total
     resource = runners[0].kind
     where = {"cpu": "CPU workers", "thread": "worker threads"}.get(resource, "main process")
+    if stage.forward_seconds > stage.seconds:
+        forward_share = stage.forward_seconds / total
+        return Bottleneck(
+            where, stage.name, forward_share,
+            f"forward of {stage.name} takes {_percent(forward_share)} of the worker time, in the {where}: run it on "
+            "GPU workers (backend='multiprocessing', gpu_worker_devices=[...]), or make it cheaper (autocast=True)",
+        )
     if where == "main process":
         advice = "CPU-bound in the main process: use backend='multiprocessing' to add CPU workers"
     elif where == "worker threads":

@@ -160,3 +160,11 @@ def test_a_busy_gpu_worker_asks_for_gpu_workers() -> None:
 
 def test_an_empty_run_has_nothing_to_blame() -> None:
     assert find_bottleneck(RunStats("simple")).resource == "nothing"
+
+
+def test_an_in_process_forward_that_dominates_asks_for_gpu_workers() -> None:
+    stats = RunStats("simple", wall_seconds=10.0)
+    stats.stages[1] = StageStats(1, "stage 1 (map_gpu(p, f))", "main process", 10, 10, 1, seconds=1.0, forward_seconds=8.0)
+    bottleneck = find_bottleneck(stats)
+    assert bottleneck.stage == "stage 1 (map_gpu(p, f))" and bottleneck.share == pytest.approx(8 / 9)
+    assert "forward of stage 1" in str(bottleneck) and "GPU workers" in str(bottleneck)

@@ -109,7 +109,9 @@ class _Run:
     # -- lifecycle ----------------------------------------------------------------------------
     def outputs(self) -> Generator[TaskOutput, None, None]:
         try:
-            self._start()
+            started = time.perf_counter()
+            self._start()  # serialize the plan, start the workers: the main process's start-up
+            self.stats.main.startup_seconds = time.perf_counter() - started
             yield from self._collect()
         except BaseException:
             self.shutdown(broken=True)
