@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import re
 
 import streamproc as sp
 
-WORDS = "the quick brown fox jumps over the lazy dog while streamproc counts every word".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "streamproc", "counts", "words"]
 
 
 def make_document(i: int) -> str:
@@ -27,7 +28,7 @@ def clean_and_count(text: str) -> dict[str, int]:
     text = re.sub(r"<[^>]+>", " ", text).lower()
     words = text.split()
     counts = collections.Counter(words)
-    counts.update(f"{a} {b}" for a, b in zip(words, words[1:]))
+    counts.update(f"{a} {b}" for a, b in itertools.pairwise(words))
     return {"words": len(words), "distinct": len(counts)}
 
 

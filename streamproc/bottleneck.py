@@ -67,6 +67,16 @@ def _slowest_stage(stats: RunStats, cpu_only: bool = False) -> Optional[StageSta
     return max(rows, key=lambda s: s.seconds if cpu_only else s.seconds + s.forward_seconds)
 
 
+#: Above this share of padding in a stage's batches, the hint also says to sort by length.
+PADDING_WASTE_ABOVE = 0.4
+
+
+def _padding_advice(stats: RunStats) -> str:
+    """``"; 62% of the padded tokens are padding: sort by length"``, or nothing."""
+    worst = max((1 - s.real_tokens / s.padded_tokens for s in stats.stages.values() if s.padded_tokens), default=0.0)
+    return f"; {_percent(worst)} of the padded tokens are padding: sort by length" if worst > PADDING_WASTE_ABOVE else ""
+
+
 def find_bottleneck(stats: RunStats) -> Bottleneck:
     """The first of the module docstring's checks that holds (main process)."""
     wall = stats.wall_seconds
@@ -85,7 +95,8 @@ def find_bottleneck(stats: RunStats) -> Bottleneck:
         if busy > GPU_SATURATED_ABOVE:
             return Bottleneck(
                 "GPU workers", None, busy,
-                f"GPU workers busy {_percent(busy)}: add GPU workers, or try autocast=True or a larger batch_size",
+                f"GPU workers busy {_percent(busy)}: add GPU workers, or try autocast=True or a larger batch_size"
+                + _padding_advice(stats),
             )
     main = stats.main
     if wall > 0 and main.sink_seconds / wall > MAIN_WRITES_ABOVE:
@@ -118,7 +129,8 @@ def find_bottleneck(stats: RunStats) -> Bottleneck:
         return Bottleneck(
             where, stage.name, forward_share,
             f"forward of {stage.name} takes {_percent(forward_share)} of the worker time, in the {where}: run it on "
-            "GPU workers (backend='multiprocessing', gpu_worker_devices=[...]), or make it cheaper (autocast=True)",
+            "GPU workers (backend='multiprocessing', gpu_worker_devices=[...]), or make it cheaper (autocast=True)"
+            + _padding_advice(stats),
         )
     if where == "main process":
         advice = "CPU-bound in the main process: use backend='multiprocessing' to add CPU workers"

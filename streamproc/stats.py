@@ -68,8 +68,18 @@ class StageStats:
         self.forward_batches += other.forward_batches
         self.real_tokens += other.real_tokens
         self.padded_tokens += other.padded_tokens
-        self.where = _joined(self.where, other.where) or self.where
-        self.forward_where = _joined(self.forward_where, other.forward_where)
+        if other.where != self.where and where_label(other.where) != self.where:
+            self.where = _joined(self.where, other.where) or self.where
+        if other.forward_where != self.forward_where and where_label(other.forward_where or "") != self.forward_where:
+            self.forward_where = _joined(self.forward_where, other.forward_where)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Positional fields: a tuple pickles in a fraction of a dataclass's default state dict
+        # (one TaskStats travels per task, see docs/benchmarks.md "Stats overhead").
+        return StageStats, (
+            self.index, self.name, self.where, self.records_in, self.records_out, self.batches, self.seconds,
+            self.forward_seconds, self.forward_batches, self.forward_where, self.real_tokens, self.padded_tokens,
+        )
 
 
 def _joined(mine: Optional[str], theirs: Optional[str]) -> Optional[str]:
@@ -92,6 +102,9 @@ class TaskStats:
     stages: list[StageStats] = field(default_factory=list)
     finalize_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return TaskStats, (self.where, self.seconds, self.stages, self.finalize_seconds, self.extra)
 
 
 @dataclass

@@ -168,3 +168,10 @@ def test_an_in_process_forward_that_dominates_asks_for_gpu_workers() -> None:
     bottleneck = find_bottleneck(stats)
     assert bottleneck.stage == "stage 1 (map_gpu(p, f))" and bottleneck.share == pytest.approx(8 / 9)
     assert "forward of stage 1" in str(bottleneck) and "GPU workers" in str(bottleneck)
+
+
+def test_much_padding_adds_sort_by_length_to_a_busy_gpu_hint() -> None:
+    stats = _stats()
+    stats.stages[2] = StageStats(2, "stage 2 (map_gpu(p, f))", "CPU workers", 10, 10, 2, real_tokens=38, padded_tokens=100)
+    stats.add_process(ProcessStats("gpu worker 0", "gpu", wall_seconds=10.0, forward_seconds=9.5))
+    assert find_bottleneck(stats).hint.endswith("; 62% of the padded tokens are padding: sort by length")

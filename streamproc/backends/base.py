@@ -119,8 +119,8 @@ class RunHandle:
         if stats.task_runners[0] is main:  # the tasks ran inside next(): that is the main process busy
             main.busy_seconds = stats.task_seconds
             main.input_wait_seconds = max(0.0, self._in_next_seconds - stats.task_seconds - main.source_seconds)
-        else:
-            main.input_wait_seconds = self._in_next_seconds
+        else:  # start-up (serializing the plan, starting workers) happens inside the first next()
+            main.input_wait_seconds = max(0.0, self._in_next_seconds - main.startup_seconds)
             main.busy_seconds = max(0.0, main.wall_seconds - self._in_next_seconds)
 
     def close(self) -> None:
