@@ -211,7 +211,8 @@ class RunStats:
         self.max_task_seconds = max(self.max_task_seconds, task.seconds)
         process = self.process(task.where)
         process.tasks += 1
-        process.busy_seconds += task.seconds  # a worker's own report, when it sends one, replaces it
+        if process.kind != "cpu":  # a CPU worker measures its own busy time (RunEnded), tasks or not
+            process.busy_seconds += task.seconds
 
     def process(self, name: str, kind: Optional[str] = None) -> ProcessStats:
         """The :class:`ProcessStats` of ``name``, made on first use."""
