@@ -10,7 +10,9 @@ limiting resource and one thing to change:
    deterministic=False or write in workers (``write_parquet`` then writes in the workers).
 3. Head-of-line blocking (reorder wait over ``REORDER_WAIT_ABOVE``) -> deterministic=False or
    a smaller task_size.
-4. One task long against the run (``STRAGGLER_ABOVE``, several workers) -> lower task_size.
+4. One task long against the run (``STRAGGLER_ABOVE``, several workers), and alone (the
+   next longest under half of it: slow first tasks in every worker are start-up, such as
+   imports, not a straggler) -> lower task_size.
 5. Otherwise the run is compute-bound: the stage with the most seconds is named, with "add
    CPU workers" (or, with the simple backend, a parallel backend); when that stage's time is
    mostly its in-process forward, with "run forward on GPU workers".
@@ -114,7 +116,8 @@ def find_bottleneck(stats: RunStats) -> Bottleneck:
             "outputs back): use deterministic=False or lower task_size",
         )
     runners = stats.task_runners
-    if wall > 0 and len(runners) > 1 and stats.max_task_seconds / wall > STRAGGLER_ABOVE:
+    alone = stats.second_task_seconds < stats.max_task_seconds / 2
+    if wall > 0 and len(runners) > 1 and alone and stats.max_task_seconds / wall > STRAGGLER_ABOVE:
         share = stats.max_task_seconds / wall
         return Bottleneck("a long task", None, share, f"one task took {_percent(share)} of the run: lower task_size")
     stage = _slowest_stage(stats)

@@ -168,7 +168,8 @@ class RunStats:
     ``tasks_done``/``records_out`` count what reached the consumer; ``stages`` merges every
     task's :class:`TaskStats` (index 0: the source read); ``processes`` holds one
     :class:`ProcessStats` per process or worker thread, ``"main process"`` first.
-    ``wall_seconds`` runs from the handle's creation to its end. See
+    ``wall_seconds`` runs from the handle's creation to its end; ``max_task_seconds`` and
+    ``second_task_seconds`` are the two longest tasks' busy times. See
     :mod:`streamproc.stats_report` for the report and :mod:`streamproc.bottleneck` for the hint.
     """
 
@@ -180,6 +181,7 @@ class RunStats:
     stages: dict[int, StageStats] = field(default_factory=dict)
     processes: dict[str, ProcessStats] = field(default_factory=dict)
     max_task_seconds: float = 0.0
+    second_task_seconds: float = 0.0
     task_seconds: float = 0.0
     deterministic: Optional[bool] = None
     writes_in_workers: bool = False
@@ -208,7 +210,10 @@ class RunStats:
                 finalize = self.stages[-1] = StageStats(-1, "finalize (sink's, in the task)", where_label(task.where))
             finalize.add(StageStats(-1, finalize.name, task.where, seconds=task.finalize_seconds))
         self.task_seconds += task.seconds
-        self.max_task_seconds = max(self.max_task_seconds, task.seconds)
+        if task.seconds > self.max_task_seconds:
+            self.max_task_seconds, self.second_task_seconds = task.seconds, self.max_task_seconds
+        elif task.seconds > self.second_task_seconds:
+            self.second_task_seconds = task.seconds
         process = self.process(task.where)
         process.tasks += 1
         if process.kind != "cpu":  # a CPU worker measures its own busy time (RunEnded), tasks or not

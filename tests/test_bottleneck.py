@@ -147,8 +147,14 @@ def test_head_of_line_blocking_is_named() -> None:
 
 def test_one_long_task_asks_for_a_smaller_task_size() -> None:
     stats = _stats()
-    stats.max_task_seconds = 4.0
+    stats.max_task_seconds, stats.second_task_seconds = 4.0, 1.0
     assert str(find_bottleneck(stats)) == "one task took 40% of the run: lower task_size"
+
+
+def test_two_long_first_tasks_are_not_a_straggler() -> None:
+    stats = _stats()  # each worker's first task imported something heavy: start-up, not a straggler
+    stats.max_task_seconds, stats.second_task_seconds = 4.0, 3.5
+    assert find_bottleneck(stats).resource == "CPU workers"
 
 
 def test_a_busy_gpu_worker_asks_for_gpu_workers() -> None:
