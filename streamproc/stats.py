@@ -88,23 +88,34 @@ def _joined(mine: Optional[str], theirs: Optional[str]) -> Optional[str]:
     return ", ".join(sorted(labels)) if labels else None
 
 
+#: One stage's counters in a task, as they travel: ``(index, name, records_in, records_out,
+#: batches, seconds)``, or a whole :class:`StageStats` for a ``map_gpu`` stage (forward, tokens).
+StageRow = Any
+
+
 @dataclass
 class TaskStats:
     """What one task's execution measured (``TaskOutput.stats`` of its last chunk).
 
     ``where`` is the process or thread that ran it (``ExecutionContext.where``); ``seconds``
-    its busy time there (the stages, forward as seen there, and ``finalize``); ``stages`` the
-    source read (index 0) and each stage. Nothing of it lives in a global.
+    its busy time there (the stages, forward as seen there, and ``finalize``); ``stages`` a
+    :data:`StageRow` for the source read (index 0) and each stage: plain tuples, so that a
+    task's stats cost little to build and to pickle (one travels per task). Nothing of it
+    lives in a global.
     """
 
     where: str = "main process"
     seconds: float = 0.0
-    stages: list[StageStats] = field(default_factory=list)
+    stages: list[StageRow] = field(default_factory=list)
     finalize_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return TaskStats, (self.where, self.seconds, self.stages, self.finalize_seconds, self.extra)
+
+    def stage_stats(self) -> list[StageStats]:
+        """``stages`` as :class:`StageStats` objects."""
+        return [row if isinstance(row, StageStats) else StageStats(row[0], row[1], self.where, *row[2:]) for row in self.stages]
 
 
 @dataclass
@@ -178,7 +189,7 @@ class RunStats:
     records_out: int = 0
     finished: bool = False
     wall_seconds: float = 0.0
-    stages: dict[int, StageStats] = field(default_factory=dict)
+    _stages: dict[int, StageStats] = field(default_factory=dict, repr=False)
     processes: dict[str, ProcessStats] = field(default_factory=dict)
     max_task_seconds: float = 0.0
     second_task_seconds: float = 0.0
@@ -186,8 +197,21 @@ class RunStats:
     deterministic: Optional[bool] = None
     writes_in_workers: bool = False
 
+    #: Tasks not yet merged into ``stages``: merging waits until someone reads them, so that
+    #: the main process only appends a task's stats while the run goes (see :meth:`add_task`).
+    _pending: list[TaskStats] = field(default_factory=list, repr=False)
+
     def __post_init__(self) -> None:
         self.processes.setdefault("main process", ProcessStats("main process", "main"))
+
+    @property
+    def stages(self) -> dict[int, StageStats]:
+        """Every task's stage counters merged, by stage index (0: the source read; -1: finalize)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            for task in pending:
+                self._merge_task(task)
+        return self._stages
 
     @property
     def main(self) -> ProcessStats:
@@ -195,20 +219,10 @@ class RunStats:
         return self.processes["main process"]
 
     def add_task(self, task: TaskStats) -> None:
-        """Merges one finished task's stats (main process)."""
-        for stage in task.stages:
-            mine = self.stages.get(stage.index)
-            if mine is None:
-                self.stages[stage.index] = dataclasses.replace(
-                    stage, where=where_label(stage.where), forward_where=_joined(stage.forward_where, None)
-                )
-            else:
-                mine.add(stage)
-        if task.finalize_seconds:
-            finalize = self.stages.get(-1)
-            if finalize is None:
-                finalize = self.stages[-1] = StageStats(-1, "finalize (sink's, in the task)", where_label(task.where))
-            finalize.add(StageStats(-1, finalize.name, task.where, seconds=task.finalize_seconds))
+        """Takes one finished task's stats (main process; stage counters are merged when read)."""
+        self._pending.append(task)
+        if len(self._pending) >= 256:  # bounded memory: merge in batches
+            _ = self.stages
         self.task_seconds += task.seconds
         if task.seconds > self.max_task_seconds:
             self.max_task_seconds, self.second_task_seconds = task.seconds, self.max_task_seconds
@@ -218,6 +232,31 @@ class RunStats:
         process.tasks += 1
         if process.kind != "cpu":  # a CPU worker measures its own busy time (RunEnded), tasks or not
             process.busy_seconds += task.seconds
+
+    def _merge_task(self, task: TaskStats) -> None:
+        stages = self._stages
+        for row in task.stages:
+            if type(row) is tuple:  # the common case: add the counters without building a StageStats
+                mine = stages.get(row[0])
+                if mine is not None and mine.where == where_label(task.where):
+                    mine.records_in += row[2]
+                    mine.records_out += row[3]
+                    mine.batches += row[4]
+                    mine.seconds += row[5]
+                    continue
+            stage = row if isinstance(row, StageStats) else StageStats(row[0], row[1], task.where, *row[2:])
+            mine = stages.get(stage.index)
+            if mine is None:
+                stage.where = where_label(stage.where)
+                stage.forward_where = _joined(stage.forward_where, None)
+                stages[stage.index] = dataclasses.replace(stage)
+            else:
+                mine.add(stage)
+        if task.finalize_seconds:
+            finalize = stages.get(-1)
+            if finalize is None:
+                finalize = stages[-1] = StageStats(-1, "finalize (sink's, in the task)", where_label(task.where))
+            finalize.add(StageStats(-1, finalize.name, task.where, seconds=task.finalize_seconds))
 
     def process(self, name: str, kind: Optional[str] = None) -> ProcessStats:
         """The :class:`ProcessStats` of ``name``, made on first use."""

@@ -162,12 +162,16 @@ class TaskTimer:
         """The task's :class:`TaskStats` (call after its last chunk)."""
         totals = self._totals
         source = totals[0] if totals else _Inclusive()
-        stages = [StageStats(0, "read the source", self.where, source.records, source.records, source.chunks, source.seconds)]
-        where, made = self.where, self._stages
+        stages: list[Any] = [(0, "read the source", source.records, source.records, source.chunks, source.seconds)]
+        made = self._stages
         for k in range(1, len(totals)):
             plan_stage = self._plan_stages[k - 1]
-            stage = made.get(plan_stage.index) or StageStats(plan_stage.index, plan_stage.name, where)
             before, after = totals[k - 1], totals[k]
+            stage = made.get(plan_stage.index)
+            if stage is None:  # a plain tuple: see StageRow
+                row = (plan_stage.index, plan_stage.name, before.records, after.records, after.chunks, after.seconds - before.seconds)
+                stages.append(row)
+                continue
             stage.records_in = before.records
             stage.records_out = after.records
             stage.batches = after.chunks
