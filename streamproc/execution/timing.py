@@ -169,8 +169,8 @@ class TaskTimer:
             before, after = totals[k - 1], totals[k]
             stage = made.get(plan_stage.index)
             if stage is None:  # a plain tuple: see StageRow
-                row = (plan_stage.index, plan_stage.name, before.records, after.records, after.chunks, after.seconds - before.seconds)
-                stages.append(row)
+                seconds = after.seconds - before.seconds
+                stages.append((plan_stage.index, plan_stage.name, before.records, after.records, after.chunks, seconds))
                 continue
             stage.records_in = before.records
             stage.records_out = after.records
