@@ -200,3 +200,11 @@ def test_parquet_finalize_is_its_own_row(tmp_path: Any) -> None:
     stats = run_guarded(run, RUN_TIMEOUT_S, "write_parquet")
     assert stats.stages[-1].name.startswith("finalize")
     assert stats.records_out == 100 and stats.main.sink_seconds > 0
+
+
+def test_a_failed_run_is_not_collected() -> None:
+    from tests.utils import UserError, fn_raises
+
+    with sp.collect_stats() as stats, pytest.raises(UserError):
+        sp.from_iterable(range(10)).map(fn_raises(3)).to_list()
+    assert stats.runs == []
