@@ -32,9 +32,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 from ..stats import RunStats
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ..execution.task import TaskOutput
@@ -108,6 +110,23 @@ class RunHandle:
                 main.sink_seconds += time.perf_counter() - start
 
         return timed
+
+    def timed_commit(self, commit: Callable[[], T]) -> T:
+        """``commit()`` (a sink's, after the run's outputs), counted as sink time of the run.
+
+        A sink may write most at its commit (a buffered last row group): the run's wall time
+        and the main process's busy and sink times include it.
+        """
+        start = time.perf_counter()
+        try:
+            return commit()
+        finally:
+            seconds = time.perf_counter() - start
+            stats, main = self.stats, self.stats.main
+            main.sink_seconds += seconds
+            main.busy_seconds += seconds
+            main.wall_seconds += seconds
+            stats.wall_seconds += seconds
 
     def _end(self) -> None:
         """Completes the main process's figures (once, at the end or at ``close()``)."""

@@ -132,7 +132,7 @@ def run_into(plan: Plan, sink: Sink) -> Any:
             write = handle.timed_write(sink.write)
             for output in with_progress(handle, plan.options.show_progress):
                 write(output)
-        result = sink.commit()
+        result = handle.timed_commit(sink.commit)
         publish_run(handle.stats, plan, sink.in_workers)
         return result
     except BaseException:
