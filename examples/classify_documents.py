@@ -21,7 +21,7 @@ Run it with ``tox -e demo`` (or ``python examples/classify_documents.py``). It
    was attached to its own record).
 
 Flags: ``--docs N``, ``--backend simple|multiprocessing``, ``--workers N``, ``--out DIR``,
-``--data DIR``, ``--device cpu|cuda``, ``--seed``, ``--progress``. Without ``--backend``,
+``--data DIR``, ``--device cpu|cuda``, ``--seed``, ``--progress``, ``--stats``. Without ``--backend``,
 streamproc picks: the simple backend for one worker, multiprocessing for more.
 """
 
@@ -257,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the dataset and of the model (default: 0)")
     parser.add_argument("--train-steps", type=int, default=100, help="warm-up training steps of the model (default: 100)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--stats", action="store_true", help="print the run's stats report at its end (show_stats)")
     args = parser.parse_args(argv)
     if args.docs < 1:
         parser.error("--docs must be >= 1")
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         num_cpu_workers=args.workers,
         gpu_worker_devices=[args.device] if args.device else None,
         show_progress=args.progress,
+        show_stats=args.stats,
     )
     print(f"backend: {stream.options.effective_backend}\n{stream!r}")
 

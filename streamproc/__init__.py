@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Optional, Union
 
+from .bottleneck import Bottleneck
+from .collect import collect_stats
 from .errors import (
     CorruptInputError,
     PipelineShutdownError,
@@ -27,6 +29,7 @@ from .errors import (
 from .execution.captures import ModelShippedWarning
 from .execution.schedule import get_dispatch_schedule
 from .io.paths import PathLike
+from .stats import RunStats
 from .stream import Stream
 
 __version__ = "0.1.0"
@@ -174,6 +177,7 @@ def from_huggingface(dataset: Any) -> Stream:
 
 
 __all__ = [
+    "Bottleneck",
     "CorruptInputError",
     "ModelShippedWarning",
     "PipelineShutdownError",
@@ -181,6 +185,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "ResumeMismatchError",
+    "RunStats",
     "SchemaError",
     "SerializationError",
     "Stream",
@@ -188,6 +193,7 @@ __all__ = [
     "TaskTimeoutError",
     "TooManyErrorsError",
     "WorkerCrashedError",
+    "collect_stats",
     "from_arrow",
     "from_huggingface",
     "from_iterable",

@@ -27,13 +27,16 @@ in index order when deterministic, as they finish otherwise.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 from ..stats import RunStats
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ..execution.task import TaskOutput
@@ -61,30 +64,88 @@ class RunHandle:
 
     Made by a backend from the generator of its outputs, whose ``close()`` (GeneratorExit at
     its current ``yield``) runs the backend's shutdown. Counts tasks and records into
-    ``stats`` as they are delivered.
+    ``stats`` as they are delivered, merges each task's :class:`~streamproc.stats.TaskStats`,
+    and times the main process: its wall time, and its time inside ``next()`` (waiting for
+    outputs; with the simple backend, running the tasks). The backend adds what its
+    processes measured (see :class:`~streamproc.stats.RunStats`) before its generator ends.
     """
 
     def __init__(self, outputs: Generator[TaskOutput, None, None], stats: RunStats) -> None:
         self._outputs = outputs
         self.stats = stats
+        self._started = time.perf_counter()
+        self._in_next_seconds = 0.0
+        self._ended = False
 
     def __iter__(self) -> RunHandle:
         return self
 
     def __next__(self) -> TaskOutput:
+        start = time.perf_counter()
         try:
             output = next(self._outputs)
         except StopIteration:
+            self._in_next_seconds += time.perf_counter() - start
             self.stats.finished = True
+            self._end()
             raise
-        self.stats.records_out += output.count
+        self._in_next_seconds += time.perf_counter() - start
+        stats = self.stats
+        stats.records_out += output.count
         if output.last:
-            self.stats.tasks_done += 1
+            stats.tasks_done += 1
+        if output.stats is not None:
+            stats.add_task(output.stats)
         return output
+
+    def timed_write(self, write: Callable[[TaskOutput], None]) -> Callable[[TaskOutput], None]:
+        """``write`` (a sink's), its time added to the main process's ``sink_seconds``."""
+        main = self.stats.main
+
+        def timed(output: TaskOutput) -> None:
+            start = time.perf_counter()
+            try:
+                write(output)
+            finally:
+                main.sink_seconds += time.perf_counter() - start
+
+        return timed
+
+    def timed_commit(self, commit: Callable[[], T]) -> T:
+        """``commit()`` (a sink's, after the run's outputs), counted as sink time of the run.
+
+        A sink may write most at its commit (a buffered last row group): the run's wall time
+        and the main process's busy and sink times include it.
+        """
+        start = time.perf_counter()
+        try:
+            return commit()
+        finally:
+            seconds = time.perf_counter() - start
+            stats, main = self.stats, self.stats.main
+            main.sink_seconds += seconds
+            main.busy_seconds += seconds
+            main.wall_seconds += seconds
+            stats.wall_seconds += seconds
+
+    def _end(self) -> None:
+        """Completes the main process's figures (once, at the end or at ``close()``)."""
+        if self._ended:
+            return
+        self._ended = True
+        stats, main = self.stats, self.stats.main
+        stats.wall_seconds = main.wall_seconds = time.perf_counter() - self._started
+        if stats.task_runners[0] is main:  # the tasks ran inside next(): that is the main process busy
+            main.busy_seconds = stats.task_seconds
+            main.input_wait_seconds = max(0.0, self._in_next_seconds - stats.task_seconds - main.source_seconds)
+        else:  # start-up (serializing the plan, starting workers) happens inside the first next()
+            main.input_wait_seconds = max(0.0, self._in_next_seconds - main.startup_seconds)
+            main.busy_seconds = max(0.0, main.wall_seconds - self._in_next_seconds)
 
     def close(self) -> None:
         """Stops the run and reaps what it started (idempotent)."""
         self._outputs.close()
+        self._end()
 
     def __enter__(self) -> RunHandle:
         return self

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import add_context_note
 from ..execution.context import ExecutionContext
 from ..execution.task import Task, TaskOutput, iter_selected_payloads, run_task
+from ..execution.timing import timed_payloads
 from ..gpu.availability import check_devices_exist
 from ..plan import Plan
 from ..stats import RunStats
@@ -64,14 +65,15 @@ class SimpleBackend(Backend):
     def run(self, plan: Plan, sink: Sink) -> RunHandle:
         refuse_task_timeout(plan, self.name)
         check_forward_device(plan)
-        return RunHandle(self._outputs(plan, sink), RunStats(self.name))
+        stats = RunStats(self.name)
+        return RunHandle(self._outputs(plan, sink, stats), stats)
 
-    def _outputs(self, plan: Plan, sink: Sink) -> Generator[TaskOutput, None, None]:
+    def _outputs(self, plan: Plan, sink: Sink, stats: RunStats) -> Generator[TaskOutput, None, None]:
         ctx = forward_context(plan, "main process")
         finalize = sink.finalizer()
         task_index, key = 0, 0
         try:
-            for key, payload in iter_selected_payloads(plan):
+            for key, payload in timed_payloads(iter_selected_payloads(plan), stats.main):
                 yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize)
                 task_index += 1
                 key += 1  # a failure of the source is while producing the next task

@@ -37,10 +37,11 @@ from ..execution.context import ExecutionContext
 from ..execution.dispatch import SourceFailed, TaskDispatcher
 from ..execution.reorder import ReorderBuffer
 from ..execution.task import ChunkFinalizer, Task, TaskOutput, iter_selected_payloads, run_task
+from ..execution.timing import timed_payloads
 from ..gpu.forward import set_torch_threads, shared_forward_runners
 from ..ops import stage_running_in
 from ..plan import Plan
-from ..stats import RunStats
+from ..stats import ProcessStats, RunStats
 from .base import Backend, BackendCapabilities, RunHandle
 from .multiprocessing.cpu_budget import default_num_cpu_workers
 from .simple import check_forward_device, refuse_task_timeout
@@ -82,12 +83,14 @@ _Message = Union[TaskOutput, _TaskFailed, _ThreadExited]
 class _ThreadRun:
     """One run of a plan over ``num_threads`` worker threads; see the module docstring."""
 
-    def __init__(self, plan: Plan, finalize: Optional[ChunkFinalizer], num_threads: int) -> None:
+    def __init__(self, plan: Plan, finalize: Optional[ChunkFinalizer], num_threads: int, stats: RunStats) -> None:
         self.plan = plan
         self.finalize = finalize
         self.deterministic = plan.options.deterministic
         window = REORDER_WINDOW_TASKS_PER_THREAD * num_threads if self.deterministic else None
-        payloads = iter_selected_payloads(plan)  # a generator: reads nothing yet
+        #: The run's stats; each thread's waits go to its own ``thread_stats`` entry.
+        self.stats = stats
+        payloads = timed_payloads(iter_selected_payloads(plan), stats.main)  # a generator: reads nothing yet
         self.dispatcher = TaskDispatcher(payloads, num_threads, MAX_TASKS_IN_FLIGHT_PER_THREAD, window)
         self.results: queue.Queue[_Message] = queue.Queue(RESULT_QUEUE_CHUNKS_PER_THREAD * num_threads)
         self.forward_runners = shared_forward_runners(plan.options.gpu_worker_devices, plan.options.autocast)
@@ -97,6 +100,8 @@ class _ThreadRun:
         self.threads = [
             threading.Thread(target=self._work, args=(i,), name=f"streamproc-thread-{i}", daemon=True) for i in range(num_threads)
         ]
+        self.thread_stats = [ProcessStats(f"thread {thread.name}", "thread") for thread in self.threads]
+        self._started = time.perf_counter()
         self._shutdown_lock = threading.Lock()
         self._is_shut_down = False
         self._restore_torch_threads: Callable[[], None] = lambda: None
@@ -117,7 +122,10 @@ class _ThreadRun:
                     self.dispatcher.set_released(reorder.next_task)
                 if self.dispatcher.total_tasks is not None and reorder.tasks_done >= self.dispatcher.total_tasks:
                     break
+                waited = time.perf_counter()
                 message = self._next_message()
+                if self.deterministic and reorder.buffered_tasks:  # outputs held behind an earlier task
+                    self.stats.main.reorder_wait_seconds += time.perf_counter() - waited
                 if isinstance(message, TaskOutput):
                     reorder.add(message)
                 elif isinstance(message, _TaskFailed):
@@ -153,13 +161,17 @@ class _ThreadRun:
             # worker process unpickles): a source may cache a file handle that one thread at a
             # time can use (ParquetSource keeps its last ParquetFile open).
             plan = dataclasses.replace(self.plan, source=copy.copy(self.plan.source))
+            own = self.thread_stats[worker]
             while True:
+                waited = time.perf_counter()
                 try:
                     task = self.dispatcher.next_task(worker)
                 except SourceFailed as failure:
                     add_context_note(failure.error, f"streamproc: raised while producing task {failure.index} in {name}")
                     self._put(_TaskFailed(failure.index, failure.error))
                     break
+                finally:
+                    own.input_wait_seconds += time.perf_counter() - waited
                 if task is None or self.stopping.is_set():  # stopped while it read the source
                     break
                 self.running[worker] = task.index
@@ -175,9 +187,13 @@ class _ThreadRun:
 
     def _run_task(self, plan: Plan, task: Task, ctx: ExecutionContext, name: str) -> None:
         outputs = cast(Generator[TaskOutput, None, None], run_task(plan, task, ctx, self.finalize))
+        own = self.thread_stats[self.threads.index(threading.current_thread())]
         try:
             for output in outputs:
-                if not self._put(output):
+                blocked = time.perf_counter()
+                put = self._put(output)
+                own.output_blocked_seconds += time.perf_counter() - blocked
+                if not put:
                     return  # the run stopped: drop the task at this chunk boundary
         except BaseException as exc:  # SystemExit too: the consumer raises it, as the simple backend does
             if isinstance(exc, Exception):
@@ -223,6 +239,10 @@ class _ThreadRun:
         while not self.results.empty():  # drop the outputs nobody will read
             self.results.get_nowait()
         self._restore_torch_threads()
+        wall = time.perf_counter() - self._started
+        for own in self.thread_stats:
+            own.wall_seconds = wall
+            self.stats.add_process(own)
 
 
 class ThreadsBackend(Backend):
@@ -248,7 +268,8 @@ class ThreadsBackend(Backend):
                 "use backend='multiprocessing' for several GPU workers"
             )
         check_forward_device(plan)
-        run = _ThreadRun(plan, sink.finalizer(), options.num_cpu_workers or default_num_cpu_workers(0))
+        stats = RunStats(self.name)
+        run = _ThreadRun(plan, sink.finalizer(), options.num_cpu_workers or default_num_cpu_workers(0), stats)
         outputs = run.outputs()
         weakref.finalize(outputs, run.shutdown)  # a handle garbage collected half-read stops its threads
-        return RunHandle(outputs, RunStats(self.name))
+        return RunHandle(outputs, stats)

@@ -16,6 +16,7 @@ from ..errors import add_context_note
 from ..ops import _tagged
 from ..stats import TaskStats
 from .error_policy import RECORDS_IN_KEY, ErrorPolicy, make_policy
+from .timing import TaskTimer, timed_finalize
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -68,29 +69,46 @@ class TaskOutput:
     errors: tuple[RecordError, ...] = ()
 
 
-def iter_task_records(plan: Plan, payload: Any, ctx: ExecutionContext) -> Iterator[list[Any]]:
-    """Streams the output records of one task, in lists (source read included)."""
+def iter_task_records(
+    plan: Plan, payload: Any, ctx: ExecutionContext, timer: Optional[TaskTimer] = None
+) -> Iterator[list[Any]]:
+    """Streams the output records of one task, in lists (source read included).
+
+    With a ``timer``, the source and every stage are timed once per chunk (see
+    :mod:`.timing`); the stages then see the timer's context, whose forward runners are timed.
+    """
     chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
     if ctx.error_policy is not None and ctx.error_policy.counts_records:
         chunks = ctx.error_policy.count_source(chunks)
+    if timer is not None:
+        chunks = timer.wrap(chunks)
+        ctx = timer.ctx
     for stage in plan.stages:
         chunks = stage.op.apply(chunks, ctx, stage)
+        if timer is not None:
+            chunks = timer.wrap(chunks)
     return chunks
 
 
 def iter_task_chunks(
-    plan: Plan, payload: Any, ctx: ExecutionContext, finalize: Optional[ChunkFinalizer] = None
+    plan: Plan,
+    payload: Any,
+    ctx: ExecutionContext,
+    finalize: Optional[ChunkFinalizer] = None,
+    timer: Optional[TaskTimer] = None,
 ) -> Iterator[tuple[Any, int]]:
     """Runs one task and yields ``(chunk, record_count)`` pairs.
 
     Small output lists (after a filter, or per batch) are merged until they hold at least
     ``plan.chunk_size`` records, so that a message carries many records. ``finalize`` (for
     example records -> Arrow table for parquet sinks) is applied to every chunk where the task
-    runs, so a worker does that conversion rather than the main process.
+    runs, so a worker does that conversion rather than the main process. A ``timer`` times
+    the stages and ``finalize``.
     """
     size = plan.chunk_size
+    finalize = timed_finalize(finalize, timer)
     pending: list[Any] = []
-    for chunk in iter_task_records(plan, payload, ctx):
+    for chunk in iter_task_records(plan, payload, ctx, timer):
         if pending:
             pending.extend(chunk)
         else:
@@ -106,7 +124,8 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     """Runs ``task`` and yields its :class:`TaskOutput` chunks, the last one with ``last=True``.
 
     One chunk is held back so that the last can be marked; an exception propagates after
-    the chunks completed before it (marked ``last=False``) were yielded.
+    the chunks completed before it (marked ``last=False``) were yielded. The last chunk
+    carries the task's :class:`~streamproc.stats.TaskStats` (stage times, measured here).
 
     With ``on_error`` other than ``"raise"``, the task's :class:`ErrorPolicy` is
     ``ctx.error_policy`` while it runs; each chunk carries the errors recorded until it was
@@ -114,9 +133,10 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     a fractional ``max_errors``.
     """
     policy = ctx.error_policy = make_policy(plan.options, plan.source, task.payload, task.task_key)
+    timer = TaskTimer(plan, ctx)
     previous: Optional[tuple[Any, int]] = None
     try:
-        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize):
+        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize, timer):
             if previous is not None:
                 yield _output(task, previous, policy, last=False)
             previous = (chunk, count)
@@ -128,15 +148,16 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
         if previous is not None:
             yield _output(task, previous, policy, last=False)
         raise
-    yield _output(task, previous if previous is not None else (None, 0), policy, last=True)
+    yield _output(task, previous if previous is not None else (None, 0), policy, last=True, stats=timer.stats())
 
 
-def _output(task: Task, chunk: tuple[Any, int], policy: Optional[ErrorPolicy], last: bool) -> TaskOutput:
+def _output(
+    task: Task, chunk: tuple[Any, int], policy: Optional[ErrorPolicy], last: bool, stats: Optional[TaskStats] = None
+) -> TaskOutput:
     if policy is None:
-        return TaskOutput(task.index, chunk[0], chunk[1], last=last, task_key=task.task_key)
-    stats = None
-    if last and policy.counts_records:
-        stats = TaskStats(extra={RECORDS_IN_KEY: policy.records_in})
+        return TaskOutput(task.index, chunk[0], chunk[1], stats, last, task.task_key)
+    if stats is not None and policy.counts_records:
+        stats.extra[RECORDS_IN_KEY] = policy.records_in
     return TaskOutput(task.index, chunk[0], chunk[1], stats, last, task.task_key, policy.drain())
 
 

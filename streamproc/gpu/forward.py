@@ -7,6 +7,7 @@ calls it: the main process (simple backend), a CPU worker without GPU workers, o
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -51,6 +52,14 @@ class DeviceForward:
         self.stage = stage
         self.batch_size = batch_size
         self.started = False
+        # Seconds and batches of this runner, for the GPU worker's stats (read at its end).
+        # On CUDA the copy to the device is asynchronous: h2d_seconds is the host's time to
+        # pin and issue it; forward_seconds waits for the kernels (a stream synchronize that
+        # the copy back would do anyway), so d2h_seconds is the copy back alone.
+        self.h2d_seconds = 0.0
+        self.forward_seconds = 0.0
+        self.d2h_seconds = 0.0
+        self.batches = 0
 
     def start(self) -> None:
         """Picks the device and moves the models there (once)."""
@@ -71,13 +80,17 @@ class DeviceForward:
 
         if not self.started:
             self.start()
-        if not self.is_cuda:
-            return to_device(batch, self.device), None
-        with torch.cuda.stream(self.copy_stream):
-            on_device = to_device(_pinned(batch), self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self.copy_stream)
-        return on_device, ready
+        start = time.perf_counter()
+        try:
+            if not self.is_cuda:
+                return to_device(batch, self.device), None
+            with torch.cuda.stream(self.copy_stream):
+                on_device = to_device(_pinned(batch), self.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self.copy_stream)
+            return on_device, ready
+        finally:
+            self.h2d_seconds += time.perf_counter() - start
 
     def compute(self, uploaded: tuple[Any, Any]) -> Any:
         """Runs forward on an uploaded batch; returns the outputs on the CPU."""
@@ -88,6 +101,7 @@ class DeviceForward:
         try:
             if self.torch_threads is not None and threads_before != self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
+            start = time.perf_counter()
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
             with torch.inference_mode():
@@ -96,7 +110,14 @@ class DeviceForward:
                         outputs = self.forward(on_device)
                 else:
                     outputs = self.forward(on_device)
-            return to_device(outputs, "cpu")
+            if self.is_cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            computed = time.perf_counter()
+            self.forward_seconds += computed - start
+            self.batches += 1
+            on_host = to_device(outputs, "cpu")
+            self.d2h_seconds += time.perf_counter() - computed
+            return on_host
         except torch.cuda.OutOfMemoryError as exc:
             size = f" (now {self.batch_size})" if self.batch_size is not None else ""
             add_context_note(

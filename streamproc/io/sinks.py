@@ -133,14 +133,19 @@ def run_into(plan: Plan, sink: Sink) -> Any:
 
     Complete output on success; on any failure the sink is aborted and the error re-raised.
     """
+    from ..collect import publish_run
+
     backend = _backend_for(plan, sink)
     ledger = open_error_ledger(plan, dead_letter_mode_of(sink), output_dir_of(sink))
     sink.start()
     try:
         with backend.run(plan, sink) as handle:
+            write = handle.timed_write(sink.write)
             for output in with_progress(watch_errors(handle, ledger), plan.options.show_progress):
-                sink.write(output)
-        return sink.commit()
+                write(output)
+        result = handle.timed_commit(sink.commit)
+        publish_run(handle.stats, plan, sink.in_workers)
+        return result
     except BaseException:
         sink.abort()
         raise
@@ -148,12 +153,15 @@ def run_into(plan: Plan, sink: Sink) -> Any:
 
 def iter_records(plan: Plan) -> Iterator[Any]:
     """Runs ``plan``, yielding its output records one by one (main process)."""
+    from ..collect import publish_run
+
     sink = _RecordsSink()
     ledger = open_error_ledger(plan, "new")
     with _backend_for(plan, sink).run(plan, sink) as handle:
         for output in with_progress(watch_errors(handle, ledger), plan.options.show_progress):
             if output.chunk:
                 yield from output.chunk
+    publish_run(handle.stats, plan)
 
 
 class JsonlSink(Sink):

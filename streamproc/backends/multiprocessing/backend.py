@@ -47,8 +47,9 @@ class MultiprocessingBackend(Backend):
     capabilities = BackendCapabilities(writes_in_workers=True, separate_processes=True)
 
     def run(self, plan: Plan, sink: Sink) -> RunHandle:
-        run = _Run(plan, sink, pool_for(plan))
+        stats = RunStats(self.name)
+        run = _Run(plan, sink, pool_for(plan), stats)
         outputs = run.outputs()
         # A half-consumed handle that is garbage collected still stops its processes.
         weakref.finalize(outputs, run.shutdown, True)
-        return RunHandle(outputs, RunStats(self.name))
+        return RunHandle(outputs, stats)

@@ -38,17 +38,19 @@ from .messages import (
 )
 from .watchdog import TaskWatchdog
 from .worker_runtime import as_crash, start_worker_process
+from .worker_stats import WorkerClock
 
 
 class _ResultSender:
     """Pickles and sends result messages; one that cannot be pickled becomes an error that can."""
 
-    def __init__(self, conn: Any, worker: WorkerId) -> None:
+    def __init__(self, conn: Any, worker: WorkerId, clock: Optional[WorkerClock] = None) -> None:
         self.conn = conn
         self.worker = worker
         # The task's thread and the watchdog's thread both send (see .watchdog).
         self._lock = threading.Lock()
         self.watchdog: Optional[TaskWatchdog] = None
+        self.clock = clock
 
     def send(self, message: Any) -> None:
         try:
@@ -60,7 +62,10 @@ class _ResultSender:
             if watchdog is not None:
                 watchdog.sending = True  # waiting for the main process to read is not being stuck
             try:
-                self.conn.send_bytes(data)
+                if self.clock is not None:  # a full pipe blocks here: backpressure from the main process
+                    self.clock.timed("output_blocked_seconds", self.conn.send_bytes, data)
+                else:
+                    self.conn.send_bytes(data)
             finally:
                 if watchdog is not None:
                     watchdog.sending = False
@@ -130,7 +135,8 @@ def run_cpu_worker(
     """
     worker = WorkerId("cpu", index)
     start_worker_process(worker, parent_pid, inherited)
-    sender = _ResultSender(result_conn, worker)
+    clock = WorkerClock(str(worker), "cpu")
+    sender = _ResultSender(result_conn, worker, clock)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
     run: Optional[_RunState] = None
     if task_timeout is not None:
@@ -138,16 +144,18 @@ def run_cpu_worker(
     try:
         sender.send(WorkerStarted(worker))
         while True:
-            message = loads_message(task_conn.recv_bytes())
+            message = loads_message(clock.timed("input_wait_seconds", task_conn.recv_bytes))
             if isinstance(message, (Task, IsolatedTask)):
                 task = message.task if isinstance(message, IsolatedTask) else message
                 assert run is not None and task.run_id == run.run_id, f"task of run {task.run_id} outside it"
-                _run_task(run, message, sender, worker)
+                clock.busy(_run_task, run, message, sender, worker)
             elif isinstance(message, StartRun):
+                clock.begin_run()
                 run = _start_run(message, worker, client, sender)
+                clock.loaded()
             elif isinstance(message, EndRun):
                 if run is not None:
-                    _end_run(run, sender, worker)
+                    _end_run(run, sender, worker, clock)
                 run = None
             elif isinstance(message, Stop):
                 break
@@ -172,13 +180,13 @@ def _start_run(start: StartRun, worker: WorkerId, client: Optional[GPUClient], s
         sys.exit(1)
 
 
-def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId) -> None:
+def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId, clock: WorkerClock) -> None:
     try:
         paths, rows = run.end()
     except Exception as exc:
         sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
         return
-    sender.send(RunEnded(run.run_id, worker, paths, rows))
+    sender.send(RunEnded(run.run_id, worker, paths, rows, clock.run_stats()))
 
 
 def _run_task(run: _RunState, message: Task | IsolatedTask, sender: _ResultSender, worker: WorkerId) -> None:

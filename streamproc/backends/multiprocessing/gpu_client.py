@@ -122,6 +122,9 @@ class GPUClient:
 class RemoteForwardRunner:
     """Forward runner of stage ``stage`` in a CPU worker: forward runs on GPU workers."""
 
+    #: Where forward runs, for the run's stats (``StageStats.forward_where``).
+    location = "GPU workers"
+
     def __init__(self, client: GPUClient, stage: int) -> None:
         self.client = client
         self.stage = stage

@@ -22,6 +22,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
@@ -41,6 +42,7 @@ from .messages import (
     WorkerStarted,
 )
 from .worker_runtime import PARENT_CHECK_INTERVAL_S, as_crash, start_worker_process
+from .worker_stats import WorkerClock
 
 
 class _PeerSender:
@@ -109,6 +111,7 @@ def run_gpu_worker(
     """
     worker = WorkerId("gpu", index)
     start_worker_process(worker, parent_pid, inherited)
+    clock = WorkerClock(str(worker), "gpu")
     status_conn.send_bytes(dumps_message(WorkerStarted(worker)))
     try:
         from ...gpu import DeviceForward
@@ -120,6 +123,7 @@ def run_gpu_worker(
         }
         for runner in runners.values():
             runner.start()
+        clock.loaded()  # spawn, imports, models moved to the device
     except BaseException as exc:
         # sys.exit() in a model's __setstate__ or .to(): re-raised as is in the main process,
         # it would exit the user's program (same as the CPU worker's start-up).
@@ -141,7 +145,10 @@ def run_gpu_worker(
     while open_readers or uploaded or (lost and control is not None):
         timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
         watched = [*open_readers, *(alive for alive, reader in peer_alive.items() if reader in open_readers)]
+        waited = time.perf_counter()
         ready: list[Any] = multiprocessing.connection.wait([*watched, *([control] if control else [])], timeout=timeout)
+        if not uploaded:  # nothing to compute: idle, waiting for a batch
+            clock.stats.idle_seconds += time.perf_counter() - waited
         for reader in ready:
             if reader is control:
                 peer = _take_replacement(control, worker, senders, peer_alive, open_readers, peer_of)
@@ -187,7 +194,14 @@ def run_gpu_worker(
                 _close_senders(senders)
                 raise
     _close_senders(senders)
-    status_conn.send_bytes(dumps_message(WorkerDone(worker)))
+    stats = clock.run_stats()
+    for runner in runners.values():
+        stats.h2d_seconds += runner.h2d_seconds
+        stats.forward_seconds += runner.forward_seconds
+        stats.d2h_seconds += runner.d2h_seconds
+        stats.batches += runner.batches
+    stats.busy_seconds = stats.h2d_seconds + stats.forward_seconds + stats.d2h_seconds
+    status_conn.send_bytes(dumps_message(WorkerDone(worker, stats)))
 
 
 def _take_replacement(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ...execution.task import Task, TaskOutput
+from ...stats import ProcessStats
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,10 @@ class WorkerStarted:
 
 @dataclass(frozen=True)
 class WorkerDone:
-    """A GPU worker ends normally: all its CPU peers said ``NoMoreBatches``."""
+    """A GPU worker ends normally: all its CPU peers said ``NoMoreBatches``; ``stats``: its run's figures."""
 
     worker: WorkerId
+    stats: Optional[ProcessStats] = None
 
 
 @dataclass(frozen=True)
@@ -97,12 +99,13 @@ class TaskFailed:
 
 @dataclass(frozen=True)
 class RunEnded:
-    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none)."""
+    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none); ``stats``: its figures."""
 
     run_id: int
     worker: WorkerId
     paths: list[str]
     rows: Optional[int]
+    stats: Optional[ProcessStats] = None
 
 
 @dataclass(frozen=True)

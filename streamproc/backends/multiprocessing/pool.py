@@ -28,12 +28,12 @@ from multiprocessing import reduction
 from typing import Any, Optional
 
 from ...errors import WorkerCrashedError
-from ...execution.serialization import dumps_message
+from ...execution.serialization import dumps_message, loads_message
 from .cpu_worker import run_cpu_worker
 from .environment import format_exit_code
 from .gpu_client import GPUChannel
 from .gpu_worker import run_gpu_worker
-from .messages import PeerReplaced, Stop, WorkerId
+from .messages import PeerReplaced, RunEnded, Stop, WorkerDone, WorkerId
 from .topology import Topology
 
 SHUTDOWN_JOIN_TIMEOUT_S = 5.0
@@ -116,6 +116,8 @@ class ProcessPool:
         self.progress: list[Any] = []
         self.task_timeout: Optional[float] = None
         self._replaceable = False
+        #: ``RunEnded``/``WorkerDone`` messages read at shutdown (the workers' run stats).
+        self.final_reports: list[Any] = []
 
     @property
     def workers(self) -> list[WorkerHandle]:
@@ -340,12 +342,26 @@ class ProcessPool:
             if process.is_alive():
                 process.kill()
                 process.join(KILL_JOIN_TIMEOUT_S)
+        self.final_reports = self._read_final_reports()
         for conn in list(self._held):
             self._close(conn)
         for worker in self.workers:
             if worker.process.pid is not None and worker.process.exitcode is not None:
                 worker.exitcode = worker.process.exitcode
                 worker.process.close()
+
+    def _read_final_reports(self) -> list[Any]:
+        """The ``RunEnded``/``WorkerDone`` messages (with their stats) the workers sent as they ended, unread."""
+        reports: list[Any] = []
+        for worker in self.workers:
+            try:
+                while worker.result_conn.poll():
+                    message = loads_message(worker.result_conn.recv_bytes())
+                    if isinstance(message, (RunEnded, WorkerDone)):
+                        reports.append(message)
+            except Exception:  # EOF, a closed pipe, an unreadable message: only its stats are lost
+                pass
+        return reports
 
     def _send_stop(self) -> None:
         stop = dumps_message(Stop())

@@ -53,7 +53,9 @@ from ...execution.reorder import ReorderBuffer
 from ...execution.serialization import dumps_message, dumps_plan, dumps_worker_plan, loads_message
 from ...execution.split import split_plan
 from ...execution.task import TaskOutput, iter_selected_payloads
+from ...execution.timing import timed_payloads
 from ...plan import Plan
+from ...stats import RunStats
 from .feeder import WorkerSlot, feed_worker
 from .messages import (
     EndRun,
@@ -89,9 +91,11 @@ _run_ids = itertools.count(1)
 class _Run(RecoveryMixin):
     """One execution of a plan on a pool. Owns its threads; see NOTE [ streamproc shutdown ]."""
 
-    def __init__(self, plan: Plan, sink: Sink, pool: ProcessPool) -> None:
+    def __init__(self, plan: Plan, sink: Sink, pool: ProcessPool, stats: Optional[RunStats] = None) -> None:
         self.plan = plan
         self.pool = pool
+        #: Filled with what the workers report (``RunEnded``/``WorkerDone``) and the main process's waits.
+        self.stats = stats if stats is not None else RunStats("multiprocessing")
         self.run_id = next(_run_ids)
         self.finalize = sink.finalizer()
         self.writers = sink.worker_writers() if sink.in_workers else None
@@ -115,7 +119,9 @@ class _Run(RecoveryMixin):
     # -- lifecycle ----------------------------------------------------------------------------
     def outputs(self) -> Generator[TaskOutput, None, None]:
         try:
-            self._start()
+            started = time.perf_counter()
+            self._start()  # serialize the plan, start the workers: the main process's start-up
+            self.stats.main.startup_seconds = time.perf_counter() - started
             yield from self._collect()
         except BaseException:
             self.shutdown(broken=True)
@@ -132,7 +138,7 @@ class _Run(RecoveryMixin):
         # Created after the workers: no child inherits it (a replacement is told to close it).
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
-        payloads = iter_selected_payloads(self.plan)
+        payloads = timed_payloads(iter_selected_payloads(self.plan), self.stats.main)
         if self.writers is not None:  # workers write whole parts: a dispatch unit is a part group
             payloads = self.writers.dispatch_units(payloads)
         self.dispatcher = TaskDispatcher(
@@ -179,7 +185,12 @@ class _Run(RecoveryMixin):
                 if all(a.ended is not None for a in self.assigned):
                     self._check_rows_written(records_out)
                     return
-            self._wait_and_receive(reorder)
+            if self.deterministic and reorder.buffered_tasks:  # outputs held behind an earlier task
+                start = time.perf_counter()
+                self._wait_and_receive(reorder)
+                self.stats.main.reorder_wait_seconds += time.perf_counter() - start
+            else:
+                self._wait_and_receive(reorder)
 
     def _check_rows_written(self, records_out: int) -> None:
         written = sum(a.ended.rows or 0 for a in self.assigned if a.ended is not None)
@@ -257,10 +268,14 @@ class _Run(RecoveryMixin):
             worker.started = True
         elif isinstance(message, RunEnded):
             self.assigned[worker.id.index].ended = message
+            if message.stats is not None:
+                self.stats.add_process(message.stats)
         elif isinstance(message, WorkerFailed):
             raise message.error
         elif isinstance(message, WorkerDone):  # a GPU worker's normal end: its sentinel follows
             worker.done = True
+            if message.stats is not None:
+                self.stats.add_process(message.stats)
         else:
             raise TypeError(f"unexpected message from {worker.id}: {message!r:.100}")
 
@@ -353,6 +368,10 @@ class _Run(RecoveryMixin):
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
         stuck = self._join_feeders()
         self.pool.shutdown(broken=broken or stuck)
+        # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
+        for report in self.pool.final_reports:
+            if report.stats is not None:
+                self.stats.add_process(report.stats)
         if self._wakeup_writer is not None:
             self._wakeup_writer.close()
             self._wakeup_reader.close()
