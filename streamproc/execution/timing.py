@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 from ..stats import ProcessStats, StageStats, TaskStats
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ..plan import Plan, Stage
@@ -38,13 +40,15 @@ class _Inclusive:
         self.records = 0
 
 
-def _timed(it: Iterator[list[Any]], into: _Inclusive) -> Iterator[list[Any]]:
-    """Yields the chunks of ``it``, adding the time spent producing each one to ``into``."""
+def _timed(it: Iterator[T], into: _Inclusive, count_records: bool = True) -> Iterator[T]:
+    """Yields the items of ``it`` (chunks, or ``(records, batch)`` pairs), adding the time spent
+    producing each one to ``into``, and its ``len`` as records when ``count_records``."""
     clock = _clock
+    it = iter(it)
     while True:
         start = clock()
         try:
-            chunk = next(it)
+            item = next(it)
         except StopIteration:
             into.seconds += clock() - start
             return
@@ -53,8 +57,9 @@ def _timed(it: Iterator[list[Any]], into: _Inclusive) -> Iterator[list[Any]]:
             raise
         into.seconds += clock() - start
         into.chunks += 1
-        into.records += len(chunk)
-        yield chunk
+        if count_records:
+            into.records += len(item)  # type: ignore[arg-type]
+        yield item
 
 
 class _TimedForwardRunner:
@@ -79,7 +84,7 @@ class _TimedForwardRunner:
         inputs, outputs = _Inclusive(), _Inclusive()
         try:
             counted = self._counted(batches, inputs)
-            yield from _timed_pairs(self.inner.run(counted), outputs)
+            yield from _timed(self.inner.run(counted), outputs, count_records=False)
         finally:
             self.stats.forward_seconds += outputs.seconds - inputs.seconds
             self.stats.forward_batches += outputs.chunks
@@ -89,32 +94,13 @@ class _TimedForwardRunner:
     def _counted(self, batches: Iterator[tuple[list[Any], Any]], into: _Inclusive) -> Iterator[tuple[list[Any], Any]]:
         size_of = self.size_of
         stats = self.stats
-        for pair in _timed_pairs(batches, into):
+        for pair in _timed(batches, into, count_records=False):
             if size_of is not None:
                 sizes = [size_of(record) for record in pair[0]]
                 if sizes:
                     stats.real_tokens += sum(sizes)
                     stats.padded_tokens += max(sizes) * len(sizes)
             yield pair
-
-
-def _timed_pairs(it: Iterator[tuple[list[Any], Any]], into: _Inclusive) -> Iterator[tuple[list[Any], Any]]:
-    """:func:`_timed` for ``(records, batch)`` pairs."""
-    clock = _clock
-    it = iter(it)
-    while True:
-        start = clock()
-        try:
-            pair = next(it)
-        except StopIteration:
-            into.seconds += clock() - start
-            return
-        except BaseException:
-            into.seconds += clock() - start
-            raise
-        into.seconds += clock() - start
-        into.chunks += 1
-        yield pair
 
 
 class _TimingContext:

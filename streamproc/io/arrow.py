@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import SchemaError
-from .base import Source
+from .base import Source, row_ranges
 from .parquet import READ_BATCH_ROWS, batch_to_records
 from .sinks import Sink
 
@@ -49,9 +49,7 @@ class ArrowTableSource(Source):
         self.table = table.select(self.columns) if self.columns is not None else table
 
     def iter_tasks(self, task_size: int) -> Iterator[tuple[int, int]]:
-        rows = self.table.num_rows
-        for start in range(0, rows, task_size):
-            yield start, min(start + task_size, rows)
+        return row_ranges(self.table.num_rows, task_size)
 
     def read_task(self, payload: tuple[int, int]) -> Iterator[dict[str, Any]]:
         for records in self.read_task_chunks(payload, READ_BATCH_ROWS):

@@ -39,6 +39,17 @@ from collections.abc import Iterator
 from typing import Any
 
 
+def row_ranges(rows: int, task_size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive runs of ``task_size`` rows out of ``rows``: the payloads of
+    a source cut by row position (pandas, Arrow tables, Hugging Face datasets).
+
+    >>> list(row_ranges(5, 2))
+    [(0, 2), (2, 4), (4, 5)]
+    """
+    for start in range(0, rows, task_size):
+        yield start, min(start + task_size, rows)
+
+
 class Source(ABC):
     """Where records come from. Instances are pickled (with dill) to each worker once."""
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .base import Source
+from .base import Source, row_ranges
 from .memory import IterableSource
 from .parquet import READ_BATCH_ROWS, batch_to_records
 
@@ -44,9 +44,7 @@ class HuggingFaceSource(Source):
         self._decoding_features = features if any(_requires_decoding(f) for f in features.values()) else None
 
     def iter_tasks(self, task_size: int) -> Iterator[tuple[int, int]]:
-        rows = len(self.dataset)
-        for start in range(0, rows, task_size):
-            yield start, min(start + task_size, rows)
+        return row_ranges(len(self.dataset), task_size)
 
     def read_task(self, payload: tuple[int, int]) -> Iterator[dict[str, Any]]:
         for records in self.read_task_chunks(payload, READ_BATCH_ROWS):

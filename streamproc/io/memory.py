@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple, Optional
 
-from .base import Source
+from .base import Source, row_ranges
 
 
 def _short_repr(obj: Any, limit: int = 40) -> str:
@@ -86,8 +86,7 @@ class PandasSource(Source):
         self.df = df
 
     def iter_tasks(self, task_size: int) -> Iterator[tuple[int, int]]:
-        for start in range(0, len(self.df), task_size):
-            yield start, min(start + task_size, len(self.df))
+        return row_ranges(len(self.df), task_size)
 
     def read_task(self, payload: tuple[int, int]) -> Iterator[dict[str, Any]]:
         start, stop = payload
