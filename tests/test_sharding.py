@@ -205,6 +205,8 @@ config, out, sink = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 stream = sp.from_iterable(range({n})).map(square).set_processing(shard="auto", task_size={task_size}, **config)
 if sink == "write_jsonl":
     stream.write_jsonl(out)
+elif sink == "write_parquet":  # every rank into one directory
+    stream.map(lambda v: {{"v": v}}).write_parquet(out, rows_per_file=2 * {task_size})
 else:
     with open(out, "w") as f:
         json.dump(stream.to_list(), f)
@@ -250,6 +252,47 @@ def test_three_rank_processes_union_to_the_unsharded_output(backend_options, tmp
         assert_outputs(records, [x * x for x in rank_share(items, TASK_SIZE, rank, WORLD_SIZE)], backend_options)
     if ProcessingOptions().updated(**backend_options).deterministic:
         assert reassemble(per_rank, TASK_SIZE) == [x * x for x in items]
+
+
+def test_three_rank_processes_write_one_parquet_directory_equal_to_the_unsharded_one(tmp_path):
+    """Ranks started at once write their own parts into one directory: the same files, with the
+    same rows, as one unsharded run (part names are per group, so ranks never collide)."""
+    import pyarrow.parquet as pq
+
+    shared = tmp_path / "shared"
+    script = tmp_path / "job.py"
+    script.write_text(RANK_SCRIPT.format(n=N, task_size=TASK_SIZE), encoding="utf-8")
+
+    def run_ranks() -> None:
+        processes = []
+        for rank in range(WORLD_SIZE):
+            env = {k: v for k, v in os.environ.items() if k not in SHARD_ENV}
+            env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+            env.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+            command = [sys.executable, str(script), json.dumps({"num_cpu_workers": 2}), str(shared), "write_parquet"]
+            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        try:
+            for rank, process in enumerate(processes):
+                output, _ = process.communicate(timeout=RANK_PROCESSES_TIMEOUT_S)
+                assert process.returncode == 0, f"rank {rank} failed:\n{output.decode(errors='replace')}"
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+
+    run_guarded(run_ranks, RANK_PROCESSES_TIMEOUT_S + 30, "3 ranks writing parquet")
+    whole = tmp_path / "whole"
+    sp.from_iterable(range(N)).map(lambda x: {"v": x * x}).set_processing(task_size=TASK_SIZE).write_parquet(
+        whole, rows_per_file=2 * TASK_SIZE
+    )
+    parts = sorted(p.name for p in whole.glob("part-*.parquet"))
+    assert sorted(p.name for p in shared.glob("part-*.parquet")) == parts and len(parts) >= WORLD_SIZE
+    for name in parts:
+        assert pq.read_table(shared / name).to_pylist() == pq.read_table(whole / name).to_pylist(), name
+    assert sorted(p.name for p in shared.glob("_streamproc_manifest*")) == [
+        f"_streamproc_manifest.{rank}-of-{WORLD_SIZE}.json" for rank in range(WORLD_SIZE)
+    ]
 
 
 def test_three_slurm_tasks_union_to_the_unsharded_output(tmp_path):
