@@ -105,9 +105,9 @@ class ParquetOutput:
         self.manifest_name = manifest_name(selection.rank, selection.world_size)
         if in_workers and self.directory.is_per_process():
             raise ValueError(
-                    "write_parquet: a memory filesystem lives in one process: with deterministic=False the "
-                    "CPU workers write the parts; use deterministic=True (the main process writes) or a shared filesystem"
-                )
+                "write_parquet: a memory filesystem lives in one process: with deterministic=False the "
+                "CPU workers write the parts; use deterministic=True (the main process writes) or a shared filesystem"
+            )
         kind = self.directory.kind()
         if kind == "file":
             raise FileExistsError(f"write_parquet: {self.directory.describe()!r} is a file; give a directory path")
