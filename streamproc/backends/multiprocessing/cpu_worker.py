@@ -22,8 +22,8 @@ from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.context import ExecutionContext
 from ...execution.serialization import dill_loads, dumps_message, loads_message
 from ...execution.task import Task, run_task
+from .crash_isolation import run_isolated
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
-from .isolation import run_isolated
 from .messages import (
     EndRun,
     IsolatedTask,
