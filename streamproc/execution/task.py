@@ -55,6 +55,8 @@ class TaskOutput:
     A task with no output yields one ``TaskOutput`` with ``chunk=None`` and ``count=0``.
     ``task_key`` is the task's key in the whole stream (see :class:`Task`; None: the index).
     ``errors`` are the records the error policy dropped in this chunk (dead-letter rows).
+    ``source_records`` are the records read from the source since the task's previous chunk
+    (summed over a task's chunks: the records the task read); progress counts these.
     """
 
     task_index: int
@@ -64,18 +66,41 @@ class TaskOutput:
     last: bool = True
     task_key: Optional[int] = None
     errors: tuple[RecordError, ...] = ()
+    source_records: int = 0
 
 
-def iter_task_records(plan: Plan, payload: Any, ctx: ExecutionContext) -> Iterator[list[Any]]:
-    """Streams the output records of one task, in lists (source read included)."""
-    chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
+class _ReadCount:
+    """Counts the records a task has read from its source (where the task runs), for progress."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self._reported = 0
+
+    def counting(self, chunks: Iterator[list[Any]]) -> Iterator[list[Any]]:
+        for chunk in chunks:
+            self.read += len(chunk)
+            yield chunk
+
+    def take(self) -> int:
+        """The records read since the last call."""
+        new, self._reported = self.read - self._reported, self.read
+        return new
+
+
+def iter_task_records(
+    plan: Plan, payload: Any, ctx: ExecutionContext, read: Optional[_ReadCount] = None
+) -> Iterator[list[Any]]:
+    """Streams the output records of one task, in lists (source read included, counted in ``read``)."""
+    source = plan.source.read_task_chunks(payload, plan.chunk_size)
+    chunks: Iterator[list[Any]] = _tagged(read.counting(source) if read is not None else source, "the source")
     for stage in plan.stages:
         chunks = stage.op.apply(chunks, ctx, stage)
     return chunks
 
 
 def iter_task_chunks(
-    plan: Plan, payload: Any, ctx: ExecutionContext, finalize: Optional[ChunkFinalizer] = None
+    plan: Plan, payload: Any, ctx: ExecutionContext, finalize: Optional[ChunkFinalizer] = None,
+    read: Optional[_ReadCount] = None,
 ) -> Iterator[tuple[Any, int]]:
     """Runs one task and yields ``(chunk, record_count)`` pairs.
 
@@ -86,7 +111,7 @@ def iter_task_chunks(
     """
     size = plan.chunk_size
     pending: list[Any] = []
-    for chunk in iter_task_records(plan, payload, ctx):
+    for chunk in iter_task_records(plan, payload, ctx, read):
         if pending:
             pending.extend(chunk)
         else:
@@ -105,19 +130,20 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     the chunks completed before it (marked ``last=False``) were yielded.
     """
     previous: Optional[tuple[Any, int]] = None
+    read = _ReadCount()
     try:
-        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize):
+        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize, read):
             if previous is not None:
-                yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key)
+                yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key, source_records=read.take())
             previous = (chunk, count)
     except GeneratorExit:  # the consumer closed us: nothing more may be yielded
         raise
     except BaseException:
         if previous is not None:
-            yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key)
+            yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key, source_records=read.take())
         raise
     chunk, count = previous if previous is not None else (None, 0)
-    yield TaskOutput(task.index, chunk, count, last=True, task_key=task.task_key)
+    yield TaskOutput(task.index, chunk, count, last=True, task_key=task.task_key, source_records=read.take())
 
 
 def iter_selected_payloads(plan: Plan) -> Iterator[tuple[int, Any]]:

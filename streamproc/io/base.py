@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 
 class Source(ABC):
@@ -65,6 +65,12 @@ class Source(ABC):
         row group or line; the default names the source and the row only."""
         where = self.describe()
         return where if row is None else f"{where}, record {row} of its task"
+
+    def num_records(self) -> Optional[int]:
+        """How many records the source holds, if it knows without reading them (main process);
+        None: unknown. Progress uses it as its total; override where it is cheap (a length, file
+        metadata)."""
+        return None
 
     @abstractmethod
     def describe(self) -> str:

@@ -58,6 +58,9 @@ class JsonlSource(Source):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"read_jsonl: malformed JSON in {path}, line {line_no}: {exc.msg} (column {exc.colno})") from exc
 
+    def num_records(self) -> None:
+        return None  # unknown without reading every line
+
     def describe(self) -> str:
         return f"read_jsonl({self.path_text!r}: {len(self.files)} file(s))"
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any, Optional
 
 from .base import Source
 
@@ -48,6 +48,14 @@ class IterableSource(Source):
     def read_task_chunks(self, payload: list[Any], chunk_size: int) -> Iterator[list[Any]]:
         yield payload  # already a list of at most task_size records
 
+    def num_records(self) -> Optional[int]:
+        """``len()`` of a sized iterable (list, tuple, range...); None for a generator or iterator.
+
+        A DataFrame is sized by rows but iterates over its column names: None (use from_pandas)."""
+        if isinstance(self.iterable, Sized) and type(self.iterable).__name__ != "DataFrame":
+            return len(self.iterable)
+        return None
+
     def describe(self) -> str:
         return f"from_iterable({_short_repr(self.iterable)})"
 
@@ -76,6 +84,9 @@ class PandasSource(Source):
     def read_task(self, payload: tuple[int, int]) -> Iterator[dict[str, Any]]:
         start, stop = payload
         return iter(self.df.iloc[start:stop].to_dict(orient="records"))
+
+    def num_records(self) -> int:
+        return len(self.df)
 
     def describe(self) -> str:
         return f"from_pandas(<DataFrame {len(self.df)} rows x {len(self.df.columns)} columns>)"

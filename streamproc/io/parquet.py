@@ -80,6 +80,10 @@ class ParquetSource(Source):
         for batch in batches:
             yield batch_to_records(batch)
 
+    def num_records(self) -> int:
+        """The row counts of the files' metadata (footers only; no row is read)."""
+        return sum(self._parquet_file(path).metadata.num_rows for path in self.files)
+
     def describe(self) -> str:
         cols = f", columns={self.columns}" if self.columns is not None else ""
         return f"read_parquet({self.path_text!r}{cols}: {len(self.files)} file(s))"

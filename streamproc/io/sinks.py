@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ..backends.registry import get_backend
@@ -118,6 +118,18 @@ def _backend_for(plan: Plan, sink: Sink) -> Backend:
     return backend
 
 
+def progress_for(handle: Iterable[TaskOutput], plan: Plan) -> Iterator[TaskOutput]:
+    """``handle``'s outputs through the progress reporter when ``show_progress`` (main process).
+
+    The total is the source's size when known and every task runs (no resume or shard
+    selection); the stats issue plugs its bottleneck estimate in as ``stage_hint``.
+    """
+    if not plan.options.show_progress:
+        return iter(handle)
+    total = plan.source.num_records() if plan.task_selection is None else None
+    return with_progress(handle, True, total, stage_hint=None)
+
+
 def run_into(plan: Plan, sink: Sink) -> Any:
     """Runs ``plan`` into ``sink`` (main process) and returns ``sink.commit()``.
 
@@ -127,7 +139,7 @@ def run_into(plan: Plan, sink: Sink) -> Any:
     sink.start()
     try:
         with backend.run(plan, sink) as handle:
-            for output in with_progress(handle, plan.options.show_progress):
+            for output in progress_for(handle, plan):
                 sink.write(output)
         return sink.commit()
     except BaseException:
@@ -139,7 +151,7 @@ def iter_records(plan: Plan) -> Iterator[Any]:
     """Runs ``plan``, yielding its output records one by one (main process)."""
     sink = _RecordsSink()
     with _backend_for(plan, sink).run(plan, sink) as handle:
-        for output in with_progress(handle, plan.options.show_progress):
+        for output in progress_for(handle, plan):
             if output.chunk:
                 yield from output.chunk
 
