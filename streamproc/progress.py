@@ -210,7 +210,7 @@ class _LogLines:
         if self._fallback is None:
             self._fallback = logging.StreamHandler(sys.stderr)
             self._fallback.setFormatter(logging.Formatter("[%(asctime)s] %(name)s: %(message)s"))
-        self._fallback.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None))
+        self._fallback.handle(logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, (), None))
 
 
 def with_progress(

@@ -14,9 +14,9 @@ import pytest
 
 import streamproc as sp
 from streamproc import progress
-from streamproc.execution.task import TaskOutput
 from streamproc.backends.registry import get_backend
 from streamproc.execution.selection import TaskSelection
+from streamproc.execution.task import TaskOutput
 from streamproc.io.sinks import ListSink, progress_for
 from streamproc.plan import Plan, build_plan
 from tests.hang_guard import run_guarded

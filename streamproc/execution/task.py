@@ -134,7 +134,9 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     try:
         for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize, read):
             if previous is not None:
-                yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key, source_records=read.take())
+                yield TaskOutput(
+                    task.index, previous[0], previous[1], last=False, task_key=task.task_key, source_records=read.take()
+                )
             previous = (chunk, count)
     except GeneratorExit:  # the consumer closed us: nothing more may be yielded
         raise

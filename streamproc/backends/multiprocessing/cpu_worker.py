@@ -20,6 +20,7 @@ from ...execution.context import ExecutionContext
 from ...execution.serialization import dill_loads, dumps_message, loads_message
 from ...execution.task import Task, run_task
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
+from .log_forwarding import apply_log_levels, forward_worker_logs
 from .messages import EndRun, RunEnded, StartRun, Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId, WorkerStarted
 from .worker_runtime import as_crash, start_worker_process
 
@@ -100,6 +101,7 @@ def run_cpu_worker(
     """
     worker = WorkerId("cpu", index)
     start_worker_process(worker, parent_pid, inherited)
+    result_conn = forward_worker_logs(worker, result_conn)
     sender = _ResultSender(result_conn, worker)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
     run: Optional[_RunState] = None
@@ -129,6 +131,7 @@ def run_cpu_worker(
 
 
 def _start_run(start: StartRun, worker: WorkerId, client: Optional[GPUClient], sender: _ResultSender) -> _RunState:
+    apply_log_levels(start.log_levels)
     try:
         return _RunState(start, worker, client)
     except BaseException as exc:

@@ -53,7 +53,18 @@ from ...execution.split import split_plan
 from ...execution.task import TaskOutput, iter_selected_payloads
 from ...plan import Plan
 from .feeder import feed_worker
-from .messages import EndRun, RunEnded, StartRun, TaskChunk, TaskFailed, WorkerDone, WorkerFailed, WorkerStarted
+from .log_forwarding import capture_log_levels, reemit
+from .messages import (
+    EndRun,
+    LogRecordMessage,
+    RunEnded,
+    StartRun,
+    TaskChunk,
+    TaskFailed,
+    WorkerDone,
+    WorkerFailed,
+    WorkerStarted,
+)
 from .pool import KILL_JOIN_TIMEOUT_S, SHUTDOWN_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
 
 if TYPE_CHECKING:
@@ -115,9 +126,11 @@ class _Run:
     def _start(self) -> None:
         # Serialize first: an unpicklable callable fails here, before any process exists.
         cpu_plan, forwards = split_plan(self.plan) if self.pool.topology.gpu_devices else (self.plan, {})
-        start = StartRun(self.run_id, dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers))
+        log_levels = capture_log_levels()
+        start = StartRun(self.run_id, dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers), log_levels)
         options = self.plan.options
-        forwards_bytes = dumps_plan((forwards, options.autocast, options.forward_threads), self.plan) if forwards else None
+        gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels)
+        forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
         self.pool.start(forwards_bytes)
         # Created after the workers: no child inherits it.
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
@@ -231,6 +244,8 @@ class _Run:
             # No task after a failed one is needed: stop handing them out.
             self.dispatcher.fail_at(message.task_index)
             self._task_done(worker, message.task_index)
+        elif isinstance(message, LogRecordMessage):
+            reemit(message)
         elif isinstance(message, WorkerStarted):
             worker.started = True
         elif isinstance(message, RunEnded):
