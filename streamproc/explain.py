@@ -123,7 +123,9 @@ def _multiprocessing_placement(plan: Plan) -> _Placement:
     topology = pool.topology
     cpu_count = topology.num_cpu_workers
     gpu_devices = topology.gpu_devices
-    counted = "" if plan.options.num_cpu_workers else f", default: cpu_count()={cpu_budget.cpu_count()} less one per GPU worker"
+    counted = ""
+    if not plan.options.num_cpu_workers:
+        counted = f", default: cpu_count()={cpu_budget.cpu_count()}" + (" less one per GPU worker" if gpu_devices else "")
     workers = [f"{cpu_count} CPU worker process(es) (start method {pool.cpu_start_method!r}{counted})"]
     if gpu_devices:
         forward = f"GPU worker, on {_device_list(gpu_devices)}"
@@ -145,7 +147,8 @@ def _source_lines(plan: Plan, placement: _Placement) -> list[str]:
 
     source = plan.source
     size = source.num_records()
-    head = f"source   {source.describe()}" + (f": {size:,} records" if size is not None else ": size unknown")
+    counted = ": size unknown" if size is None else f": {size:,} record{'' if size == 1 else 's'}"
+    head = f"source   {source.describe()}{counted}"
     where = placement.reading
     if isinstance(source, IterableSource):
         pulled = "main process" if placement.backend == "multiprocessing" else where
@@ -168,12 +171,14 @@ def _stage_lines(stage: Stage, placement: _Placement) -> list[str]:
     label = f"  {stage.index}  {_op_label(op)}"
     if not isinstance(op, MapGPU):
         return [_row(label, placement.cpu_side + _batching(op))]
-    postprocess = callable_name(op.postprocess) if op.postprocess is not None else "(default: one row per record)"
+    postprocess = " (default: one row per record)"
+    if op.postprocess is not None:
+        postprocess = _alias(callable_name(op.postprocess), "postprocess")
     return [
         _row(label, _batching(op).lstrip("; ")),
         _row(f"       prepare_batch{_alias(callable_name(op.prepare_batch), 'prepare_batch')}", placement.cpu_side),
         _row(f"       forward{_alias(callable_name(op.forward), 'forward')}", placement.forward),
-        _row(f"       postprocess{_alias(postprocess, 'postprocess')}", placement.cpu_side),
+        _row(f"       postprocess{postprocess}", placement.cpu_side),
     ]
 
 
