@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 
-import psutil
 import pytest
 
 import streamproc as sp
 from streamproc.backends.multiprocessing import cpu_budget
 from streamproc.backends.multiprocessing.backend import pool_for
 from streamproc.execution.schedule import get_dispatch_schedule
+from tests.hang_guard import worker_processes
 from tests.utils import CountingSource, double, identity
 
 
@@ -143,10 +143,11 @@ def test_explain_starts_nothing_and_reads_nothing():
         .set_processing(backend="multiprocessing", num_cpu_workers=3, num_gpu_workers=2, gpu_worker_devices=["cpu"])
     )
     threads_before = set(threading.enumerate())
+    processes_before = {p.pid for p in worker_processes()}
     text = stream.explain()
     assert "postprocess (default: one row per record)" in text
     assert source.pulled == 0 and source.iterations == 0
-    assert psutil.Process().children(recursive=True) == []
+    assert {p.pid for p in worker_processes()} == processes_before
     assert set(threading.enumerate()) == threads_before
 
 

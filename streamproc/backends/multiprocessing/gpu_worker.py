@@ -88,8 +88,10 @@ def run_gpu_worker(
     """Entry point of process ``streamproc-gpu-<index>``; see the module docstring.
 
     Args:
-        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads, log levels)``,
-            ``forwards`` mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`.
+        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads[, log levels])``,
+            ``forwards`` mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`;
+            the main process's log levels (:mod:`.log_forwarding`) may be left out (pools that
+            tests start by hand).
         channels: ``(cpu worker index, batch pipe reader, output pipe writer, the peer's
             liveness pipe reader)`` per peer.
         status_conn: ``WorkerStarted``, then ``WorkerDone`` at a normal end; a start-up failure
@@ -106,8 +108,8 @@ def run_gpu_worker(
     try:
         from ...gpu import DeviceForward
 
-        stages, autocast, torch_threads, log_levels = dill_loads(forwards_bytes)
-        apply_log_levels(log_levels)
+        stages, autocast, torch_threads, *log_levels = dill_loads(forwards_bytes)
+        apply_log_levels(log_levels[0] if log_levels else ())
         runners = {
             stage_index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
             for stage_index, stage in stages.items()
