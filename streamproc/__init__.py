@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .errors import (
+    CorruptInputError,
     PipelineShutdownError,
     RemoteError,
     RemoteTraceback,
@@ -58,7 +59,9 @@ def read_parquet(path: PathLike, columns: Optional[list[str]] = None, filesystem
 
     ``path`` is a file, a directory (read recursively, hidden and ``_`` files skipped), a glob
     or a list of those. A missing path or an unknown column raises now, not at run time.
-    With the multiprocessing backend, row groups are decoded in the CPU workers.
+    With the multiprocessing backend, row groups are decoded in the CPU workers. When the run
+    starts, every footer is read: files whose schemas differ are unified (or refused with
+    ``SchemaError`` naming both files), and a corrupt file raises ``CorruptInputError``.
     """
     from .io.parquet import ParquetSource
 
@@ -68,14 +71,109 @@ def read_parquet(path: PathLike, columns: Optional[list[str]] = None, filesystem
 def read_jsonl(path: PathLike, filesystem: Any = None) -> Stream:
     """A stream of records from JSON Lines files (one JSON value per non-empty line; ``.gz`` ok).
 
-    A malformed line raises ``ValueError`` naming the file and the line number.
+    A malformed line raises ``ValueError`` naming the file and the line number; invalid UTF-8
+    or a truncated ``.gz`` raises ``CorruptInputError`` naming them too.
     """
     from .io.jsonl import JsonlSource
 
     return Stream(JsonlSource(path, filesystem))
 
 
+def from_arrow(data: Any, columns: Optional[list[str]] = None) -> Stream:
+    """A stream of dict records from a ``pyarrow.Table``, a ``RecordBatch`` or a ``pyarrow.dataset``.
+
+    Tables are cut into tasks of ``task_size`` rows, sliced without a copy where each task
+    runs; a dataset has one task per fragment (per row group of a parquet file), read where
+    the task runs. ``columns`` selects columns (unknown names raise ``SchemaError`` now).
+
+    >>> import pyarrow as pa
+    >>> from_arrow(pa.table({"a": [1, 2]})).to_list()
+    [{'a': 1}, {'a': 2}]
+    """
+    from .io.arrow import make_arrow_source
+
+    return Stream(make_arrow_source(data, columns))
+
+
+def read_csv(
+    path: PathLike,
+    columns: Optional[list[str]] = None,
+    *,
+    delimiter: Optional[str] = None,
+    quote_char: Union[str, bool, None] = None,
+    column_names: Optional[list[str]] = None,
+    column_types: Optional[dict[str, Any]] = None,
+    newlines_in_values: bool = True,
+    read_options: Any = None,
+    parse_options: Any = None,
+    convert_options: Any = None,
+    filesystem: Any = None,
+    block_size: int = 16 * 1024 * 1024,
+) -> Stream:
+    """A stream of dict records from CSV files, parsed block by block by pyarrow where tasks run.
+
+    ``path`` is a file, a directory (``.csv``/``.tsv``, optionally ``.gz``/``.bz2``; read
+    recursively), a glob or a list, as for ``read_parquet``. Each file is one task, since a
+    quoted value may hold a newline; with ``newlines_in_values=False`` (you promise none
+    does), uncompressed files are split into tasks of ``block_size`` bytes at line boundaries.
+    Column types are inferred by pyarrow from each task's first block unless
+    ``column_types`` (``{"name": pyarrow type}``) fixes them.
+
+    ``delimiter``, ``quote_char`` (False: no quoting), ``column_names`` (given: the files have
+    no header row) and ``column_types`` set the matching fields of pyarrow's
+    ``csv.ReadOptions``/``ParseOptions``/``ConvertOptions``, which may also be passed whole
+    (copied; the named arguments win).
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.csv")
+    >>> _ = open(path, "w").write("id,text\\n1,hello\\n2,world\\n")
+    >>> read_csv(path).to_list()
+    [{'id': 1, 'text': 'hello'}, {'id': 2, 'text': 'world'}]
+
+    Raises:
+        FileNotFoundError: a path that matches no file (now).
+        streamproc.SchemaError: an unknown name in ``columns`` (now, from the first file).
+        ValueError: a malformed row, naming the file (when the run reaches it).
+    """
+    from .io.csv import make_csv_source
+
+    return Stream(
+        make_csv_source(
+            path,
+            columns,
+            delimiter=delimiter,
+            quote_char=quote_char,
+            column_names=column_names,
+            column_types=column_types,
+            newlines_in_values=newlines_in_values,
+            read_options=read_options,
+            parse_options=parse_options,
+            convert_options=convert_options,
+            filesystem=filesystem,
+            block_size=block_size,
+        )
+    )
+
+
+def from_huggingface(dataset: Any) -> Stream:
+    """A stream of the records of a Hugging Face ``datasets.Dataset`` or ``IterableDataset``.
+
+    A ``Dataset`` is read through its Arrow table in tasks of ``task_size`` rows, sliced
+    without a copy where each task runs; the records are ``ds[0], ds[1], ...``. An
+    ``IterableDataset`` is iterated lazily in the main process. Needs the optional
+    ``datasets`` library (``pip install streamproc[datasets]``).
+
+    Raises:
+        ImportError: ``datasets`` is not installed, naming the pip command.
+        TypeError: not a Dataset or IterableDataset (a ``DatasetDict``: pick a split).
+    """
+    from .io.huggingface import make_huggingface_source
+
+    return Stream(make_huggingface_source(dataset))
+
+
 __all__ = [
+    "CorruptInputError",
     "ModelShippedWarning",
     "PipelineShutdownError",
     "RemoteError",
@@ -88,9 +186,12 @@ __all__ = [
     "TaskTimeoutError",
     "TooManyErrorsError",
     "WorkerCrashedError",
+    "from_arrow",
+    "from_huggingface",
     "from_iterable",
     "from_pandas",
     "get_dispatch_schedule",
+    "read_csv",
     "read_jsonl",
     "read_parquet",
 ]

@@ -38,6 +38,12 @@ class SchemaError(StreamprocError, ValueError):
     """Records cannot be written with one consistent schema (names the offending field)."""
 
 
+class CorruptInputError(StreamprocError, ValueError):
+    """An input file cannot be decoded: a truncated or 0-byte parquet file, a corrupt data page,
+    a truncated ``.gz``, invalid UTF-8. The message names the file and the row group or line;
+    the reader's own error (pyarrow's, gzip's, the codec's) is the ``__cause__``."""
+
+
 class TaskTimeoutError(StreamprocError):
     """A task ran longer than ``task_timeout`` without finishing a record or batch (names the
     worker, its pid, the stage, and carries the worker's Python stack)."""

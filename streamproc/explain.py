@@ -142,6 +142,7 @@ def _device_list(devices: tuple[str, ...]) -> str:
 
 def _source_lines(plan: Plan, placement: _Placement) -> list[str]:
     from .io.jsonl import JsonlSource
+    from .io.limit import LimitSource
     from .io.memory import IterableSource, PandasSource
     from .io.parquet import ParquetSource
 
@@ -150,7 +151,10 @@ def _source_lines(plan: Plan, placement: _Placement) -> list[str]:
     counted = ": size unknown" if size is None else f": {size:,} record{'' if size == 1 else 's'}"
     head = f"source   {source.describe()}{counted}"
     where = placement.reading
-    if isinstance(source, IterableSource):
+    if isinstance(source, LimitSource):
+        inner = source.inner_stream().options.effective_backend
+        how = f"the first {source.n} records of an inner run (backend {inner!r}) of the ops before limit(), in the main process"
+    elif isinstance(source, IterableSource):
         pulled = "main process" if placement.backend == "multiprocessing" else where
         how = f"tasks of up to {plan.task_size} records, pulled from the iterable in the {pulled}"
     elif isinstance(source, ParquetSource):

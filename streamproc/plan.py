@@ -7,10 +7,13 @@ built in the main process, when a sink asks for records.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from .execution.selection import TaskSelection
+from .execution.sharding import resolve_shard
 from .io.base import Source
 from .ops import BatchedOp, MapGPU, Op
 from .options import DEFAULT_BATCH_SIZE, DEFAULT_TASK_SIZE, ProcessingOptions
@@ -60,6 +63,16 @@ class Plan:
         """The stage numbered ``index`` (1-based)."""
         return self.stages[index - 1]
 
+    def with_task_selection(self, tasks_per_group: int = 1, done_groups: Iterable[int] = ()) -> Plan:
+        """This plan with part groups of ``tasks_per_group`` tasks, minus ``done_groups`` (main process).
+
+        The shard (``set_processing(shard=...)``) is kept: a sink whose parts hold several
+        tasks (``write_parquet``: ``tasks_per_group`` from ``rows_per_file`` and
+        ``task_size``) calls this so that a rank owns whole parts, and a resumed run passes
+        the groups already committed. See :func:`task_selection_for`.
+        """
+        return dataclasses.replace(self, task_selection=task_selection_for(self.options, tasks_per_group, done_groups))
+
 
 def make_stages(ops: tuple[Op, ...]) -> tuple[Stage, ...]:
     """Numbers ``ops`` from 1 and names each stage after its op."""
@@ -73,10 +86,42 @@ def default_task_size(ops: tuple[Op, ...]) -> int:
     return max([DEFAULT_TASK_SIZE, *sizes])
 
 
+def task_selection_for(
+    options: ProcessingOptions, tasks_per_group: int = 1, done_groups: Iterable[int] = ()
+) -> Optional[TaskSelection]:
+    """The tasks a run with ``options`` does: its shard's part groups, minus ``done_groups``.
+
+    None (every task, nothing to check per task) when the run is not sharded and skips
+    nothing. ``shard="auto"`` reads the environment here (see :func:`.execution.sharding.resolve_shard`).
+
+    >>> task_selection_for(ProcessingOptions()) is None
+    True
+    >>> task_selection_for(ProcessingOptions(shard=(1, 3)), tasks_per_group=2)
+    TaskSelection(tasks_per_group=2, rank=1, world_size=3, done_groups=frozenset())
+
+    Raises:
+        ValueError: ``tasks_per_group`` is not a positive integer, or ``shard="auto"`` in an
+            inconsistent environment.
+    """
+    if isinstance(tasks_per_group, bool) or not isinstance(tasks_per_group, int) or tasks_per_group < 1:
+        raise ValueError(f"tasks_per_group must be a positive integer, got {tasks_per_group!r}")
+    rank, world_size = resolve_shard(options.shard)
+    done = frozenset(done_groups)
+    if world_size == 1 and not done:
+        return None
+    return TaskSelection(tasks_per_group, rank, world_size, done)
+
+
 def build_plan(stream: Stream) -> Plan:
+    """The plan of ``stream`` (main process, when a sink asks for records).
+
+    Its task selection is the shard's, one task per part group; a sink whose parts hold
+    several tasks replaces it with :meth:`Plan.with_task_selection`.
+    """
     options = stream.options
     options.check_combination()
     default_size = options.batch_size or DEFAULT_BATCH_SIZE
     ops = tuple(op.resolved(default_size, options.batch_by) if isinstance(op, BatchedOp) else op for op in stream.ops)
     task_size = options.task_size or default_task_size(ops)
-    return Plan(stream.source, make_stages(ops), options, task_size, chunk_size=task_size)
+    selection = task_selection_for(options)
+    return Plan(stream.source, make_stages(ops), options, task_size, chunk_size=task_size, task_selection=selection)

@@ -8,12 +8,14 @@ of each op says where its callables run.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 from .batching import BatchBy, BatchSize, BatchSizeLike, validate_batch_by
 from .io.base import Source
+from .io.limit import LimitSource, check_count
 from .ops import Filter, Flatten, Map, MapBatches, MapGPU, Op
 from .options import ProcessingOptions
 from .plan import Plan, build_plan
@@ -156,7 +158,10 @@ class Stream:
             ValueError: an invalid value, naming the option and what it accepts.
             TypeError: an unknown option.
         """
-        return Stream(self._source, self._ops, self._options.updated(**options))
+        source = self._source
+        if isinstance(source, LimitSource):  # options set after limit(n) apply before it too
+            source = source.with_processing(**options)
+        return Stream(source, self._ops, self._options.updated(**options))
 
     # -- execution --------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -238,6 +243,101 @@ class Stream:
 
         written: str = run_into(build_plan(self), JsonlSink(path, overwrite))
         return written
+
+    # -- everyday API: limit, take, count, Arrow, Hugging Face --------------------------------
+    def limit(self, n: int) -> Stream:
+        """Keeps the first ``n`` records (lazy); later ops see only them.
+
+        The ops before the limit run as a run of their own, whose records the main process
+        feeds to the ops after it: once ``n`` records are out, that run stops reading the
+        source and its workers stop. Options set before ``limit`` apply to the ops before it;
+        options set after apply to all (see NOTE [ streamproc limit ] in ``io/limit.py``).
+
+        >>> import streamproc as sp
+        >>> sp.from_iterable(range(100)).map(lambda x: x * 2).limit(3).map(str).to_list()
+        ['0', '2', '4']
+
+        With ``deterministic=True`` (the default) these are the first ``n`` records of the
+        simple backend's order; with ``deterministic=False``, some ``n`` records. A stream
+        with fewer than ``n`` records keeps them all; ``limit(0)`` reads nothing.
+
+        Raises:
+            TypeError: ``n`` is not an int. ValueError: ``n`` is negative.
+        """
+        n = check_count(n, "limit")
+        return Stream(LimitSource(self, n), (), self._options)
+
+    def take(self, n: int) -> list[Any]:
+        """Runs the stream until ``n`` records are out and returns them in a list (a sink).
+
+        The run stops (its workers too) once it has them: the source is read only as far
+        as the backend reads ahead.
+
+        >>> import streamproc as sp
+        >>> sp.from_iterable(range(10**9)).filter(lambda x: x % 7 == 0).take(3)
+        [0, 7, 14]
+        """
+        n = check_count(n, "take")
+        if n == 0:
+            return []
+        records = iter(self)
+        try:
+            return list(itertools.islice(records, n))
+        finally:
+            close = getattr(records, "close", None)
+            if close is not None:
+                close()
+
+    def count(self) -> int:
+        """Runs the stream and returns how many records it yields (a sink).
+
+        Records are counted where they are produced (a CPU worker with multiprocessing):
+        only counts reach the main process.
+
+        >>> import streamproc as sp
+        >>> sp.from_iterable(range(10)).filter(lambda x: x % 2).count()
+        5
+        """
+        from .io.limit import CountSink
+        from .io.sinks import run_into
+
+        total: int = run_into(build_plan(self), CountSink())
+        return total
+
+    def to_arrow(self, schema: Any = None) -> Any:
+        """Runs the stream and returns a ``pyarrow.Table`` of its dict records.
+
+        Records become Arrow tables where they are produced (a CPU worker with
+        multiprocessing); the main process concatenates them. ``schema`` (a
+        ``pyarrow.Schema``) fixes the column types; otherwise each chunk's records decide
+        and chunks are unified (a column that is all null in one chunk takes the type the
+        others have). An empty stream gives an empty table (with ``schema``'s columns).
+
+        >>> import streamproc as sp
+        >>> sp.from_iterable([{"a": 1}, {"a": 2}]).to_arrow().to_pydict()
+        {'a': [1, 2]}
+
+        Raises:
+            streamproc.SchemaError: a record that is not a dict, or types that do not agree.
+        """
+        from .io.arrow import ArrowSink
+        from .io.sinks import run_into
+
+        table = run_into(build_plan(self), ArrowSink(schema))
+        return table
+
+    def to_huggingface(self, schema: Any = None) -> Any:
+        """Runs the stream and returns a ``datasets.Dataset`` over ``to_arrow(schema)`` (no copy).
+
+        Needs the optional ``datasets`` library (``pip install streamproc[datasets]``).
+
+        Raises:
+            ImportError: ``datasets`` is not installed, naming the pip command (before running).
+        """
+        from .io.huggingface import import_datasets, table_to_dataset
+
+        import_datasets("to_huggingface()")
+        return table_to_dataset(self.to_arrow(schema))
 
     def __repr__(self) -> str:
         lines = [f"Stream({self._source.describe()}"]

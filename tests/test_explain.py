@@ -163,3 +163,11 @@ def test_a_device_the_machine_lacks_fails_as_the_run_would():
     with pytest.raises(ValueError) as ran:
         stream.to_list()
     assert str(explained.value) == str(ran.value)
+
+
+def test_limit_runs_an_inner_stream_in_the_main_process():
+    stream = sp.from_iterable(list(range(100))).map(double).limit(10).map(identity)
+    text = stream.explain()
+    assert "source   from_iterable(<list>).map(double).limit(10): 10 records" in text
+    assert "the first 10 records of an inner run (backend 'simple') of the ops before limit(), in the main process" in text
+    assert "  1  map(identity)" in text

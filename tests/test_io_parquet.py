@@ -67,7 +67,7 @@ def test_one_task_per_row_group(tmp_path):
     write_files(tmp_path, {"a.parquet": numbers(0, 10), "b.parquet": numbers(10, 13)}, row_group_size=4)
     source = sp.read_parquet(tmp_path).source
     tasks = list(source.iter_tasks(task_size=1024))  # the task size does not apply: row groups do
-    assert [(os.path.basename(path), group) for path, group in tasks] == [
+    assert [(os.path.basename(task.path), task.row_group) for task in tasks] == [
         ("a.parquet", 0),
         ("a.parquet", 1),
         ("a.parquet", 2),

@@ -73,6 +73,37 @@ def test_jsonl_size_is_unknown(tmp_path):
     assert sp.read_jsonl(path).source.num_records() is None
 
 
+def test_arrow_sources_know_their_size(tmp_path):
+    import pyarrow.dataset as pads
+
+    table = pa.table({"id": list(range(33))})
+    assert sp.from_arrow(table).source.num_records() == 33
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=10)
+    pq.write_table(table.slice(0, 5), tmp_path / "b.parquet")
+    assert sp.from_arrow(pads.dataset(tmp_path)).source.num_records() == 38
+
+
+def test_non_parquet_arrow_datasets_are_not_counted(tmp_path):
+    import pyarrow.csv as pacsv
+    import pyarrow.dataset as pads
+
+    pacsv.write_csv(pa.table({"id": [1, 2, 3]}), tmp_path / "a.csv")
+    assert sp.from_arrow(pads.dataset(tmp_path, format="csv")).source.num_records() is None
+
+
+def test_huggingface_dataset_size():
+    datasets = pytest.importorskip("datasets")
+    assert sp.from_huggingface(datasets.Dataset.from_dict({"a": list(range(9))})).source.num_records() == 9
+
+
+def test_limit_size():
+    assert sp.from_iterable(list(range(100))).limit(30).source.num_records() == 30
+    assert sp.from_iterable(list(range(10))).limit(30).source.num_records() == 10
+    assert sp.from_iterable(list(range(10))).map(double).limit(30).source.num_records() == 10
+    assert sp.from_iterable(iter(range(10))).limit(30).source.num_records() == 30  # an upper bound
+    assert sp.from_iterable(list(range(10))).filter(is_odd).limit(30).source.num_records() == 30
+
+
 def test_runs_that_skip_tasks_have_no_total(monkeypatch):
     seen: list[Any] = []
 

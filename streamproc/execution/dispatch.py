@@ -174,6 +174,7 @@ class TaskDispatcher:
                 self._finish(total)
             self._cond.notify_all()
             if self.stopping:
+                self._close_payloads()
                 raise DispatchStopped(f"the run stopped while the source was read for task {index}")
 
     def _finish(self, total: int) -> None:
@@ -215,3 +216,13 @@ class TaskDispatcher:
         with self._cond:
             self.stopping = True
             self._cond.notify_all()
+            if self._reader is None:  # else the reader closes it when the source returns
+                self._close_payloads()
+
+    def _close_payloads(self) -> None:
+        """Closes the payload generator (``_cond`` held, no caller inside it), so that a source
+        holding resources releases them when the run stops, not when it is garbage-collected
+        (a limit's inner run, with its workers: see NOTE [ streamproc limit ])."""
+        close = getattr(self._payloads, "close", None)
+        if close is not None:
+            close()

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..errors import add_context_note
 from ..ops import _tagged
 
 if TYPE_CHECKING:
@@ -140,12 +141,23 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
             previous = (chunk, count)
     except GeneratorExit:  # the consumer closed us: nothing more may be yielded
         raise
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            add_context_note(exc, task_location_note(plan, task))
         if previous is not None:
             yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key, source_records=read.take())
         raise
     chunk, count = previous if previous is not None else (None, 0)
     yield TaskOutput(task.index, chunk, count, last=True, task_key=task.task_key, source_records=read.take())
+
+
+def task_location_note(plan: Plan, task: Task) -> str:
+    """The note naming where in the input ``task`` is: ``"streamproc: task 3 reads a.parquet, row group 1"``."""
+    try:
+        where = plan.source.locate(task.payload)
+    except Exception as exc:  # a note must never hide the error it annotates
+        where = f"<locate() failed: {type(exc).__name__}: {exc}>"
+    return f"streamproc: task {task.task_key} reads {where}"
 
 
 def iter_selected_payloads(plan: Plan) -> Iterator[tuple[int, Any]]:

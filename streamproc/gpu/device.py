@@ -14,10 +14,15 @@ from typing import Any, Optional
 
 
 def default_device() -> str:
-    """``"cuda"`` when a CUDA device is usable here, else ``"cpu"``."""
+    """``"cuda"`` when a CUDA device is usable here (``"cuda:{LOCAL_RANK}"`` under torchrun, the
+    rank's own device), else ``"cpu"``."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from ..execution.sharding import torchrun_local_device
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return torchrun_local_device() or "cuda"
 
 
 def map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sized
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from .base import Source
 
@@ -12,6 +12,14 @@ from .base import Source
 def _short_repr(obj: Any, limit: int = 40) -> str:
     text = repr(obj)
     return text if len(text) <= limit else f"<{type(obj).__name__}>"
+
+
+class ItemsTask(NamedTuple):
+    """The payload of one task of an iterable: ``items`` are the iterable's items ``start``,
+    ``start + 1``, ... (counted from 0)."""
+
+    start: int
+    items: list[Any]
 
 
 class IterableSource(Source):
@@ -26,8 +34,9 @@ class IterableSource(Source):
             raise TypeError(f"from_iterable() needs an iterable, got {type(iterable).__name__}")
         self.iterable = iterable
 
-    def iter_tasks(self, task_size: int) -> Iterator[list[Any]]:
+    def iter_tasks(self, task_size: int) -> Iterator[ItemsTask]:
         iterator = iter(self.iterable)
+        start = 0
         while True:
             records: list[Any] = []
             try:
@@ -36,17 +45,24 @@ class IterableSource(Source):
                 # Emit what the source gave before failing, then fail: outputs of the first k
                 # records come out before the source's error, as with a plain generator chain.
                 if records:
-                    yield records
+                    yield ItemsTask(start, records)
                 raise
             if not records:
                 return
-            yield records
+            yield ItemsTask(start, records)
+            start += len(records)
 
-    def read_task(self, payload: list[Any]) -> Iterator[Any]:
-        return iter(payload)
+    def read_task(self, payload: ItemsTask) -> Iterator[Any]:
+        return iter(payload.items)
 
-    def read_task_chunks(self, payload: list[Any], chunk_size: int) -> Iterator[list[Any]]:
-        yield payload  # already a list of at most task_size records
+    def read_task_chunks(self, payload: ItemsTask, chunk_size: int) -> Iterator[list[Any]]:
+        yield payload.items  # already a list of at most task_size records
+
+    def locate(self, payload: ItemsTask, row: Optional[int] = None) -> str:
+        """``"items <first> to <last>"``, or ``"item <i>"`` (its index in the iterable) for record ``row``."""
+        if row is None:
+            return f"items {payload.start} to {payload.start + len(payload.items) - 1}"
+        return f"item {payload.start + row}"
 
     def num_records(self) -> Optional[int]:
         """``len()`` of a sized iterable (list, tuple, range...); None for a generator or iterator.
@@ -84,6 +100,23 @@ class PandasSource(Source):
     def read_task(self, payload: tuple[int, int]) -> Iterator[dict[str, Any]]:
         start, stop = payload
         return iter(self.df.iloc[start:stop].to_dict(orient="records"))
+
+    def locate(self, payload: tuple[int, int], row: Optional[int] = None) -> str:
+        """``"rows <first> to <last>"``, or ``"row <i>"`` (the DataFrame position) for record ``row``,
+        with its index label when the index is not the positions (``"row 3 (index 'b')"``)."""
+        import pandas as pd
+
+        start, stop = payload
+        if row is None:
+            return f"rows {start} to {stop - 1}"
+        position = start + row
+        where = f"row {position}"
+        index = self.df.index
+        is_positional = isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1
+        if not is_positional and 0 <= position < len(index):
+            label = index[position]
+            where += f" (index {label.item() if hasattr(label, 'item') else label!r})"
+        return where
 
     def num_records(self) -> int:
         return len(self.df)

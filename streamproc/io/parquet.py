@@ -1,18 +1,26 @@
 """Parquet input: a source streamed by row group (output: :mod:`.parquet_writer`).
 
-Tasks of a parquet source are row groups: the main process only lists them (reading file
-footers); the rows are decoded where the task runs, a CPU worker with the multiprocessing
-backend, in slices of ``READ_BATCH_ROWS`` so a large row group is never held whole.
+Tasks of a parquet source are row groups: the main process only lists them, reading every
+file's footer when the run starts (so a truncated, empty or corrupt footer fails at once,
+naming the file) and unifying the files' schemas (:mod:`.parquet_schema`); the rows are
+decoded where the task runs, a CPU worker with the multiprocessing backend, in slices of
+``READ_BATCH_ROWS`` so a large row group is never held whole. A corrupt data page fails in
+the task that reads it, naming the file and the row group.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
-from ..errors import SchemaError
+from ..errors import CorruptInputError, SchemaError
 from .base import Source
+from .parquet_schema import conform_batch, unify_file_schemas
 from .paths import PathLike, resolve_files
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 READ_BATCH_ROWS = 8192
@@ -27,6 +35,55 @@ def batch_to_records(batch: Any) -> list[dict[str, Any]]:
     return [dict(zip(names, row)) for row in zip(*columns)]
 
 
+class RowGroupTask(NamedTuple):
+    """The payload of one task: row group ``row_group`` of ``path``, whose first row is row
+    ``first_row`` of the file. ``schema`` is the files' unified schema when this file's differs
+    from it (its batches are conformed where the task runs), else None (read as is)."""
+
+    path: str
+    row_group: int
+    first_row: int
+    schema: Optional[pa.Schema] = None
+
+
+class _Footer(NamedTuple):
+    path: str
+    row_group_rows: list[int]
+    schema: pa.Schema
+
+
+def _reader_errors() -> tuple[type[BaseException], ...]:
+    """What pyarrow raises on undecodable bytes (``ArrowIOError`` is ``OSError``); a file that
+    vanished or cannot be opened keeps its own error (it names the file already)."""
+    import pyarrow as pa
+
+    return (pa.ArrowException, OSError)
+
+
+def _is_corruption(exc: BaseException) -> bool:
+    return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+
+
+def read_footer_schema(path: str, filesystem: Any) -> pa.Schema:
+    """The Arrow schema in the footer of ``path`` (main process).
+
+    Raises:
+        CorruptInputError: the file is empty, truncated or not parquet (names the file).
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path, filesystem=filesystem)
+    except _reader_errors() as exc:
+        if not _is_corruption(exc):
+            raise
+        raise _corrupt_footer(path, exc) from exc
+
+
+def _corrupt_footer(path: str, exc: BaseException) -> CorruptInputError:
+    return CorruptInputError(f"read_parquet: cannot read the footer of {path!r} (empty, truncated or not parquet): {exc}")
+
+
 class ParquetSource(Source):
     """Dict records from parquet files, one task per row group.
 
@@ -37,14 +94,12 @@ class ParquetSource(Source):
     """
 
     def __init__(self, path: PathLike, columns: Optional[list[str]] = None, filesystem: Any = None) -> None:
-        import pyarrow.parquet as pq
-
         self.path_text = str(path)
         self.filesystem, self.files = resolve_files(path, PARQUET_SUFFIXES, filesystem, what="read_parquet")
         if columns is not None:
             if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
                 raise TypeError(f"read_parquet: columns must be a list of column names, got {columns!r}")
-            schema = pq.read_schema(self.files[0], filesystem=self.filesystem)
+            schema = read_footer_schema(self.files[0], self.filesystem)
             missing = [c for c in columns if c not in schema.names]
             if missing:
                 raise SchemaError(
@@ -52,37 +107,86 @@ class ParquetSource(Source):
                 )
             columns = list(columns)
         self.columns = columns
-        self._open: Optional[tuple[str, Any]] = None
+        self._local = threading.local()
 
     def _parquet_file(self, path: str) -> Any:
-        # Keep the last file open: consecutive tasks usually come from the same file.
+        # Keep the last file open: consecutive tasks usually come from the same file. One per
+        # thread: the threads backend's threads share this source, and a reader is not shared.
         import pyarrow.parquet as pq
 
-        if self._open is None or self._open[0] != path:
-            self._open = (path, pq.ParquetFile(path, filesystem=self.filesystem))
-        return self._open[1]
+        opened: Optional[tuple[str, Any]] = getattr(self._local, "open", None)
+        if opened is None or opened[0] != path:
+            opened = (path, pq.ParquetFile(path, filesystem=self.filesystem))
+            self._local.open = opened
+        return opened[1]
 
-    def iter_tasks(self, task_size: int) -> Iterator[tuple[str, int]]:
-        for path in self.files:
-            for row_group in range(self._parquet_file(path).num_row_groups):
-                yield path, row_group
+    def _read_footer(self, path: str) -> _Footer:
+        """The row counts of the row groups of ``path`` and its schema (selected columns only)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    def read_task(self, payload: tuple[str, int]) -> Iterator[dict[str, Any]]:
+        try:
+            metadata = pq.read_metadata(path, filesystem=self.filesystem)
+            schema = metadata.schema.to_arrow_schema()
+        except _reader_errors() as exc:
+            if not _is_corruption(exc):
+                raise
+            raise _corrupt_footer(path, exc) from exc
+        if self.columns is not None:
+            schema = pa.schema([schema.field(name) for name in self.columns if name in schema.names])
+        return _Footer(path, [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)], schema)
+
+    def iter_tasks(self, task_size: int) -> Iterator[RowGroupTask]:
+        """One task per row group (main process); every footer is read before the first task."""
+        footers = [self._read_footer(path) for path in self.files]
+        unified = unify_file_schemas([(footer.path, footer.schema) for footer in footers])
+        for footer in footers:
+            schema = None if footer.schema.equals(unified, check_metadata=False) else unified
+            first_row = 0
+            for row_group, rows in enumerate(footer.row_group_rows):
+                yield RowGroupTask(footer.path, row_group, first_row, schema)
+                first_row += rows
+
+    def read_task(self, payload: RowGroupTask) -> Iterator[dict[str, Any]]:
         for records in self.read_task_chunks(payload, READ_BATCH_ROWS):
             yield from records
 
-    def read_task_chunks(self, payload: tuple[str, int], chunk_size: int) -> Iterator[list[dict[str, Any]]]:
-        """One list of dicts per decoded slice of ``max(chunk_size, READ_BATCH_ROWS)`` rows."""
-        path, row_group = payload
-        batches = self._parquet_file(path).iter_batches(
-            batch_size=max(chunk_size, READ_BATCH_ROWS), row_groups=[row_group], columns=self.columns, use_threads=False
-        )
-        for batch in batches:
-            yield batch_to_records(batch)
+    def read_task_chunks(self, payload: RowGroupTask, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
+        """One list of dicts per decoded slice of ``max(chunk_size, READ_BATCH_ROWS)`` rows.
+
+        Raises:
+            CorruptInputError: a page of the row group cannot be decoded (names the file and
+                the row group).
+            SchemaError: a value does not fit the files' unified type.
+        """
+        where = f"{payload.path!r}, row group {payload.row_group}"
+        try:
+            parquet_file = self._parquet_file(payload.path)
+            columns = self.columns
+            if columns is not None and payload.schema is not None:  # a file without some of the columns
+                columns = [name for name in columns if name in parquet_file.schema_arrow.names]
+            batches = parquet_file.iter_batches(
+                batch_size=max(chunk_size, READ_BATCH_ROWS), row_groups=[payload.row_group], columns=columns, use_threads=False
+            )
+            for batch in batches:
+                if payload.schema is not None:
+                    batch = conform_batch(batch, payload.schema, where)
+                yield batch_to_records(batch)
+        except _reader_errors() as exc:
+            if not _is_corruption(exc):
+                raise
+            raise CorruptInputError(f"read_parquet: cannot decode {where}: {type(exc).__name__}: {exc}") from exc
+
+    def locate(self, payload: RowGroupTask, row: Optional[int] = None) -> str:
+        """``"<file>, row group <g>"``, and ``", row <r>"`` with ``r`` the row's number in the
+        file (counted from 0 over all its row groups), for record ``row`` of the task."""
+        where = f"{payload.path}, row group {payload.row_group}"
+        return where if row is None else f"{where}, row {payload.first_row + row}"
 
     def num_records(self) -> int:
-        """The row counts of the files' metadata (footers only; no row is read)."""
-        return sum(self._parquet_file(path).metadata.num_rows for path in self.files)
+        """The row counts of the files' footers (main process; no row is read). A corrupt
+        footer raises here the ``CorruptInputError`` that listing the tasks would raise."""
+        return sum(sum(self._read_footer(path).row_group_rows) for path in self.files)
 
     def describe(self) -> str:
         cols = f", columns={self.columns}" if self.columns is not None else ""
@@ -90,5 +194,9 @@ class ParquetSource(Source):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_open"] = None  # open file handles do not travel
+        del state["_local"]  # open file handles do not travel
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()

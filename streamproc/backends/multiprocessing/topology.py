@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..._warnings import stacklevel_outside_streamproc
 from ...execution.schedule import get_dispatch_schedule
+from ...execution.sharding import torchrun_local_rank
 from ...gpu.availability import check_devices_exist, visible_cuda_devices
 from ...plan import Plan
 from .messages import ChannelKey, WorkerId
@@ -24,7 +25,9 @@ def resolve_gpu_devices(
     """The device of each GPU worker to start ([] when forward runs in the CPU workers).
 
     ``gpu_worker_devices`` wins (cycled if ``num_gpu_workers`` asks for more workers than it
-    lists); else one worker per visible CUDA device, or ``num_gpu_workers`` spread over them.
+    lists); else, under torchrun (``LOCAL_RANK`` set), one worker (or ``num_gpu_workers``)
+    on ``cuda:{LOCAL_RANK}``, the rank's own device; else one worker per visible CUDA device,
+    or ``num_gpu_workers`` spread over them.
     Asking for GPU workers on a machine without CUDA runs them on the CPU, with a warning.
     Runs in the main process before any worker starts, so a listed device this machine does
     not have fails here, naming the option, rather than in a GPU worker's start-up. torch is
@@ -55,6 +58,14 @@ def resolve_gpu_devices(
         return resolved
     if cuda_device_count is None:
         cuda_device_count = visible_cuda_devices()
+    local_rank = torchrun_local_rank()
+    if local_rank is not None and cuda_device_count:
+        if local_rank >= cuda_device_count:
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} (torchrun) picks cuda:{local_rank} for the GPU workers, but only "
+                f"{cuda_device_count} CUDA device(s) are visible here; set gpu_worker_devices= explicitly"
+            )
+        return [f"cuda:{local_rank}"] * (options.num_gpu_workers or 1)
     count = options.num_gpu_workers if options.num_gpu_workers is not None else cuda_device_count
     if count and not cuda_device_count:
         message = f"num_gpu_workers={count} but no CUDA device is visible: the GPU workers run on the CPU"
