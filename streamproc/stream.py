@@ -208,30 +208,53 @@ class Stream:
         schema: Any = None,
         rows_per_file: int = 1_000_000,
         row_group_size: int = 65_536,
+        resume: bool = False,
+        filesystem: Any = None,
     ) -> list[str]:
-        """Runs the stream and writes dict records to ``path/part-00000.parquet``, ...
+        """Runs the stream and writes dict records to part files ``path/part-<first task>.parquet``.
 
-        Records are converted to Arrow where they are produced (a CPU worker with the
-        multiprocessing backend); the main process writes row groups of ``row_group_size``
-        rows into parts of at most ``rows_per_file`` rows, in order. With
-        ``deterministic=False`` on a backend that can write in its workers
-        (multiprocessing), each CPU worker writes its own parts instead
-        (``part-w000-00000.parquet``, ...) and the main process only coordinates. Each part
-        appears under its final name only when complete; after a failure, completed parts
-        stay and no in-progress file is left. ``schema`` (a ``pyarrow.Schema``) fixes the
-        column types; otherwise the first records decide.
+        Part layout: with ``G = max(1, rows_per_file // task_size)``, part ``g`` holds the
+        outputs of tasks ``[g*G, (g+1)*G)`` in task order and is named by its first task
+        (``part-000000.parquet``, ``part-000976.parquet``, ...), whatever the backend, the
+        number of workers or the timing. ``rows_per_file`` is therefore a target: a part holds
+        ``G * task_size`` source records' outputs (more rows after a ``flatten``, fewer after
+        a ``filter``). A parquet source has one task per row group: a part then holds the
+        outputs of ``G`` row groups. A group without output rows has no file. Row groups hold
+        ``row_group_size`` rows. Records are converted to Arrow where they are produced (a CPU
+        worker with the multiprocessing backend); the main process writes the parts, unless
+        ``deterministic=False`` on a backend that can write in its workers (multiprocessing):
+        then each CPU worker writes whole parts (one part group per dispatch) and the main
+        process only records them. Backends that cannot write in workers write in task order.
+
+        Each part appears under its final name only when complete, and counts once the
+        manifest (``_streamproc_manifest.json``, per rank ``_streamproc_manifest.<r>-of-<w>.json``)
+        lists it. ``resume=True`` completes an interrupted write (an error, Ctrl-C, SIGTERM,
+        a killed process): committed parts are skipped without reading their input (parquet
+        row groups; an iterable is re-iterated and their records discarded), uncommitted files
+        are removed, and the result is the uninterrupted run's directory; a missing or empty
+        directory just runs. SIGTERM during the write commits the complete parts and exits
+        with status 143. ``filesystem`` (a pyarrow or fsspec filesystem) writes through it.
+        ``schema`` (a ``pyarrow.Schema``) fixes the column types; otherwise they are unified
+        across tasks (a field null at first takes its later type; a field appearing later is
+        added) and every part gets the final schema. See docs/_long_jobs_resume.md.
 
         Returns:
-            The paths of the part files written, in order.
+            The paths of this rank's part files, in task order (committed earlier ones too).
 
         Raises:
-            FileExistsError: ``path`` is not empty and ``overwrite`` is False (checked first).
-            streamproc.SchemaError: records whose types do not agree, naming the field.
+            FileExistsError: ``path`` holds this rank's files and neither ``overwrite`` nor
+                ``resume`` is set (checked first; with a shard only its own files count).
+            streamproc.ResumeMismatchError: ``resume=True`` but the input or the task layout
+                (``task_size``, ``rows_per_file``, ``row_group_size``, shard) changed; says what.
+            streamproc.SchemaError: a field whose types do not agree, naming both and the task.
+            SystemExit: SIGTERM received (status 143), after committing the complete parts.
         """
-        from .io.sinks import ParquetSink, run_into
+        from .io.sinks import ParquetSink
+        from .io.termination import run_until_sigterm
 
-        sink = ParquetSink(path, overwrite, schema, rows_per_file, row_group_size)
-        paths: list[str] = run_into(build_plan(self), sink)
+        sink = ParquetSink(path, overwrite, schema, rows_per_file, row_group_size, resume, filesystem)
+        plan = sink.prepare(build_plan(self))
+        paths: list[str] = run_until_sigterm(lambda: sink.run(plan), f"write_parquet({os.fspath(path)!r})")
         return paths
 
     def write_jsonl(self, path: str | os.PathLike[str], overwrite: bool = False) -> str:

@@ -109,7 +109,7 @@ def test_million_row_parquet_job_has_bounded_peak_memory(tmp_path, options):
     stats = json.loads(result.stdout.strip().splitlines()[-1])
 
     # Every row was written: one part (rows_per_file defaults to 1,000,000).
-    assert [os.path.basename(p) for p in stats["parts"]] == ["part-00000.parquet"]
+    assert [os.path.basename(p) for p in stats["parts"]] == ["part-000000.parquet"]
     metadata = pq.ParquetFile(stats["parts"][0]).metadata
     assert metadata.num_rows == ROWS
     assert pq.read_table(stats["parts"][0], columns=["length"]).column("length").to_pylist()[:2] == [134, 134]

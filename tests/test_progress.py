@@ -115,7 +115,9 @@ def test_runs_that_skip_tasks_have_no_total(monkeypatch):
     plan = build_plan(sp.from_iterable(list(range(100))).set_processing(show_progress=True, task_size=10))
     list(progress_for([], plan))
     list(progress_for([], dataclasses.replace(plan, task_selection=TaskSelection(rank=0, world_size=2))))
-    assert seen == [100, None]
+    list(progress_for([], dataclasses.replace(plan, task_selection=TaskSelection(2, done_groups=frozenset({0})))))
+    list(progress_for([], dataclasses.replace(plan, task_selection=TaskSelection(2))))  # a resume with nothing done
+    assert seen == [100, None, None, 100]
 
 
 # -- what is counted -----------------------------------------------------------------------------

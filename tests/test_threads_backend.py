@@ -372,7 +372,8 @@ def test_sinks_write_in_the_main_process_after_finalizing_in_the_threads(tmp_pat
         backend="threads", num_cpu_workers=3, task_size=10, deterministic=False
     )
     paths = stream.write_parquet(tmp_path / "out", rows_per_file=200)
-    assert [os.path.basename(p) for p in paths] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    # Part layout: 20 tasks per part, each named by its first task.
+    assert [os.path.basename(p) for p in paths] == ["part-000000.parquet", "part-000020.parquet", "part-000040.parquet"]
     assert sorted(pq.read_table(tmp_path / "out").column("x").to_pylist()) == list(range(500))
 
 

@@ -1,7 +1,8 @@
 """write_parquet written by the CPU workers (multiprocessing, deterministic=False).
 
-Each worker writes its own ``part-wNNN-MMMMM.parquet`` files; the main process only prepares
-the directory and checks that the rows written equal the records produced. These tests
+Each worker writes whole parts (a dispatch unit is a part group), with the names and rows of
+the part layout (``part-<first task>.parquet``); the main process only prepares the directory,
+records the parts in the manifest and checks that the rows written equal the records produced. These tests
 cover the worker-side writer's boundaries: success, a user error, a schema error and a
 worker killed mid-write, none of which may leave an in-progress file behind.
 """
@@ -27,8 +28,11 @@ def _record(i: int) -> dict:
     return {"id": i, "text": "x" * (i % 11)}
 
 
+MANIFEST = "_streamproc_manifest.json"
+
+
 def _files(path) -> list[str]:
-    return sorted(os.listdir(path))
+    return sorted(name for name in os.listdir(path) if name != MANIFEST)
 
 
 def test_workers_write_all_records_in_their_own_parts(tmp_path):
@@ -36,11 +40,11 @@ def test_workers_write_all_records_in_their_own_parts(tmp_path):
     paths = stream.write_parquet(tmp_path / "out", rows_per_file=1_000, row_group_size=300)
 
     assert _files(tmp_path / "out") == sorted(os.path.basename(p) for p in paths)  # nothing else, no temp file
-    assert all(re.fullmatch(r"part-w00[01]-\d{5}\.parquet", os.path.basename(p)) for p in paths)
+    # 4 tasks of 250 records per part, named by the first task, in task order.
+    assert [os.path.basename(p) for p in paths] == [f"part-{k:06d}.parquet" for k in range(0, 20, 4)]
     tables = [pq.read_table(p) for p in paths]
-    assert all(t.num_rows <= 1_000 for t in tables)
-    ids = sorted(i for t in tables for i in t.column("id").to_pylist())
-    assert ids == list(range(NUM_RECORDS))
+    assert [t.column("id").to_pylist() for t in tables] == [list(range(k, k + 1_000)) for k in range(0, NUM_RECORDS, 1_000)]
+    assert all(pq.ParquetFile(p).metadata.row_group(0).num_rows == 300 for p in paths)
 
 
 def test_main_process_checks_the_target_before_starting_workers(tmp_path):
@@ -85,7 +89,10 @@ def test_failure_mid_write_leaves_no_in_progress_file(tmp_path, fn, expected, ma
     stream = sp.from_iterable([_record(i) for i in range(NUM_RECORDS)]).map(fn).set_processing(**WORKER_CONFIG)
     with pytest.raises(expected, match=match):
         stream.write_parquet(tmp_path / "out", rows_per_file=500, row_group_size=100)
-    leftovers = [name for name in _files(tmp_path / "out") if not re.fullmatch(r"part-w\d{3}-\d{5}\.parquet", name)]
+    leftovers = [name for name in _files(tmp_path / "out") if not re.fullmatch(r"part-\d{6}\.parquet", name)]
     assert leftovers == []
-    for name in _files(tmp_path / "out"):  # completed parts stay, and are whole (a worker's last may be short)
-        assert 0 < pq.read_table(tmp_path / "out" / name).num_rows <= 500
+    for name in _files(tmp_path / "out"):  # completed parts stay, and are whole: 2 tasks of 250
+        ids = pq.read_table(tmp_path / "out" / name).column("id").to_pylist()
+        first = int(name[5:11]) * 250
+        assert ids == list(range(first, first + 500))
+        assert 4_000 not in ids

@@ -48,11 +48,12 @@ class SimpleBackend(Backend):
     def _outputs(self, plan: Plan, sink: Sink) -> Generator[TaskOutput, None, None]:
         ctx = forward_context(plan, "main process")
         finalize = sink.finalizer()
-        task_index = 0
+        task_index, key = 0, 0
         try:
             for key, payload in iter_selected_payloads(plan):
                 yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize)
                 task_index += 1
+                key += 1  # a failure of the source is while producing the next task
         except Exception as exc:
-            add_context_note(exc, f"streamproc: while running task {task_index} in the main process (simple backend)")
+            add_context_note(exc, f"streamproc: while running task {key} in the main process (simple backend)")
             raise

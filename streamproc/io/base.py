@@ -66,6 +66,12 @@ class Source(ABC):
         where = self.describe()
         return where if row is None else f"{where}, record {row} of its task"
 
+    def fingerprint(self) -> Any:
+        """What identifies the input, JSON-able, for ``write_parquet(resume=True)`` to refuse a
+        changed one (main process). None (the default: in-memory sources) means "not checked";
+        a source over files returns their paths, sizes and layout."""
+        return None
+
     def num_records(self) -> Optional[int]:
         """How many records the source holds, if it knows without reading them (main process);
         None: unknown. Progress uses it as its total; override where it is cheap (a length, file

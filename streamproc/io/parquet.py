@@ -183,6 +183,15 @@ class ParquetSource(Source):
         where = f"{payload.path}, row group {payload.row_group}"
         return where if row is None else f"{where}, row {payload.first_row + row}"
 
+    def fingerprint(self) -> dict[str, Any]:
+        """Each file's path, size, rows and row groups (footers only; main process)."""
+        files = []
+        for path in self.files:
+            metadata = self._parquet_file(path).metadata
+            size = self.filesystem.get_file_info(path).size
+            files.append({"path": path, "size": size, "rows": metadata.num_rows, "row_groups": metadata.num_row_groups})
+        return {"files": files, "columns": self.columns}
+
     def num_records(self) -> int:
         """The row counts of the files' footers (main process; no row is read). A corrupt
         footer raises here the ``CorruptInputError`` that listing the tasks would raise."""

@@ -1,330 +1,260 @@
-"""Parquet output: records -> Arrow tables, and writers of atomic part files.
+"""``write_parquet``'s output directory: preparing it, resuming it, committing parts, finishing it.
 
-Two ways to write, chosen by ``Stream.write_parquet``:
+:class:`ParquetOutput` is the main-process half of :class:`~.sinks.ParquetSink`. It owns one
+rank's files in the output directory (its manifest, and the parts of the groups it owns: see
+:mod:`.parquet_parts` for the layout and :mod:`.manifest` for the commit point):
 
-* :class:`ParquetPartWriter` in the main process writes the run's tables in order into
-  ``part-00000.parquet``, ... (simple backend, and deterministic multiprocessing runs: the
-  files then hold the records in the simple backend's order and layout);
-* :class:`WorkerParquetSink` makes each CPU worker write its own parts,
-  ``part-w000-00000.parquet``, ... (multiprocessing with ``deterministic=False``): the main
-  process then only coordinates.
+* :meth:`ParquetOutput.prepare` (before anything is touched) checks the directory, reads the
+  manifest when resuming, refuses a changed input or layout, and returns the plan with its
+  :class:`~streamproc.execution.selection.TaskSelection` set: ``tasks_per_group`` = ``G`` and,
+  when resuming, ``done_groups`` = the committed groups, which the run skips without reading;
+* :meth:`ParquetOutput.start` clears what is not committed (``overwrite``: every file of this
+  rank; ``resume``: in-progress files and part files the manifest does not list);
+* parts are written either here (:meth:`write`, outputs in task order) or in the CPU workers
+  (:mod:`.worker_parts`; :meth:`record` takes their manifest entries);
+* :meth:`commit` gives every part the run's final schema (rewriting, row group by row group,
+  the parts written before a field got its type) and lists the part files in task order.
 
-Either way a part is written under a hidden ``.inprogress`` name and renamed when complete.
+Ranks sharing a directory never touch each other's files: names are per group, groups are
+dealt to ranks, and each rank only lists, deletes and records the groups it owns.
 """
 
 from __future__ import annotations
 
-import itertools
-import operator
+import dataclasses
 import os
-import reprlib
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from ..errors import SchemaError
+from ..errors import SchemaError, add_context_note
+from ..execution.selection import TaskSelection
+from .manifest import MANIFEST_PREFIX, Manifest, PartEntry, check_resumable, load_manifest, manifest_name, save_manifest
+from .output_dir import OutputDir
 from .parquet import PARQUET_SUFFIXES
+from .parquet_parts import (
+    DEFAULT_ROW_GROUP_ROWS,
+    DEFAULT_ROWS_PER_FILE,
+    PartFileWriter,
+    PartSettings,
+    check_part_sizes,
+    parse_part_name,
+    rewrite_part,
+    tasks_per_group,
+)
+from .worker_parts import WorkerParquetSink
+from .write_schema import ArrowTableFinalizer, records_to_table, schema_from_text, schema_to_text, unify_schemas
 
-DEFAULT_ROW_GROUP_ROWS = 65_536
-DEFAULT_ROW_GROUP_BYTES = 64 * 1024 * 1024
-DEFAULT_ROWS_PER_FILE = 1_000_000
-IN_PROGRESS_SUFFIX = ".inprogress"
+if TYPE_CHECKING:
+    from ..execution.task import TaskOutput
+    from ..plan import Plan
 
-
-def records_to_table(records: list[Any], schema: Any = None) -> Any:
-    """Converts dict records to an Arrow table, naming the field whose values do not fit.
-
-    Runs where the chunk is finalized (a CPU worker with the multiprocessing backend).
-
-    Raises:
-        SchemaError: a field holds values of incompatible types, or a record is not a dict.
-    """
-    import pyarrow as pa
-
-    # Checked before anything else touches a record: ``len(None)`` in the column check
-    # below, or ``None.get`` in the slow path, would raise a bare TypeError.
-    for position, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise SchemaError(
-                f"write_parquet needs dict records, got {type(record).__name__} {reprlib.repr(record)} "
-                f"(record {position} of a chunk of {len(records)}): map records to dicts before writing them"
-            )
-    # Every field of every record, in order of first appearance: ``Table.from_pylist`` would
-    # take the names from the first record only and silently drop a field that a later record
-    # of the chunk adds. Usually every record has the first one's fields (same count, none
-    # missing), and the columns are built with itemgetter; otherwise with ``get`` over the union.
-    columns = None
-    if schema is None and records:
-        names = list(records[0])
-        if sum(map(len, records)) == len(names) * len(records):
-            try:
-                columns = {name: list(map(operator.itemgetter(name), records)) for name in names}
-            except KeyError:
-                columns = None
-    if columns is None:
-        names = schema.names if schema is not None else list(dict.fromkeys(itertools.chain.from_iterable(records)))
-        columns = {name: [r.get(name) for r in records] for name in names}
-    try:
-        return pa.Table.from_pydict(columns, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
-        for name in names:
-            values = [r.get(name) for r in records]
-            try:
-                pa.array(values, type=schema.field(name).type if schema is not None else None)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as field_exc:
-                raise SchemaError(f"write_parquet: field {name!r} holds values of inconsistent types: {field_exc}") from exc
-        raise SchemaError(f"write_parquet: records cannot be converted to Arrow: {exc}") from exc
+__all__ = [
+    "DEFAULT_ROWS_PER_FILE",
+    "DEFAULT_ROW_GROUP_ROWS",
+    "ArrowTableFinalizer",
+    "ParquetOutput",
+    "records_to_table",
+]
 
 
-def _type_kind(arrow_type: Any) -> str:
-    """Coarse kind of an Arrow type: casts between types of one kind only (int32 -> int64...)."""
-    import pyarrow.types as pat
+class ParquetOutput:
+    """One rank's ``write_parquet`` output directory (main process); see the module docstring.
 
-    if pat.is_null(arrow_type):
-        return "null"
-    if pat.is_boolean(arrow_type):
-        return "bool"
-    if pat.is_integer(arrow_type) or pat.is_floating(arrow_type) or pat.is_decimal(arrow_type):
-        return "number"
-    if pat.is_string(arrow_type) or pat.is_large_string(arrow_type):
-        return "string"
-    if pat.is_binary(arrow_type) or pat.is_large_binary(arrow_type) or pat.is_fixed_size_binary(arrow_type):
-        return "binary"
-    if pat.is_temporal(arrow_type):
-        return "temporal"
-    return "nested"  # lists, structs, maps: Arrow's cast checks their children
-
-
-class ParquetPartWriter:
-    """Writes Arrow tables in order into ``part-00000.parquet``, ``part-00001.parquet``...
-
-    Each part is written under a hidden temporary name and renamed when complete, so a part
-    appears under its final name only whole. Tables are buffered up to ``row_group_rows``
-    rows or ``row_group_bytes`` bytes, then written as one row group: memory stays bounded by
-    one row group. Runs in the main process.
-
-    Raises:
-        FileExistsError: the target directory is not empty and ``overwrite`` is False.
-        SchemaError: a table's schema cannot be cast to the part's schema (names the field).
+    Raises (from :meth:`prepare`):
+        ValueError: ``overwrite`` and ``resume`` together, bad sizes, or a per-process
+            filesystem (fsspec ``memory``) with parts written in worker processes.
+        FileExistsError: the directory holds this rank's files and neither ``overwrite`` nor
+            ``resume`` is set, or ``path`` is a file.
+        ResumeMismatchError: ``resume`` over output of another input or task layout.
     """
 
     def __init__(
         self,
-        path: str,
-        overwrite: bool = False,
-        schema: Any = None,
-        rows_per_file: int = DEFAULT_ROWS_PER_FILE,
-        row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
-        row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
-        compression: str = "snappy",
-        prefix: str = "part",
-        prepare: bool = True,
+        path: str | os.PathLike[str],
+        overwrite: bool,
+        resume: bool,
+        schema: Any,
+        rows_per_file: int,
+        row_group_size: int,
+        filesystem: Any = None,
     ) -> None:
-        check_part_sizes(rows_per_file, row_group_rows)
-        self.path = os.path.abspath(os.fspath(path))
-        if prepare:
-            prepare_output_dir(self.path, overwrite, PARQUET_SUFFIXES, "write_parquet")
-        self.prefix = prefix
-        self.schema = schema
+        check_part_sizes(rows_per_file, row_group_size)
+        if overwrite and resume:
+            raise ValueError("write_parquet: overwrite=True and resume=True exclude each other")
+        self.directory = OutputDir(path, filesystem)
+        self.overwrite = overwrite
+        self.resume = resume
+        self.user_schema = schema
         self.rows_per_file = rows_per_file
-        self.row_group_rows = row_group_rows
-        self.row_group_bytes = row_group_bytes
-        self.compression = compression
-        self.part_paths: list[str] = []
-        self.rows_written = 0
-        self._buffer: list[Any] = []
-        self._buffer_rows = 0
-        self._buffer_bytes = 0
-        self._writer: Any = None
-        self._tmp_path: Optional[str] = None
-        self._rows_in_part = 0
+        self.row_group_size = row_group_size
+        self.settings: Optional[PartSettings] = None
+        self.selection = TaskSelection()
+        self.manifest: Optional[Manifest] = None
+        self.manifest_name = manifest_name(0, 1)
+        self._part: Optional[PartFileWriter] = None
+        self._schema: Any = None  # the union of the committed parts' schemas so far
+        self._source_text = "the source"
 
-    def write(self, table: Any) -> None:
-        if table.num_rows == 0:
-            return
-        if self.schema is None:
-            self.schema = table.schema
-        table = self._conform(table)
-        self._buffer.append(table)
-        self._buffer_rows += table.num_rows
-        self._buffer_bytes += table.nbytes
-        if self._buffer_rows >= self.row_group_rows or self._buffer_bytes >= self.row_group_bytes:
-            self._flush()
+    # -- before the run ---------------------------------------------------------------------------
+    def prepare(self, plan: Plan, in_workers: bool) -> Plan:
+        """Checks the directory and the manifest; returns ``plan`` with its task selection set."""
+        selection = plan.task_selection or TaskSelection()
+        self._source_text = plan.source.describe()
+        group_size = tasks_per_group(self.rows_per_file, plan.task_size)
+        self.selection = dataclasses.replace(selection, tasks_per_group=group_size)
+        self.settings = PartSettings(self.directory, group_size, self.row_group_size, schema=self.user_schema)
+        self.manifest_name = manifest_name(selection.rank, selection.world_size)
+        if in_workers and self.directory.is_per_process():
+            raise ValueError(
+                    "write_parquet: a memory filesystem lives in one process: with deterministic=False the "
+                    "CPU workers write the parts; use deterministic=True (the main process writes) or a shared filesystem"
+                )
+        kind = self.directory.kind()
+        if kind == "file":
+            raise FileExistsError(f"write_parquet: {self.directory.describe()!r} is a file; give a directory path")
+        layout = {
+            "task_size": plan.task_size, "rows_per_file": self.rows_per_file, "row_group_size": self.row_group_size,
+            "tasks_per_group": group_size, "rank": selection.rank, "world_size": selection.world_size,
+        }
+        fingerprint = plan.source.fingerprint()
+        names = self.directory.names()
+        existing = load_manifest(self.directory, self.manifest_name) if self.resume else None
+        if existing is not None:
+            check_resumable(existing, fingerprint, layout, self.directory.describe())
+            present = set(names)
+            # A listed file the user deleted is not done: that group runs again.
+            kept = {g: e for g, e in existing.parts.items() if e.file is None or e.file in present}
+            existing.complete = existing.complete and len(kept) == len(existing.parts)
+            existing.parts = kept
+            self.manifest = existing
+        else:
+            self.manifest = Manifest(fingerprint, layout)
+            if not self.overwrite and not self.resume:
+                mine = names if selection.world_size == 1 else [n for n in names if self._owns(n)]
+                if mine:
+                    raise FileExistsError(
+                        f"write_parquet: output directory {self.directory.describe()!r} is not empty; pass overwrite=True "
+                        f"to replace its content, or resume=True to complete it (it holds {', '.join(mine[:3])}...)"
+                    )
+        self.selection = dataclasses.replace(self.selection, done_groups=frozenset(self.manifest.parts))
+        return dataclasses.replace(plan, task_selection=self.selection)
 
-    def _conform(self, table: Any) -> Any:
-        import pyarrow as pa
+    @property
+    def complete(self) -> bool:
+        """Whether the output is already complete (a resume after a finished run): nothing to run.
 
-        if table.schema.equals(self.schema):
-            return table
-        extra = [name for name in table.schema.names if name not in self.schema.names]
-        if extra:
-            raise SchemaError(f"write_parquet: field(s) {extra} appear after the first records, which lack them; pass schema=")
-        columns = []
-        for field in self.schema:
-            if field.name not in table.schema.names:
-                columns.append(pa.nulls(table.num_rows, field.type))
-                continue
-            column = table.column(field.name)
-            try:
-                if column.type != field.type and _type_kind(column.type) not in ("null", _type_kind(field.type)):
-                    # Arrow would cast "5" to 5, 7 to "7" or 2 to True: a change of kind is an
-                    # error, as it is within one chunk, not a silent conversion.
-                    raise pa.ArrowTypeError(f"no implicit cast from {column.type} to {field.type}")
-                columns.append(column.cast(field.type) if column.type != field.type else column)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-                raise SchemaError(
-                    f"write_parquet: field {field.name!r} was {field.type} in earlier records and is "
-                    f"{column.type} now; pass schema= to write_parquet to fix it"
-                ) from exc
-        return pa.Table.from_arrays(columns, schema=self.schema)
+        The input was checked against the fingerprint where the source has one; an in-memory
+        source is taken to be the same stream, as everywhere in resume."""
+        return self.resume and self.manifest is not None and self.manifest.complete
 
-    def _flush(self, final: bool = False) -> None:
-        """Writes the buffered rows: whole row groups only, unless ``final`` or over the byte budget."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def _owns(self, name: str) -> bool:
+        """Whether the file ``name`` is this rank's (its manifest, its parts, their in-progress files)."""
+        if name in (self.manifest_name, f".{self.manifest_name}.tmp"):
+            return True
+        parsed = parse_part_name(name)
+        if parsed is None:
+            return False
+        if self.selection.world_size == 1:
+            return True  # an unsharded run owns every part, whatever layout wrote it
+        key = parsed[0]
+        return key % self.selection.tasks_per_group == 0 and self.selection.owns_group(key // self.selection.tasks_per_group)
 
-        if not self._buffer:
-            return
-        table = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        keep = 0
-        if not final and self._buffer_bytes < self.row_group_bytes:
-            keep = table.num_rows % self.row_group_rows
-        table, rest = table.slice(0, table.num_rows - keep), table.slice(table.num_rows - keep)
-        self._buffer = [rest] if keep else []
-        self._buffer_rows, self._buffer_bytes = keep, rest.nbytes if keep else 0
-        while table.num_rows:
-            if self._writer is None:
-                index = len(self.part_paths)
-                name = f"{self.prefix}-{index:05d}.parquet"
-                final_path = os.path.join(self.path, name)
-                self._tmp_path = os.path.join(self.path, f".{name}{IN_PROGRESS_SUFFIX}")
-                self._writer = pq.ParquetWriter(self._tmp_path, self.schema, compression=self.compression)
-                self.part_paths.append(final_path)
-                self._rows_in_part = 0
-            room = self.rows_per_file - self._rows_in_part
-            head, table = table.slice(0, room), table.slice(room)
-            self._writer.write_table(head, row_group_size=self.row_group_rows)
-            self._rows_in_part += head.num_rows
-            self.rows_written += head.num_rows
-            if self._rows_in_part >= self.rows_per_file:
-                self._finish_part()
+    def start(self) -> None:
+        """Clears what this run replaces (see the module docstring) and creates the directory."""
+        assert self.manifest is not None
+        self.directory.make()
+        committed = set(self.manifest.part_files())
+        for name in self.directory.names():
+            if self.overwrite:
+                stale = self._owns(name) or (
+                    self.selection.world_size == 1
+                    and (name.startswith(MANIFEST_PREFIX) or (name.endswith(PARQUET_SUFFIXES) and not name.startswith(".")))
+                )
+            else:
+                stale = self._owns(name) and name != self.manifest_name and name not in committed
+            if stale and self.directory.is_file(name):
+                self.directory.delete(name)
+        save_manifest(self.directory, self.manifest_name, self.manifest)
+        for entry in sorted(self.manifest.parts.values(), key=lambda e: e.group):
+            self._check_schema(entry)
 
-    def _finish_part(self) -> None:
-        assert self._tmp_path is not None
-        self._writer.close()
-        os.replace(self._tmp_path, self.part_paths[-1])
-        self._writer, self._tmp_path = None, None
+    # -- during the run -----------------------------------------------------------------------------
+    def write(self, output: TaskOutput) -> None:
+        """Takes one output of a run that writes here (outputs in task order)."""
+        assert self.settings is not None
+        key = output.task_key if output.task_key is not None else output.task_index
+        group = key // self.settings.group_size
+        if self._part is not None and self._part.group != group:
+            self._commit_part()  # the last group of a shard's stretch, or of the source
+        if self._part is None:
+            self._part = PartFileWriter(self.settings, group)
+        if output.chunk is not None:
+            self._part.write(output.chunk, f"task {key} of {self._source_text}")
+        if output.last and (key + 1) % self.settings.group_size == 0:
+            self._commit_part()
 
-    def close(self) -> None:
-        """Writes what is buffered and completes the last part."""
-        self._flush(final=True)
-        if self._writer is not None:
-            self._finish_part()
+    def _commit_part(self) -> None:
+        assert self._part is not None
+        part, self._part = self._part, None
+        self.record(part.commit())
+
+    def record(self, entry: PartEntry) -> None:
+        """Records a committed part in the manifest: from here on, it counts (main process)."""
+        assert self.manifest is not None
+        self._check_schema(entry)
+        self.manifest.parts[entry.group] = entry
+        save_manifest(self.directory, self.manifest_name, self.manifest)
+
+    def _check_schema(self, entry: PartEntry) -> None:
+        """Fails early, naming the field and the part, when parts' schemas cannot be one."""
+        if entry.schema is not None and self.user_schema is None:
+            self._schema = unify_schemas(self._schema, schema_from_text(entry.schema), self._part_text(entry))
+
+    def _part_text(self, entry: PartEntry) -> str:
+        assert self.settings is not None
+        size = self.settings.group_size
+        first = entry.group * size
+        return f"{entry.file} (task {first})" if size == 1 else f"{entry.file} (tasks {first} to {first + size - 1})"
+
+    # -- after the run ---------------------------------------------------------------------------------
+    def commit(self) -> list[str]:
+        """Completes the last part, gives every part the final schema; returns the part paths in order."""
+        assert self.manifest is not None and self.settings is not None
+        if self._part is not None:
+            self._commit_part()
+        entries = sorted(self.manifest.parts.values(), key=lambda e: e.group)
+        final: Any = self.user_schema
+        if final is None:
+            for entry in entries:
+                if entry.schema is not None:
+                    final = unify_schemas(final, schema_from_text(entry.schema), self._part_text(entry))
+        if final is not None:
+            text = schema_to_text(final)
+            for entry in entries:
+                if entry.file is not None and entry.schema != text:
+                    try:
+                        rewrite_part(self.settings, entry.file, final)
+                    except SchemaError as exc:
+                        add_context_note(exc, f"streamproc: while giving {entry.file} the schema of the whole output")
+                        raise
+                    self.manifest.parts[entry.group] = dataclasses.replace(entry, schema=text)
+                    save_manifest(self.directory, self.manifest_name, self.manifest)
+            self.manifest.schema = text
+        self.manifest.complete = True
+        save_manifest(self.directory, self.manifest_name, self.manifest)
+        return [self.directory.join(name) for name in self.manifest.part_files()]
 
     def abort(self) -> None:
-        """Drops the part in progress (completed parts stay)."""
-        self._buffer = []
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            finally:
-                if self._tmp_path and os.path.exists(self._tmp_path):
-                    os.unlink(self._tmp_path)
-                self.part_paths.pop()
-                self._writer, self._tmp_path = None, None
+        """Drops the part in progress and the workers' in-progress files (committed parts stay)."""
+        part, self._part = self._part, None
+        try:
+            if part is not None:
+                part.abort()
+        finally:
+            for name in self.directory.names():
+                parsed = parse_part_name(name)
+                if parsed is not None and parsed[1] and self._owns(name):
+                    self.directory.delete(name)
 
-
-def prepare_output_dir(path: str, overwrite: bool, suffixes: tuple[str, ...], what: str) -> None:
-    """Creates the output directory, refusing (or clearing, with ``overwrite``) a non-empty one.
-
-    ``overwrite=True`` deletes only the files a previous run wrote (``suffixes``, and hidden
-    in-progress parts), never anything else the user keeps there.
-    """
-    if os.path.isfile(path):
-        raise FileExistsError(f"{what}: {path!r} is a file; give a directory path")
-    if os.path.isdir(path):
-        entries = os.listdir(path)
-        if entries and not overwrite:
-            raise FileExistsError(f"{what}: output directory {path!r} is not empty; pass overwrite=True to replace its content")
-        for name in entries:
-            full = os.path.join(path, name)
-            if os.path.isfile(full) and (name.endswith(suffixes) or name.endswith(IN_PROGRESS_SUFFIX)):
-                os.unlink(full)
-    os.makedirs(path, exist_ok=True)
-
-
-class ArrowTableFinalizer:
-    """Picklable ``records -> pyarrow.Table`` conversion, run where the chunk is produced."""
-
-    def __init__(self, schema: Any = None) -> None:
-        self.schema = schema
-
-    def __call__(self, records: list[Any]) -> Any:
-        return records_to_table(records, self.schema)
-
-
-def list_parts(path: str) -> list[str]:
-    """The complete part files under ``path``, sorted by name."""
-    return sorted(os.path.join(path, name) for name in os.listdir(path) if name.startswith("part-") and name.endswith(".parquet"))
-
-
-def check_part_sizes(rows_per_file: Any, row_group_rows: Any) -> None:
-    """Raises ``ValueError`` unless both sizes are positive ints."""
-    for name, value in (("rows_per_file", rows_per_file), ("row_group_size", row_group_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"write_parquet: {name} must be a positive int, got {value!r}")
-
-
-def remove_in_progress(path: str) -> None:
-    """Deletes the hidden parts still in progress under ``path`` (after a failed run).
-
-    Workers killed mid-write cannot clean up after themselves; completed parts stay.
-    """
-    if os.path.isdir(path):
-        for name in os.listdir(path):
-            if name.startswith(".") and name.endswith(IN_PROGRESS_SUFFIX):
-                try:
-                    os.unlink(os.path.join(path, name))
-                except FileNotFoundError:  # its writer renamed or removed it meanwhile
-                    pass
-
-
-class WorkerParquetSink:
-    """``write_parquet`` done by the CPU workers: each writes its own ``part-wNNN-MMMMM.parquet``.
-
-    Picklable; travels to the workers with the plan. In worker ``i``, :meth:`open_in_worker`
-    returns the writer whose ``write`` is the chunk finalizer: it converts and writes the
-    records there, and only a record count goes back to the main process. The main process
-    prepares the directory first (``overwrite`` is checked there).
-    """
-
-    def __init__(self, path: str, schema: Any, rows_per_file: int, row_group_rows: int) -> None:
-        self.path = path
-        self.schema = schema
-        self.rows_per_file = rows_per_file
-        self.row_group_rows = row_group_rows
-
-    def open_in_worker(self, worker_index: int) -> _WorkerPartWriter:
-        parts = ParquetPartWriter(
-            self.path, schema=self.schema, rows_per_file=self.rows_per_file, row_group_rows=self.row_group_rows,
-            prefix=f"part-w{worker_index:03d}", prepare=False,
-        )
-        return _WorkerPartWriter(parts, self.schema)
-
-
-class _WorkerPartWriter:
-    """The worker's half of :class:`WorkerParquetSink` (runs in a CPU worker)."""
-
-    def __init__(self, parts: ParquetPartWriter, schema: Any) -> None:
-        self.parts = parts
-        self.schema = schema
-
-    def write(self, records: list[Any]) -> tuple[()]:
-        self.parts.write(records_to_table(records, self.schema))
-        return ()  # what travels to the main process: nothing but the count
-
-    def close(self) -> tuple[list[str], int]:
-        """Completes the last part; returns the part paths and the rows written."""
-        self.parts.close()
-        return self.parts.part_paths, self.parts.rows_written
-
-    def abort(self) -> None:
-        self.parts.abort()
+    def worker_writers(self) -> WorkerParquetSink:
+        assert self.settings is not None
+        return WorkerParquetSink(self.settings)

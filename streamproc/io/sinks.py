@@ -46,11 +46,17 @@ if TYPE_CHECKING:
 class WorkerWriters(Protocol):
     """Picklable factory of the per-worker writers of a sink that writes inside workers."""
 
+    def dispatch_units(self, payloads: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        """What the backend dispatches, from the ``(key, payload)`` pairs of the run (main process):
+        e.g. one part group per task, so that each worker writes whole parts."""
+        ...
+
     def open_in_worker(self, worker_index: int) -> Any:
         """The writer of worker ``worker_index`` (runs in that worker).
 
-        The writer's ``write(records)`` is the chunk finalizer there (its return value is
-        what travels back), ``close() -> (paths, rows)`` completes it, ``abort()`` drops it.
+        The writer's ``run_group(plan, task, ctx)`` runs each dispatched task there, yielding
+        its ``TaskOutput``s (what travels back), ``close() -> (paths, rows)`` completes it,
+        ``abort()`` drops it.
         """
         ...
 
@@ -60,6 +66,9 @@ class Sink(ABC):
 
     #: Set by :func:`run_into` when this run writes inside the workers.
     in_workers: bool = False
+    #: How this run's dead letters treat what an earlier run wrote: ``"new"`` (refuse),
+    #: ``"overwrite"`` or ``"resume"`` (``write_parquet(resume=True)``: keep the committed ones).
+    dead_letter_mode: str = "new"
 
     def finalizer(self) -> Optional[ChunkFinalizer]:
         """A picklable ``records -> chunk`` function run where each task runs (None: lists)."""
@@ -121,12 +130,15 @@ def _backend_for(plan: Plan, sink: Sink) -> Backend:
 def progress_for(handle: Iterable[TaskOutput], plan: Plan) -> Iterator[TaskOutput]:
     """``handle``'s outputs through the progress reporter when ``show_progress`` (main process).
 
-    The total is the source's size when known and every task runs (no resume or shard
-    selection); the stats issue plugs its bottleneck estimate in as ``stage_hint``.
+    The total is the source's size when known and every task runs (not a shard, nor a resume
+    that skips committed parts); the stats issue plugs its bottleneck estimate in as
+    ``stage_hint``.
     """
     if not plan.options.show_progress:
         return iter(handle)
-    total = plan.source.num_records() if plan.task_selection is None else None
+    selection = plan.task_selection
+    every_task = selection is None or (selection.world_size == 1 and not selection.done_groups)
+    total = plan.source.num_records() if every_task else None
     return with_progress(handle, True, total, stage_hint=None)
 
 
@@ -189,29 +201,54 @@ class JsonlSink(Sink):
 
 
 class ParquetSink(Sink):
-    """``write_parquet``: records become Arrow tables where produced.
+    """``write_parquet``: records become Arrow tables where produced, parts follow the part layout.
 
-    Deterministic runs (and backends that cannot write in workers): the main process writes
-    the tables in order into ``part-00000.parquet``, ... With ``deterministic=False`` on a
-    backend that can, each worker writes its own ``part-wNNN-MMMMM.parquet`` and only counts
-    come back; the main process prepares the directory and lists the parts at the end.
+    The main process writes the parts (outputs in task order) unless ``deterministic=False`` on
+    a backend that can write in its workers: then each CPU worker writes whole parts and only
+    their manifest entries come back. See :mod:`.parquet_writer` for the directory, the
+    manifest and resume. :meth:`prepare` must run (main process) before :func:`run_into`.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], overwrite: bool, schema: Any, rows_per_file: int, row_group_size: int
+        self,
+        path: str | os.PathLike[str],
+        overwrite: bool,
+        schema: Any,
+        rows_per_file: int,
+        row_group_size: int,
+        resume: bool = False,
+        filesystem: Any = None,
     ) -> None:
-        from . import parquet_writer
+        from .parquet_writer import ParquetOutput
 
-        parquet_writer.check_part_sizes(rows_per_file, row_group_size)
-        self.path = os.path.abspath(os.fspath(path))
-        self.overwrite = overwrite
+        self.output = ParquetOutput(path, overwrite, resume, schema, rows_per_file, row_group_size, filesystem)
         self.schema = schema
-        self.rows_per_file = rows_per_file
-        self.row_group_size = row_group_size
-        self._writer: Any = None
+        self.dead_letter_mode = "resume" if resume else "overwrite" if overwrite else "new"
+
+    def prepare(self, plan: Plan) -> Plan:
+        """Checks the output directory and returns the plan to run (main process, before the run).
+
+        The plan gets the part groups' task selection (resume skips committed groups), and
+        runs in task order (``deterministic=True``) on a backend that cannot write in its
+        workers: the part layout needs outputs in task order where the main process writes.
+        """
+        import dataclasses
+
+        capable = get_backend(plan.options.effective_backend).capabilities.writes_in_workers
+        if not capable and not plan.options.deterministic:
+            plan = dataclasses.replace(plan, options=plan.options.updated(deterministic=True))
+        return self.output.prepare(plan, in_workers=self.wants_workers(plan.options) and capable)
+
+    def run(self, plan: Plan) -> list[str]:
+        """Runs the prepared ``plan`` into the output (main process); a complete output runs nothing."""
+        if self.output.complete:
+            self.start()  # clears uncommitted files all the same
+            return self.commit()
+        paths: list[str] = run_into(plan, self)
+        return paths
 
     def finalizer(self) -> ChunkFinalizer:
-        from .parquet_writer import ArrowTableFinalizer
+        from .write_schema import ArrowTableFinalizer
 
         return ArrowTableFinalizer(self.schema)
 
@@ -220,37 +257,21 @@ class ParquetSink(Sink):
         return not options.deterministic
 
     def worker_writers(self) -> WorkerWriters:
-        from .parquet_writer import WorkerParquetSink
-
-        return WorkerParquetSink(self.path, self.schema, self.rows_per_file, self.row_group_size)
+        return self.output.worker_writers()
 
     def start(self) -> None:
-        from . import parquet_writer
-
-        if self.in_workers:
-            parquet_writer.prepare_output_dir(self.path, self.overwrite, parquet_writer.PARQUET_SUFFIXES, "write_parquet")
-        else:
-            self._writer = parquet_writer.ParquetPartWriter(
-                self.path, self.overwrite, self.schema, self.rows_per_file, self.row_group_size
-            )
+        self.output.start()
 
     def write(self, output: TaskOutput) -> None:
-        if self._writer is not None and output.chunk is not None:
-            self._writer.write(output.chunk)
+        from .manifest import PartEntry
+
+        if not self.in_workers:
+            self.output.write(output)
+        elif isinstance(output.chunk, PartEntry):
+            self.output.record(output.chunk)
 
     def commit(self) -> list[str]:
-        from . import parquet_writer
-
-        if self._writer is None:
-            return parquet_writer.list_parts(self.path)
-        self._writer.close()
-        paths: list[str] = self._writer.part_paths
-        return paths
+        return self.output.commit()
 
     def abort(self) -> None:
-        from . import parquet_writer
-
-        if self._writer is not None:
-            self._writer.abort()
-        else:
-            parquet_writer.remove_in_progress(self.path)
+        self.output.abort()

@@ -64,10 +64,10 @@ class _RunState:
             str(worker), device="cpu", autocast=options.autocast, torch_threads=options.forward_threads,
             make_forward_runner=make_runner,
         )
-        # A run that writes in workers (write_parquet with deterministic=False) writes here: the
-        # writer's ``write`` is then the chunk finalizer, and only counts go back.
+        # A run that writes in workers (write_parquet with deterministic=False) writes here:
+        # the writer runs each task (a part group) into its file, and only counts go back.
         self.writer = writers.open_in_worker(worker.index) if writers is not None else None
-        self.finalize = self.writer.write if self.writer is not None else finalize
+        self.finalize = finalize
 
     def end(self) -> tuple[list[str], Optional[int]]:
         """Completes this worker's part files (if any): their paths and rows (None: it wrote none)."""
@@ -151,7 +151,11 @@ def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId) -> None:
 
 def _run_task(run: _RunState, task: Task, sender: _ResultSender, worker: WorkerId) -> None:
     try:
-        for output in run_task(run.plan, task, run.ctx, run.finalize):
+        if run.writer is not None:
+            outputs = run.writer.run_group(run.plan, task, run.ctx)
+        else:
+            outputs = run_task(run.plan, task, run.ctx, run.finalize)
+        for output in outputs:
             sender.send(TaskChunk(run.run_id, output))
     except BaseException as exc:
         error = as_crash(exc, worker, f"in task {task.index}")

@@ -136,6 +136,8 @@ class _Run:
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
         payloads = iter_selected_payloads(self.plan)
+        if self.writers is not None:  # workers write whole parts: a dispatch unit is a part group
+            payloads = self.writers.dispatch_units(payloads)
         self.dispatcher = TaskDispatcher(payloads, self.num_workers, MAX_TASKS_IN_FLIGHT_PER_WORKER, window, run_id=self.run_id)
         first, last = dumps_message(start), dumps_message(EndRun(self.run_id))
         for worker, assignment in zip(self.pool.cpu_workers, self.assigned):
