@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 from .errors import (
     CorruptInputError,
     PipelineShutdownError,
+    RecordsSkippedWarning,
     RemoteError,
     RemoteTraceback,
     ResumeMismatchError,
@@ -176,6 +177,7 @@ __all__ = [
     "CorruptInputError",
     "ModelShippedWarning",
     "PipelineShutdownError",
+    "RecordsSkippedWarning",
     "RemoteError",
     "RemoteTraceback",
     "ResumeMismatchError",

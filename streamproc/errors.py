@@ -53,6 +53,11 @@ class TooManyErrorsError(StreamprocError):
     """More records failed than ``max_errors`` allows (summarises the errors by stage and type)."""
 
 
+class RecordsSkippedWarning(RuntimeWarning):
+    """A run with ``on_error="skip"`` or ``"dead_letter"`` dropped records (issued once, at its end:
+    how many, by stage and exception type, and where the dead letters are)."""
+
+
 class ResumeMismatchError(StreamprocError):
     """``resume=True`` over output written by a different input or task layout (says what changed)."""
 

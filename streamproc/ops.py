@@ -12,6 +12,10 @@ first stage it crosses (see :func:`tag_stage`). An exception from upstream has a
 tagged by its own stage when it passes through a downstream one, so each error names the
 stage (and, for ``map_gpu``, the callable) that raised it.
 
+Error policy: with ``on_error="raise"`` (``ctx.error_policy is None``) each op runs the code
+path above and nothing else; otherwise it runs the same fast path first and isolates the
+failing records only when a chunk or batch raises (see :mod:`streamproc.execution.isolation`).
+
 Where ops run: in the main process with the simple backend, in a CPU worker otherwise, except
 ``MapGPU.forward``, which runs wherever the execution context's forward runner sends it
 (in-process, or a GPU worker).
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .batching import BatchBy, BatchSize, iter_batches
 from .errors import add_context_note
+from .execution import isolation
 
 if TYPE_CHECKING:
     from .execution.context import ExecutionContext
@@ -101,6 +106,9 @@ class Map(Op):
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         fn = functools.partial(self.fn, **self.kwargs) if self.kwargs else self.fn
+        policy = ctx.error_policy
+        if policy is not None:
+            return _tagged(isolation.map_records(chunks, fn, policy, stage.name), stage.name)
         return _tagged((list(map(fn, chunk)) for chunk in chunks), stage.name)
 
     def describe(self) -> str:
@@ -116,6 +124,9 @@ class Filter(Op):
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         pred = self.pred
+        policy = ctx.error_policy
+        if policy is not None:
+            return _tagged(isolation.filter_records(chunks, pred, policy, stage.name), stage.name)
         return _tagged((list(filter(pred, chunk)) for chunk in chunks), stage.name)
 
     def describe(self) -> str:
@@ -128,6 +139,9 @@ class Filter(Op):
 @dataclass(frozen=True)
 class Flatten(Op):
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
+        policy = ctx.error_policy
+        if policy is not None:
+            return _tagged(isolation.flatten_records(chunks, policy, stage.name), stage.name)
         return _tagged((list(itertools.chain.from_iterable(chunk)) for chunk in chunks), stage.name)
 
     def describe(self) -> str:
@@ -169,6 +183,9 @@ class MapBatches(BatchedOp):
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         fn = self.fn
+        policy = ctx.error_policy
+        if policy is not None:
+            return _tagged(isolation.map_batches_isolated(self._batches(chunks), fn, policy, stage.name), stage.name)
         return _tagged((list(fn(batch)) for batch in self._batches(chunks)), stage.name)
 
     def describe(self) -> str:
@@ -213,6 +230,10 @@ class MapGPU(BatchedOp):
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         postprocess = self.postprocess or default_postprocess
         prepare_batch = self.prepare_batch
+        policy = ctx.error_policy
+        if policy is not None:
+            steps = isolation.MapGPUSteps(stage.name, prepare_batch, ctx.forward_runner(stage), postprocess)
+            return _tagged(isolation.map_gpu_isolated(self._batches(chunks), steps, policy), stage.name)
         # Each part is tagged separately so that an error names the callable that raised it.
         batches = _tagged(self._batches(chunks), stage.name)
         prepared = _tagged(((batch, prepare_batch(batch)) for batch in batches), f"{stage.name}, prepare_batch")

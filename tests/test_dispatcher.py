@@ -13,7 +13,7 @@ from typing import Any, Optional
 import pytest
 
 from streamproc import SerializationError
-from streamproc.backends.multiprocessing.feeder import feed_worker
+from streamproc.backends.multiprocessing.feeder import WorkerSlot, feed_worker
 from streamproc.backends.multiprocessing.messages import EndRun, StartRun, Task, WorkerId
 from streamproc.execution.dispatch import DispatchStopped, SourceFailed, TaskDispatcher
 from streamproc.execution.serialization import dumps_message, loads_message
@@ -333,13 +333,19 @@ class Recorder:
 RUN_MESSAGES = {"first_message": dumps_message(StartRun(7, b"plan")), "last_message": dumps_message(EndRun(7))}
 
 
+def feed(worker: int, dispatcher: TaskDispatcher, conn: FakeConn, recorder: Recorder, **messages: bytes) -> None:
+    """Runs ``feed_worker`` through a :class:`WorkerSlot` over ``conn``; ``recorder.sent`` gets
+    the tasks the slot recorded as sent (none finishes here)."""
+    slot = WorkerSlot(conn, messages.get("first_message", b""), messages.get("last_message", b""))
+    try:
+        feed_worker(WorkerId("cpu", worker), dispatcher, slot, recorder.on_error, recorder.on_exit)
+    finally:
+        recorder.sent = [(worker, index) for index in slot.tasks]
+
+
 def run_feeder(dispatcher: TaskDispatcher, conn: FakeConn, worker: int = 0) -> Recorder:
     recorder = Recorder()
-    Call(
-        lambda: feed_worker(
-            WorkerId("cpu", worker), dispatcher, conn, recorder.on_sent, recorder.on_error, recorder.on_exit, **RUN_MESSAGES
-        )
-    ).result()
+    Call(lambda: feed(worker, dispatcher, conn, recorder, **RUN_MESSAGES)).result()
     return recorder
 
 
@@ -389,11 +395,7 @@ def test_feeder_sends_end_run_when_woken_by_stop():
     dispatcher = make(["a", "b"], max_in_flight=1)
     conn = FakeConn()
     recorder = Recorder()
-    feeder = Call(
-        lambda: feed_worker(
-            WorkerId("cpu", 0), dispatcher, conn, recorder.on_sent, recorder.on_error, recorder.on_exit, **RUN_MESSAGES
-        )
-    )
+    feeder = Call(lambda: feed(0, dispatcher, conn, recorder, **RUN_MESSAGES))
     assert feeder.is_blocked()  # task 0 sent, waiting for it to finish
     dispatcher.stop()
     feeder.result()
@@ -408,9 +410,7 @@ def test_feeder_inside_the_source_when_the_run_stops_sends_nothing():
     dispatcher = TaskDispatcher(enumerate(source), 1, 2, None)
     conn = FakeConn()
     recorder = Recorder()
-    feeder = Call(
-        lambda: feed_worker(WorkerId("cpu", 0), dispatcher, conn, recorder.on_sent, recorder.on_error, recorder.on_exit)
-    )
+    feeder = Call(lambda: feed(0, dispatcher, conn, recorder))
     assert source.entered.wait(RETURN_TIMEOUT_S)
     dispatcher.stop()
     assert feeder.is_blocked()

@@ -18,6 +18,7 @@ import multiprocessing.process
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,6 +133,82 @@ def test_fault_at_worker_boundary(tmp_path, method, boundary, fault):
                 assert f"{boundary}" in notes
     else:
         check_crash(exc, fault, r"cpu worker \d")
+
+
+#: Retries (tests/test_task_retries.py has the runs that survive): a fault that fires on every
+#: attempt exhausts ``max_task_retries`` and ends as without retries, the count in the message.
+RETRIED_FAULTS = ["os_exit", "segfault", "sys_exit"]
+
+
+@pytest.mark.parametrize(
+    ("method", "boundary", "fault"),
+    [pytest.param("fork", b, f, id=f"fork-{b}-{f}") for b in WORKER_BOUNDARIES for f in RETRIED_FAULTS]
+    + [pytest.param("spawn", "map", "segfault", id="spawn-map-segfault")],
+)
+def test_fault_at_worker_boundary_with_retries(tmp_path, method, boundary, fault):
+    stream = build_worker_boundary(boundary, fault, str(tmp_path / "started"))
+    what = f"a run with {fault} at {boundary} under {method}, max_task_retries=1"
+    outputs, exc, _ = run_with_fault(stream, mp_options(method, max_task_retries=1), fault, what=what)
+    assert exc is not None, f"no error; outputs: {outputs}"
+    check_prefix_of_whole_tasks(outputs, before=FAULT_TASK * TASK_SIZE)
+    check_crash(exc, fault, r"cpu worker \d")
+    if fault != "sys_exit":  # sys.exit in user code is a user error: never retried
+        assert "was retried 1 time(s)" in str(exc), str(exc)
+
+
+# -- the fault table under the error policies ------------------------------------------------
+
+#: Boundaries where user code runs on records: a raising record is the policy's to drop.
+RECORD_BOUNDARIES = ["map", "filter", "map_batches", "prepare_batch", "forward", "postprocess"]
+#: (method, boundary, fault, policy): every fault at every boundary under fork, for both
+#: lenient policies (the table above is on_error="raise"); one case per policy under spawn.
+POLICY_CASES = [
+    *[
+        ("fork", boundary, fault, policy)
+        for policy in ("skip", "dead_letter")
+        for boundary in WORKER_BOUNDARIES
+        for fault in WORKER_FAULTS
+    ],
+    ("spawn", "map_batches", "raise", "skip"),
+    ("spawn", "forward", "raise", "dead_letter"),
+]
+
+
+@pytest.mark.parametrize(("method", "boundary", "fault", "policy"), [pytest.param(*c, id="-".join(c)) for c in POLICY_CASES])
+def test_fault_at_worker_boundary_under_error_policy(tmp_path, method, boundary, fault, policy):
+    """A record that raises in user code is dropped (and dead-lettered); every other fault (a
+    crash, a failing source, an output that cannot be pickled) stops the run as with "raise"."""
+    import pyarrow.parquet as pq
+
+    started_path = tmp_path / "started"
+    dead = tmp_path / "dead"
+    stream = build_worker_boundary(boundary, fault, str(started_path))
+    options = mp_options(method, on_error=policy)
+    if policy == "dead_letter":
+        options["dead_letter_path"] = str(dead)
+    what = f"a run with {fault} at {boundary} under {method}, on_error={policy}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sp.RecordsSkippedWarning)
+        outputs, exc, seconds = run_with_fault(stream, options, fault, started_path, what)
+
+    if fault == "raise" and boundary in RECORD_BOUNDARIES:
+        assert exc is None, f"{type(exc).__name__}: {exc}"
+        assert outputs == [x for x in range(NUM_RECORDS) if x != FAULT_AT]
+        if policy == "dead_letter":
+            [row] = pq.read_table(dead / f"dead-{FAULT_TASK:08d}.parquet").to_pylist()
+            assert (row["record"], row["error_type"], row["task"]) == (str(FAULT_AT), "UserError", FAULT_TASK)
+            assert row["stage"].startswith("stage 1 (") and fakes.RAISE_LINE in row["traceback"]
+            assert os.listdir(dead) == [f"dead-{FAULT_TASK:08d}.parquet"]
+        return
+    assert exc is not None, f"no error; outputs: {outputs}"
+    assert seconds < (MAX_KILL_NOTICED_S if fault == "sigkill" else MAX_FAILURE_S)
+    check_prefix_of_whole_tasks(outputs, before=FAULT_TASK * TASK_SIZE)
+    if fault != "raise":
+        check_crash(exc, fault, r"cpu worker \d")
+    elif boundary == "result_pickling":
+        assert type(exc) is sp.SerializationError, f"{type(exc).__name__}: {exc}"
+    else:  # the source, loading the stream: not a record's fault
+        check_user_error(exc, fakes.RAISE_LINE)
 
 
 # -- faults at main-process boundaries --------------------------------------------------------

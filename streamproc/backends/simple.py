@@ -31,6 +31,23 @@ def forward_context(plan: Plan, where: str) -> ExecutionContext:
     )
 
 
+#: The backends that honour ``task_timeout`` (they can kill a stuck task's process).
+TASK_TIMEOUT_BACKENDS = ("multiprocessing",)
+
+
+def refuse_task_timeout(plan: Plan, backend: str) -> None:
+    """Raises ``ValueError`` at run start if ``task_timeout`` is set: a task running in this
+    process (a thread of it) cannot be stopped. ``max_task_retries`` is accepted and has no
+    effect here: no worker can die apart from the process itself."""
+    timeout = plan.options.task_timeout
+    if timeout is not None:
+        raise ValueError(
+            f"task_timeout={timeout:g} needs a backend that runs tasks in worker processes "
+            f"({', '.join(repr(name) for name in TASK_TIMEOUT_BACKENDS)}); backend={backend!r} runs them in this "
+            f"process, where a stuck task cannot be stopped"
+        )
+
+
 def check_forward_device(plan: Plan) -> None:
     """Raises ``ValueError`` now if ``forward`` would run on a device this machine lacks."""
     devices = plan.options.gpu_worker_devices
@@ -39,9 +56,13 @@ def check_forward_device(plan: Plan) -> None:
 
 
 class SimpleBackend(Backend):
+    """Every task in order in the calling thread. ``max_task_retries`` has no effect (no worker
+    process can die); ``task_timeout`` is refused (see :func:`refuse_task_timeout`)."""
+
     name = "simple"
 
     def run(self, plan: Plan, sink: Sink) -> RunHandle:
+        refuse_task_timeout(plan, self.name)
         check_forward_device(plan)
         return RunHandle(self._outputs(plan, sink), RunStats(self.name))
 

@@ -44,7 +44,7 @@ from ..stats import RunStats
 from .base import Backend, BackendCapabilities, RunHandle
 from .multiprocessing.cpu_budget import default_num_cpu_workers
 from .multiprocessing.log_forwarding import tag_thread_logs
-from .simple import check_forward_device
+from .simple import check_forward_device, refuse_task_timeout
 
 if TYPE_CHECKING:
     from ..io.sinks import Sink
@@ -232,13 +232,16 @@ class ThreadsBackend(Backend):
 
     ``num_cpu_workers`` threads (default: as many as the multiprocessing backend's CPU
     workers) run every op, ``forward`` of ``map_gpu`` stages included. Nothing is pickled, so
-    callables may close over open files, locks and connections.
+    callables may close over open files, locks and connections. ``max_task_retries`` has no
+    effect (no worker process can die apart from this one); ``task_timeout`` is refused at run
+    start (a thread cannot be stopped; see :func:`.simple.refuse_task_timeout`).
     """
 
     name = "threads"
     capabilities = BackendCapabilities(writes_in_workers=False, separate_processes=False)
 
     def run(self, plan: Plan, sink: Sink) -> RunHandle:
+        refuse_task_timeout(plan, self.name)
         options = plan.options
         if plan.has_gpu_stage and options.effective_gpu_workers > 1:
             raise ValueError(

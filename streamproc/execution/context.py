@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 if TYPE_CHECKING:
     from ..plan import Stage
+    from .error_policy import ErrorPolicy
 
 
 class ForwardRunner(Protocol):
@@ -31,6 +32,10 @@ ForwardRunnerFactory = Callable[["Stage"], ForwardRunner]
 
 class ExecutionContext:
     """Per-process state shared by the tasks a process runs (forward runners, worker name).
+
+    ``error_policy`` is the one per-task field: the recorder of the task running now
+    (:class:`~streamproc.execution.error_policy.ErrorPolicy`), set by ``run_task`` when
+    ``on_error`` is not ``"raise"``, else None. A context serves one thread at a time.
 
     Args:
         where: names the process in error messages, e.g. ``"main process"`` or ``"cpu worker 2"``.
@@ -55,6 +60,7 @@ class ExecutionContext:
         self.torch_threads = torch_threads
         self._make_forward_runner = make_forward_runner
         self._runners: dict[int, ForwardRunner] = {}
+        self.error_policy: Optional[ErrorPolicy] = None
 
     def forward_runner(self, stage: Stage) -> ForwardRunner:
         """The runner of ``stage`` (a ``map_gpu`` stage), made on first use."""

@@ -12,10 +12,16 @@ is free gets the next task. Two bounds keep memory flat whatever the input size:
 and one rule keeps the workers busy, :func:`may_take_task`: every idle live worker gets a task
 before any worker gets a second one. Without it, the first feeder to ask took both tasks of a
 2-row-group input, and 2 workers took as long as 1.
+
+Retries (``max_task_retries``, process backends): :meth:`TaskDispatcher.requeue` gives the
+tasks of a dead worker back, to be handed out again (before any new task) to the same
+worker index, which its replacement process now holds. With ``hold_until_finished`` a caller
+gets None only once every task handed out has finished, since any of them may come back.
 """
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -89,10 +95,20 @@ class TaskDispatcher:
     window, which waits for the busy worker's unstarted task.
 
     ``total_tasks`` is set once the source is exhausted (or failed).
+
+    ``hold_until_finished`` (runs that retry tasks): :meth:`next_task` returns None only when
+    no task is left *and* none is in flight or requeued, so a feeder stays to send the tasks
+    of a worker that dies at the very end.
     """
 
     def __init__(
-        self, payloads: Iterator[tuple[int, Any]], num_workers: int, max_in_flight: int, window: Optional[int], run_id: int = 0
+        self,
+        payloads: Iterator[tuple[int, Any]],
+        num_workers: int,
+        max_in_flight: int,
+        window: Optional[int],
+        run_id: int = 0,
+        hold_until_finished: bool = False,
     ) -> None:
         self._payloads = payloads
         self._run_id = run_id
@@ -105,6 +121,8 @@ class TaskDispatcher:
         self._released = 0
         self._next_index = 0
         self._stop_at = sys.maxsize  # no task index >= _stop_at is handed out
+        self._hold = hold_until_finished
+        self._requeued: list[collections.deque[Task]] = [collections.deque() for _ in range(num_workers)]
         self.total_tasks: Optional[int] = None
         self.stopping = False
 
@@ -138,17 +156,26 @@ class TaskDispatcher:
             DispatchStopped: ``stop()`` was called while this call was inside the source.
         """
         with self._cond:
-            while not (self.stopping or self._next_index >= self._stop_at or self._may_read(worker)):
+            while True:
+                if self.stopping:
+                    return None
+                requeued = self._take_requeued(worker)
+                if requeued is not None:
+                    return requeued
+                if self._next_index >= self._stop_at:
+                    if self._all_finished():
+                        return None
+                elif self._may_read(worker):
+                    break
                 self._cond.wait(WAIT_POLL_INTERVAL_S)
-            if self.stopping or self._next_index >= self._stop_at:
-                return None
             index = self._next_index
             self._reader = worker
         try:
             key, payload = next(self._payloads)
         except StopIteration:
             self._end_reading(index, next_index=index, total=index)
-            return None
+            # Holding: wait, like every other caller, for the tasks in flight (they may come back).
+            return self.next_task(worker) if self._hold else None
         except BaseException as exc:
             # A failed generator raises StopIteration on the next call: never make one, or the
             # run would end at ``index`` as if the source were complete, and the error be lost.
@@ -160,6 +187,31 @@ class TaskDispatcher:
                 return None
             self._in_flight[worker] += 1
         return Task(index, payload, self._run_id, None if key == index else key)
+
+    def _take_requeued(self, worker: int) -> Optional[Task]:
+        """A requeued task for ``worker`` if it may take one now (caller holds ``_cond``)."""
+        queue = self._requeued[worker]
+        while queue and queue[0].index >= self._stop_at:
+            queue.popleft()  # a task before it failed meanwhile: not needed
+        if not queue or self._in_flight[worker] >= self._max_in_flight:
+            return None
+        self._in_flight[worker] += 1
+        return queue.popleft()
+
+    def _all_finished(self) -> bool:
+        """Whether a caller may stop asking (caller holds ``_cond``; no task is left to read)."""
+        return not self._hold or (not any(self._in_flight) and not any(self._requeued))
+
+    def requeue(self, worker: int, tasks: Sequence[Task]) -> None:
+        """``worker`` died holding ``tasks`` (sent, not finished): hand them to it again, first.
+
+        Called by the collector (main thread) once the worker's replacement process holds the
+        index ``worker``; ``tasks`` no longer count as in flight until handed out again.
+        """
+        with self._cond:
+            self._in_flight[worker] -= len(tasks)
+            self._requeued[worker].extend(tasks)
+            self._cond.notify_all()
 
     def _end_reading(self, index: int, next_index: int, total: Optional[int] = None) -> None:
         """The source returned for task ``index`` (``total``: it ended or failed there).

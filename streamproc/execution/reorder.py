@@ -8,6 +8,11 @@ Memory invariant (deterministic): the buffered tasks are a subset of
 ``[next_task, next_task + window)``, because the dispatcher never hands out task
 ``k >= next_task + window`` (see :class:`~.dispatch.TaskDispatcher`). So at most ``window``
 tasks' outputs are held here.
+
+Retries (``hold_tasks=True``, set when a task may be rerun after its worker died): a task's
+chunks are released only once its last chunk has arrived, in either mode, so the sink never
+sees part of a task that :meth:`ReorderBuffer.reset_task` may still discard. Without it, the
+oldest unfinished task of a deterministic run streams chunk by chunk.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ class ReorderBuffer:
     outputs of every task before ``k`` have been released (deterministic), or at once.
     """
 
-    def __init__(self, deterministic: bool) -> None:
+    def __init__(self, deterministic: bool, hold_tasks: bool = False) -> None:
         self.deterministic = deterministic
+        self.hold_tasks = hold_tasks
         self.next_task = 0
         self.tasks_done = 0
         self._tasks: dict[int, _TaskOutputs] = {}
@@ -65,10 +71,28 @@ class ReorderBuffer:
             entry = self._entry(output.task_index)
             entry.chunks.append(output)
             entry.complete = output.last
+        elif self.hold_tasks:
+            entry = self._entry(output.task_index)
+            entry.chunks.append(output)
+            if output.last:
+                del self._tasks[output.task_index]
+                self._arrived.extend(entry.chunks)
+                self.tasks_done += 1
         else:
             self._arrived.append(output)
             if output.last:
                 self.tasks_done += 1
+
+    def reset_task(self, task: int) -> None:
+        """Discards what arrived of unfinished task ``task``: it runs again from its start.
+
+        Only with ``hold_tasks``, which guarantees none of it was released.
+        """
+        assert self.hold_tasks, "reset_task needs hold_tasks=True"
+        entry = self._tasks.get(task)
+        if entry is not None:
+            assert not entry.complete, f"task {task} is complete"
+            entry.chunks.clear()
 
     def add_error(self, task: int, error: BaseException) -> None:
         if self.deterministic:
@@ -91,6 +115,8 @@ class ReorderBuffer:
         while True:
             entry = self._tasks.get(self.next_task)
             if entry is None:
+                return
+            if self.hold_tasks and not entry.complete and entry.error is None:
                 return
             while entry.chunks:
                 yield entry.chunks.popleft()

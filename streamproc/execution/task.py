@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import add_context_note
 from ..ops import _tagged
+from ..stats import TaskStats
+from .error_policy import RECORDS_IN_KEY, ErrorPolicy, make_policy
 
 if TYPE_CHECKING:
     from ..plan import Plan
-    from ..stats import TaskStats
     from .context import ExecutionContext
     from .error_policy import RecordError
 
@@ -94,6 +95,8 @@ def iter_task_records(
     """Streams the output records of one task, in lists (source read included, counted in ``read``)."""
     source = plan.source.read_task_chunks(payload, plan.chunk_size)
     chunks: Iterator[list[Any]] = _tagged(read.counting(source) if read is not None else source, "the source")
+    if ctx.error_policy is not None and ctx.error_policy.counts_records:
+        chunks = ctx.error_policy.count_source(chunks)
     for stage in plan.stages:
         chunks = stage.op.apply(chunks, ctx, stage)
     return chunks
@@ -129,15 +132,19 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
 
     One chunk is held back so that the last can be marked; an exception propagates after
     the chunks completed before it (marked ``last=False``) were yielded.
+
+    With ``on_error`` other than ``"raise"``, the task's :class:`ErrorPolicy` is
+    ``ctx.error_policy`` while it runs; each chunk carries the errors recorded until it was
+    yielded, and the last one ``stats.extra["records_in"]`` (records the source produced) with
+    a fractional ``max_errors``.
     """
+    policy = ctx.error_policy = make_policy(plan.options, plan.source, task.payload, task.task_key)
     previous: Optional[tuple[Any, int]] = None
     read = _ReadCount()
     try:
         for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize, read):
             if previous is not None:
-                yield TaskOutput(
-                    task.index, previous[0], previous[1], last=False, task_key=task.task_key, source_records=read.take()
-                )
+                yield _output(task, previous, policy, last=False, source_records=read.take())
             previous = (chunk, count)
     except GeneratorExit:  # the consumer closed us: nothing more may be yielded
         raise
@@ -145,10 +152,18 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
         if isinstance(exc, Exception):
             add_context_note(exc, task_location_note(plan, task))
         if previous is not None:
-            yield TaskOutput(task.index, previous[0], previous[1], last=False, task_key=task.task_key, source_records=read.take())
+            yield _output(task, previous, policy, last=False, source_records=read.take())
         raise
-    chunk, count = previous if previous is not None else (None, 0)
-    yield TaskOutput(task.index, chunk, count, last=True, task_key=task.task_key, source_records=read.take())
+    yield _output(task, previous if previous is not None else (None, 0), policy, last=True, source_records=read.take())
+
+
+def _output(task: Task, chunk: tuple[Any, int], policy: Optional[ErrorPolicy], last: bool, source_records: int) -> TaskOutput:
+    if policy is None:
+        return TaskOutput(task.index, chunk[0], chunk[1], last=last, task_key=task.task_key, source_records=source_records)
+    stats = None
+    if last and policy.counts_records:
+        stats = TaskStats(extra={RECORDS_IN_KEY: policy.records_in})
+    return TaskOutput(task.index, chunk[0], chunk[1], stats, last, task.task_key, policy.drain(), source_records)
 
 
 def task_location_note(plan: Plan, task: Task) -> str:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ..backends.registry import get_backend
 from ..progress import with_progress
+from .error_ledger import dead_letter_mode_of, open_error_ledger, output_dir_of, watch_errors
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -148,10 +149,11 @@ def run_into(plan: Plan, sink: Sink) -> Any:
     Complete output on success; on any failure the sink is aborted and the error re-raised.
     """
     backend = _backend_for(plan, sink)
+    ledger = open_error_ledger(plan, dead_letter_mode_of(sink), output_dir_of(sink))
     sink.start()
     try:
         with backend.run(plan, sink) as handle:
-            for output in progress_for(handle, plan):
+            for output in progress_for(watch_errors(handle, ledger), plan):
                 sink.write(output)
         return sink.commit()
     except BaseException:
@@ -162,8 +164,9 @@ def run_into(plan: Plan, sink: Sink) -> Any:
 def iter_records(plan: Plan) -> Iterator[Any]:
     """Runs ``plan``, yielding its output records one by one (main process)."""
     sink = _RecordsSink()
+    ledger = open_error_ledger(plan, "new")
     with _backend_for(plan, sink).run(plan, sink) as handle:
-        for output in progress_for(handle, plan):
+        for output in progress_for(watch_errors(handle, ledger), plan):
             if output.chunk:
                 yield from output.chunk
 

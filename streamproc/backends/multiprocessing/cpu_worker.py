@@ -4,6 +4,8 @@ Protocol: the worker says ``WorkerStarted``, then reads its task pipe. ``StartRu
 run's plan (loaded once); for each ``Task`` it sends the task's outputs as ``TaskChunk``
 messages, the last with ``last=True``, or a ``TaskFailed`` carrying the user's exception and
 traceback; ``EndRun`` completes what the run wrote here and is answered with ``RunEnded``.
+An ``IsolatedTask`` runs record by record (see :mod:`.isolation`); with ``task_timeout`` a
+watchdog thread may send ``TaskStuck`` (see :mod:`.watchdog`).
 It exits on ``Stop``, when its parent dies, or when a pipe breaks.
 
 Only what a child process needs is imported here.
@@ -12,6 +14,7 @@ Only what a child process needs is imported here.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -20,8 +23,21 @@ from ...execution.context import ExecutionContext
 from ...execution.serialization import dill_loads, dumps_message, loads_message
 from ...execution.task import Task, run_task
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
+from .isolation import run_isolated
 from .log_forwarding import apply_log_levels, forward_worker_logs
-from .messages import EndRun, RunEnded, StartRun, Stop, TaskChunk, TaskFailed, WorkerFailed, WorkerId, WorkerStarted
+from .messages import (
+    EndRun,
+    IsolatedTask,
+    RunEnded,
+    StartRun,
+    Stop,
+    TaskChunk,
+    TaskFailed,
+    WorkerFailed,
+    WorkerId,
+    WorkerStarted,
+)
+from .watchdog import TaskWatchdog
 from .worker_runtime import as_crash, start_worker_process
 
 
@@ -31,13 +47,24 @@ class _ResultSender:
     def __init__(self, conn: Any, worker: WorkerId) -> None:
         self.conn = conn
         self.worker = worker
+        # The task's thread and the watchdog's thread both send (see .watchdog).
+        self._lock = threading.Lock()
+        self.watchdog: Optional[TaskWatchdog] = None
 
     def send(self, message: Any) -> None:
         try:
             data = dumps_message(message)
         except Exception as exc:
             data = dumps_message(self._unpicklable(message, exc))
-        self.conn.send_bytes(data)
+        watchdog = self.watchdog
+        with self._lock:
+            if watchdog is not None:
+                watchdog.sending = True  # waiting for the main process to read is not being stuck
+            try:
+                self.conn.send_bytes(data)
+            finally:
+                if watchdog is not None:
+                    watchdog.sending = False
 
     def _unpicklable(self, message: Any, exc: Exception) -> Any:
         task = getattr(message, "task_index", None)
@@ -89,6 +116,8 @@ def run_cpu_worker(
     gpu_channels: Optional[dict[int, GPUChannel]] = None,
     gpu_cycle: Optional[list[int]] = None,
     alive_conn: Any = None,
+    task_timeout: Optional[float] = None,
+    progress: Any = None,
 ) -> None:
     """Entry point of process ``streamproc-cpu-<index>``. See the module docstring.
 
@@ -97,7 +126,8 @@ def run_cpu_worker(
     ``map_gpu`` stages then send their prepared batches there instead of running forward here.
     ``alive_conn`` is the write end of this worker's liveness pipe (with GPU workers): held,
     never written; its GPU workers see EOF when this process ends. ``inherited``: see
-    :func:`.worker_runtime.start_worker_process`.
+    :func:`.worker_runtime.start_worker_process`. ``task_timeout`` starts the stuck-task
+    watchdog, which publishes progress in the shared double ``progress`` (see :mod:`.watchdog`).
     """
     worker = WorkerId("cpu", index)
     start_worker_process(worker, parent_pid, inherited)
@@ -105,12 +135,15 @@ def run_cpu_worker(
     sender = _ResultSender(result_conn, worker)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
     run: Optional[_RunState] = None
+    if task_timeout is not None:
+        sender.watchdog = TaskWatchdog(worker, task_timeout, sender.send, progress)
     try:
         sender.send(WorkerStarted(worker))
         while True:
             message = loads_message(task_conn.recv_bytes())
-            if isinstance(message, Task):
-                assert run is not None and message.run_id == run.run_id, f"task of run {message.run_id} outside it"
+            if isinstance(message, (Task, IsolatedTask)):
+                task = message.task if isinstance(message, IsolatedTask) else message
+                assert run is not None and task.run_id == run.run_id, f"task of run {task.run_id} outside it"
                 _run_task(run, message, sender, worker)
             elif isinstance(message, StartRun):
                 run = _start_run(message, worker, client, sender)
@@ -123,6 +156,8 @@ def run_cpu_worker(
     except (EOFError, BrokenPipeError):
         pass  # the main process closed our pipes: it is shutting down
     finally:
+        if sender.watchdog is not None:
+            sender.watchdog.stop()
         if run is not None:
             run.abort()
         if client is not None:
@@ -149,16 +184,28 @@ def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId) -> None:
     sender.send(RunEnded(run.run_id, worker, paths, rows))
 
 
-def _run_task(run: _RunState, task: Task, sender: _ResultSender, worker: WorkerId) -> None:
+def _run_task(run: _RunState, message: Task | IsolatedTask, sender: _ResultSender, worker: WorkerId) -> None:
+    task = message.task if isinstance(message, IsolatedTask) else message
+    watchdog = sender.watchdog
+    if watchdog is not None:
+        watchdog.begin_task(run.run_id, task.index)
     try:
-        if run.writer is not None:
-            outputs = run.writer.run_group(run.plan, task, run.ctx)
+        if isinstance(message, IsolatedTask):
+            begin_record = watchdog.begin_record if watchdog is not None else (lambda row: None)
+            run_isolated(run.plan, message, run.ctx, run.finalize, sender.send, begin_record)
         else:
-            outputs = run_task(run.plan, task, run.ctx, run.finalize)
-        for output in outputs:
-            sender.send(TaskChunk(run.run_id, output))
+            # A run that writes in workers gets whole part groups (never retried: see retries.py).
+            if run.writer is not None:
+                outputs = run.writer.run_group(run.plan, task, run.ctx)
+            else:
+                outputs = run_task(run.plan, task, run.ctx, run.finalize)
+            for output in outputs:
+                sender.send(TaskChunk(run.run_id, output))
     except BaseException as exc:
         error = as_crash(exc, worker, f"in task {task.index}")
         sender.send(TaskFailed(run.run_id, task.index, ExceptionWithTraceback(error, f"{worker}, task {task.index}")))
         if error is not exc:
             raise  # the worker ends (sys.exit in user code): see as_crash
+    finally:
+        if watchdog is not None:
+            watchdog.end_task()

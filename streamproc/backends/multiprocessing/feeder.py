@@ -2,42 +2,119 @@
 
 All of this runs in the main process. Each feeder thread asks the run's
 :class:`~streamproc.execution.dispatch.TaskDispatcher` for the next numbered task and sends it
-on its worker's task pipe, then ``Stop`` when the dispatcher has no more.
+through its worker's :class:`WorkerSlot`, then ``EndRun`` when the dispatcher has no more.
 
 A feeder tells the dispatcher when it exits (``worker_gone``), however it exits, so that the
 fairness rule (every idle worker gets a task before any gets a second one) never waits for a
 worker nobody feeds any more.
+
+Retries (``max_task_retries``, see :mod:`.retries`): the slot outlives the worker process. The
+collector swaps a dead worker's process for a fresh one in the slot (under the slot's lock) and
+requeues the tasks it held; the feeder, which saw a broken pipe or nothing at all, goes on
+asking the dispatcher, and the slot sends ``StartRun`` to the new process before its first task.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from ...errors import SerializationError
 from ...execution.dispatch import DispatchStopped, SourceFailed, TaskDispatcher
 from ...execution.serialization import dumps_message
+from ...execution.task import Task
 from .messages import WorkerId
+
+
+class WorkerSlot:
+    """The run's side of CPU worker index ``i``: the task pipe of its current process, and the
+    tasks sent there and not finished (main process; the feeder and the collector share it).
+
+    ``tasks`` and ``generation`` change only under ``lock``: the feeder records a task and sends
+    it under the lock, the collector swaps a dead process for its replacement under it, so a
+    task is either recorded for the dead process (and requeued) or sent to the new one.
+
+    Args:
+        task_conn: the worker's task pipe (write end).
+        first_message / last_message: the run's ``StartRun`` / ``EndRun`` bytes (empty: not sent).
+        encode: the bytes of a task (an isolated task is sent as ``IsolatedTask``).
+        survives_worker_death: whether the run replaces a dead worker (retries enabled).
+    """
+
+    def __init__(
+        self,
+        task_conn: Any,
+        first_message: bytes,
+        last_message: bytes,
+        encode: Callable[[Task], bytes] = dumps_message,
+        survives_worker_death: bool = False,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.task_conn = task_conn
+        self.first_message = first_message
+        self.last_message = last_message
+        self.encode = encode
+        self.survives_worker_death = survives_worker_death
+        #: Tasks sent to the current process and not finished, oldest (the running one) first.
+        self.tasks: collections.OrderedDict[int, Task] = collections.OrderedDict()
+        self.generation = 0
+        self._started_generation = -1
+
+    def send_task(self, task: Task, data: bytes) -> None:
+        """Records ``task`` as held by the current process, then sends it (``StartRun`` first to a new process).
+
+        Raises:
+            OSError: the process is gone (the task stays recorded: the collector requeues it).
+        """
+        with self.lock:
+            self.tasks[task.index] = task
+            self._send_start()
+            self.task_conn.send_bytes(data)
+
+    def send_end(self) -> None:
+        with self.lock:
+            self._send_start()
+            if self.last_message:
+                self.task_conn.send_bytes(self.last_message)
+
+    def _send_start(self) -> None:
+        if self._started_generation != self.generation:
+            self._started_generation = self.generation
+            if self.first_message:
+                self.task_conn.send_bytes(self.first_message)
+
+    def finished(self, task_index: int) -> bool:
+        """Task ``task_index`` is finished; False if the current process did not hold it."""
+        with self.lock:
+            return self.tasks.pop(task_index, None) is not None
+
+    def replace(self, task_conn: Any) -> list[Task]:
+        """The process died: the new one's pipe is ``task_conn``; returns the tasks the dead one held."""
+        with self.lock:
+            held = list(self.tasks.values())
+            self.tasks.clear()
+            self.task_conn = task_conn
+            self.generation += 1
+            return held
 
 
 def feed_worker(
     worker: WorkerId,
     dispatcher: TaskDispatcher,
-    task_conn: Any,
-    on_sent: Callable[[int, int], None],
+    slot: WorkerSlot,
     on_error: Callable[[int, BaseException], None],
     on_exit: Callable[[], None],
-    first_message: bytes = b"",
-    last_message: bytes = b"",
 ) -> None:
     """Body of feeder thread ``streamproc-feeder-<i>``: sends a run's tasks to one worker.
 
-    Sends ``first_message`` (the run's ``StartRun``), the tasks, then ``last_message``
-    (``EndRun``); empty messages are not sent. Errors go to the consumer through
-    ``on_error(task_index, exc)``, never printed: a source error, or a task whose records
-    cannot be pickled. A broken pipe means the worker died;
-    the collector reports that from the worker's sentinel. ``on_exit`` wakes the collector,
-    which then sees ``dispatcher.total_tasks``.
+    Sends the run's ``StartRun``, the tasks, then ``EndRun`` (see :class:`WorkerSlot`). Errors
+    go to the consumer through ``on_error(task_index, exc)``, never printed: a source error, or
+    a task whose records cannot be pickled. A broken pipe means the worker died; the collector
+    reports that from the worker's sentinel, or (``slot.survives_worker_death``) replaces the
+    worker, and this thread goes on. ``on_exit`` wakes the collector, which then sees
+    ``dispatcher.total_tasks``.
 
     The one feeder that is inside the user's source when the run stops cannot be interrupted:
     it stays until the source returns, then exits without sending anything and without
@@ -45,8 +122,6 @@ def feed_worker(
     """
     abandoned = False
     try:
-        if first_message:
-            task_conn.send_bytes(first_message)
         while True:
             try:
                 task = dispatcher.next_task(worker.index)
@@ -59,21 +134,24 @@ def feed_worker(
             if task is None:
                 break
             try:
-                data = dumps_message(task)
+                data = slot.encode(task)
             except Exception as exc:
                 dispatcher.fail_at(task.index)
                 error = SerializationError(f"task {task.index} holds a record that cannot be pickled to send to {worker}: {exc}")
                 error.__cause__ = exc
                 on_error(task.index, error)
                 break
-            on_sent(worker.index, task.index)
-            task_conn.send_bytes(data)
+            try:
+                slot.send_task(task, data)
+            except OSError:
+                if not slot.survives_worker_death:
+                    raise
+                # The worker died: the collector replaces it and requeues this task (recorded).
         # Whenever no task is left (next_task returns None at once then, even with tasks in
         # flight: the worker reads EndRun after them), and also when woken by stop(): a worker
         # without EndRun would never complete its part files. On a broken run the workers are
         # being terminated, so this send cannot block for long (EPIPE).
-        if last_message:
-            task_conn.send_bytes(last_message)
+        slot.send_end()
     except OSError:  # BrokenPipeError: the worker is gone; its sentinel tells the collector.
         pass
     finally:

@@ -5,7 +5,10 @@ Protocol: the worker reads ``ForwardRequest``s from the batch pipes of its CPU p
 oldest uploaded batch's forward, and queues a ``ForwardResult`` (or ``ForwardFailed``) for the
 peer that asked. One sender thread per peer pickles and sends outputs, so the loop never
 blocks on a peer that is busy; it exits when every peer has sent ``NoMoreBatches`` (or closed
-its pipe), when its parent dies, or when killed by the main process.
+its pipe), when its parent dies, or when killed by the main process. A peer that dies is
+*lost*; with a control pipe (runs that replace dead CPU workers, see :mod:`.retries`) the
+worker waits for ``PeerReplaced`` and serves the replacement's pipes, and ends only once no
+peer is lost or the control pipe closes.
 
 Reading every ready request before computing one means the next batch's host-to-device copy
 (on a side CUDA stream, from pinned memory) overlaps the current forward.
@@ -16,10 +19,13 @@ from __future__ import annotations
 import collections
 import multiprocessing.connection
 import queue
+import socket
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+from typing import Any, Optional
 
 from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.serialization import dill_loads, dumps_message, loads_message
@@ -29,6 +35,7 @@ from .messages import (
     ForwardRequest,
     ForwardResult,
     NoMoreBatches,
+    PeerReplaced,
     WorkerDone,
     WorkerFailed,
     WorkerId,
@@ -84,6 +91,7 @@ def run_gpu_worker(
     alive_conn: Any,
     parent_pid: int,
     inherited: Sequence[Any] = (),
+    control: Any = None,
 ) -> None:
     """Entry point of process ``streamproc-gpu-<index>``; see the module docstring.
 
@@ -100,6 +108,8 @@ def run_gpu_worker(
         alive_conn: write end of this worker's liveness pipe: held, never written; its peers
             see EOF on the read end when this process ends.
         inherited: see :func:`.worker_runtime.start_worker_process`.
+        control: main -> this worker (a socket pair): ``PeerReplaced`` and the new peer's
+            descriptors; None when dead peers are not replaced.
     """
     worker = WorkerId("gpu", index)
     start_worker_process(worker, parent_pid, inherited)
@@ -130,22 +140,34 @@ def run_gpu_worker(
     # peer dies, even if a copy of its batch pipe's write end survived it somewhere.
     peer_alive = {alive: reader for _, reader, _, alive in channels}
     open_readers = list(senders)
+    peer_of = {reader: peer for peer, reader, _, _ in channels}
+    lost: set[int] = set()  # peers that died, until replaced
     uploaded: collections.deque[tuple[_PeerSender, ForwardRequest, Any]] = collections.deque()
     where = f"{worker} ({device})"
-    while open_readers or uploaded:
+    while open_readers or uploaded or (lost and control is not None):
         timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
         watched = [*open_readers, *(alive for alive, reader in peer_alive.items() if reader in open_readers)]
-        ready: list[Any] = multiprocessing.connection.wait(watched, timeout=timeout)
+        ready: list[Any] = multiprocessing.connection.wait([*watched, *([control] if control else [])], timeout=timeout)
         for reader in ready:
+            if reader is control:
+                peer = _take_replacement(control, worker, senders, peer_alive, open_readers, peer_of)
+                if peer is None:
+                    control = None  # the main process is shutting down: lost peers stay lost
+                else:
+                    lost.discard(peer)
+                continue
             if reader in peer_alive:
                 batches = peer_alive[reader]
                 if batches in open_readers and not batches.poll():
                     open_readers.remove(batches)  # the peer is gone; the main process reports it
+                    lost.add(peer_of[batches])
                 continue
             try:
                 message = loads_message(reader.recv_bytes())
-            except EOFError:
-                message = NoMoreBatches()
+            except EOFError:  # the peer died (a normal end says NoMoreBatches first)
+                open_readers.remove(reader)
+                lost.add(peer_of[reader])
+                continue
             if isinstance(message, NoMoreBatches):
                 open_readers.remove(reader)
                 continue
@@ -172,6 +194,42 @@ def run_gpu_worker(
                 raise
     _close_senders(senders)
     status_conn.send_bytes(dumps_message(WorkerDone(worker)))
+
+
+def _take_replacement(
+    control: Any,
+    worker: WorkerId,
+    senders: dict[Any, _PeerSender],
+    peer_alive: dict[Any, Any],
+    open_readers: list[Any],
+    peer_of: dict[Any, int],
+) -> Optional[int]:
+    """Reads one ``PeerReplaced`` and its descriptors from ``control``; serves the new peer.
+
+    Returns the peer's index, or None when the control pipe is closed.
+    """
+    try:
+        message = loads_message(control.recv_bytes())
+        with socket.fromfd(control.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            batch_fd, output_fd, alive_fd = reduction.recvfds(sock, 3)
+    except (EOFError, OSError):
+        return None
+    assert isinstance(message, PeerReplaced), message
+    for reader in [r for r, peer in peer_of.items() if peer == message.peer]:
+        if reader in open_readers:
+            open_readers.remove(reader)
+        for alive in [a for a, r in peer_alive.items() if r is reader]:
+            del peer_alive[alive]
+            alive.close()
+        senders.pop(reader).close(timeout=PARENT_CHECK_INTERVAL_S)
+        del peer_of[reader]
+        reader.close()
+    batches = Connection(batch_fd, writable=False)
+    senders[batches] = _PeerSender(worker, message.peer, Connection(output_fd, readable=False))
+    peer_alive[Connection(alive_fd, writable=False)] = batches
+    peer_of[batches] = message.peer
+    open_readers.append(batches)
+    return message.peer
 
 
 def _report_exit(sender: _PeerSender, status_conn: Any, batch_id: int, exc: BaseException, worker: WorkerId, where: str) -> None:

@@ -6,6 +6,9 @@ or strings. Run-scoped messages carry the ``run_id`` of the run they belong to, 
 kept warm across runs can never mix two runs' tasks or results.
 
 Main -> CPU worker (task pipe): ``StartRun``, ``Task`` ... ``Task``, ``EndRun``; then ``Stop``.
+A task being isolated after crashes (see :mod:`.retries`) comes as an ``IsolatedTask``, whose
+worker says ``RecordStarted`` before each record; a watchdog thread of the worker may send
+``TaskStuck`` when ``task_timeout`` passes without progress.
 CPU worker -> main (result pipe): ``WorkerStarted`` first; per task, ``TaskChunk`` x n (the last
 with ``last=True``) or a ``TaskFailed``; ``RunEnded`` in answer to ``EndRun`` (with the rows its
 own part files hold when the run writes in workers); ``WorkerFailed`` when it cannot go on.
@@ -20,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ...execution.task import Task, TaskOutput  # noqa: F401 (the main -> worker message is the shared core's Task)
+from ...execution.task import Task, TaskOutput
 
 
 @dataclass(frozen=True)
@@ -164,5 +167,60 @@ class ForwardFailed:
 
 
 @dataclass(frozen=True)
+class PeerReplaced:
+    """Main -> GPU worker (control pipe): CPU worker ``peer`` was replaced; its new pipe ends
+    (batch reader, output writer, liveness reader) follow as descriptors."""
+
+    peer: int
+
+
+@dataclass(frozen=True)
 class NoMoreBatches:
     """The CPU worker is stopping: it will send this GPU worker nothing more."""
+
+
+# Retries and stuck tasks (see :mod:`.retries` and :mod:`.watchdog`).
+
+
+@dataclass(frozen=True)
+class IsolatedTask:
+    """Run ``task`` record by record, from its record ``start_row`` on (records before it are done).
+
+    Each record goes alone through every stage; the worker says ``RecordStarted`` before each
+    one, so that when the worker dies (or hangs) the main process knows the record.
+    """
+
+    task: Task
+    start_row: int
+
+    @property
+    def index(self) -> int:
+        return self.task.index
+
+
+@dataclass(frozen=True)
+class RecordStarted:
+    """Isolation: the worker starts record ``row`` of task ``task_index``; ``record`` is its text."""
+
+    run_id: int
+    task_index: int
+    row: int
+    record: str
+
+
+@dataclass(frozen=True)
+class TaskStuck:
+    """The worker's watchdog saw no record or batch of task ``task_index`` finish for ``seconds``.
+
+    ``stage`` is the stage the worker is in, ``row`` the record (isolation only, else None),
+    ``stack`` the formatted Python stack of the thread running the task.
+    """
+
+    run_id: int
+    task_index: int
+    worker: WorkerId
+    pid: int
+    stage: str
+    row: Optional[int]
+    seconds: float
+    stack: str

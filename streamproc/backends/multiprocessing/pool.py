@@ -19,9 +19,12 @@ import gc
 import multiprocessing
 import multiprocessing.connection
 import os
+import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from typing import Any, Optional
 
 from ...errors import WorkerCrashedError
@@ -30,7 +33,7 @@ from .cpu_worker import run_cpu_worker
 from .environment import format_exit_code
 from .gpu_client import GPUChannel
 from .gpu_worker import run_gpu_worker
-from .messages import Stop, WorkerId
+from .messages import PeerReplaced, Stop, WorkerId
 from .topology import Topology
 
 SHUTDOWN_JOIN_TIMEOUT_S = 5.0
@@ -48,7 +51,7 @@ class WorkerHandle:
 
     id: WorkerId
     process: Any
-    #: Main -> worker task pipe (CPU workers), None for GPU workers.
+    #: Main -> worker task pipe (CPU workers); a GPU worker's control pipe (None: no replacements).
     task_conn: Optional[Any]
     #: Worker -> main: results (CPU workers) or status (GPU workers).
     result_conn: Any
@@ -105,14 +108,35 @@ class ProcessPool:
         self.gpu_workers: list[WorkerHandle] = []
         self._held: list[Any] = []
         self._is_shut_down = False
+        self._context: Any = None
+        self._cpu_alive_writers: list[Any] = []
+        self._gpu_channels: dict[int, dict[int, GPUChannel]] = {}
+        #: Per CPU worker index (with ``task_timeout``): the ``time.monotonic()`` of its task's
+        #: last progress, written by the worker's watchdog thread (see :mod:`.watchdog`).
+        self.progress: list[Any] = []
+        self.task_timeout: Optional[float] = None
+        self._replaceable = False
 
     @property
     def workers(self) -> list[WorkerHandle]:
         return [*self.cpu_workers, *self.gpu_workers]
 
-    def start(self, forwards_bytes: Optional[bytes]) -> None:
-        """Starts the GPU workers (with ``forwards_bytes``, when the topology has any), then the CPU workers."""
+    def start(self, forwards_bytes: Optional[bytes], task_timeout: Optional[float] = None, replaceable: bool = False) -> None:
+        """Starts the GPU workers (with ``forwards_bytes``, when the topology has any), then the CPU workers.
+
+        ``task_timeout``: each CPU worker runs a watchdog thread (see :mod:`.watchdog`) that
+        reports a task making no progress for that long, and publishes its progress in
+        ``self.progress[i]`` for the main process's backstop. ``replaceable``: a CPU worker that
+        dies may be replaced (:meth:`replace_cpu_worker`): each GPU worker gets a control pipe
+        to learn its new peers' pipes, and the main process keeps the GPU workers' liveness
+        pipes to hand to the replacements.
+        """
+        self._replaceable = replaceable
         context: Any = multiprocessing.get_context(self.cpu_start_method)
+        self._context = context
+        self.task_timeout = task_timeout
+        if task_timeout is not None:
+            self.progress = [context.RawValue("d", 0.0) for _ in range(self.topology.num_cpu_workers)]
         # Liveness pipes of the CPU workers, for their GPU workers to wait on: each CPU worker
         # holds the only write end of its own.
         cpu_alive = [self._pipe(context) for _ in range(self.topology.num_cpu_workers)] if self.topology.gpu_devices else []
@@ -120,17 +144,26 @@ class ProcessPool:
         self._close(*(reader for reader, _ in cpu_alive))
         if self.cpu_start_method == "fork":
             _prepare_parent_for_fork()
+        self._gpu_channels = channels
         try:
             for index in range(self.topology.num_cpu_workers):
                 alive_writer = cpu_alive[index][1] if cpu_alive else None
-                self._start_cpu_worker(context, index, channels.get(index, {}), alive_writer)
+                self.cpu_workers.append(self._start_cpu_worker(context, index, channels.get(index, {}), alive_writer))
         finally:
             if self.cpu_start_method == "fork":
                 gc.unfreeze()
-        # Every CPU peer has its copies of the GPU workers' liveness pipes now.
+        # Every CPU peer has its copies of the GPU workers' liveness pipes now (a replacement
+        # gets those kept here).
         for worker in self.gpu_workers:
-            self._close(*worker.extra_conns)
-            worker.extra_conns = []
+            if not replaceable:
+                self._close(*worker.extra_conns)
+                worker.extra_conns = []
+
+    def _duplex_pipe(self, context: Any) -> tuple[Any, Any]:
+        """A Unix socket pair (descriptors can be sent over it: :func:`multiprocessing.reduction.sendfds`)."""
+        ends = context.Pipe(duplex=True)
+        self._held += list(ends)
+        return ends
 
     def _pipe(self, context: Any) -> tuple[Any, Any]:
         reader, writer = context.Pipe(duplex=False)
@@ -166,22 +199,33 @@ class ProcessPool:
                 gpu_ends.append((peer, batch_reader, output_writer, cpu_alive[peer]))
             status_reader, status_writer = self._pipe(context)
             own = [status_writer, alive_writer] + [conn for _, *ends in gpu_ends for conn in ends]
+            control, gpu_control = self._duplex_pipe(context) if self._replaceable else (None, None)
+            if gpu_control is not None:
+                own.append(gpu_control)
             process = context.Process(
                 target=run_gpu_worker,
                 args=(index, device, forwards_bytes, gpu_ends, status_writer, alive_writer, os.getpid(),
-                      self._inherited(self.gpu_start_method, own)),
+                      self._inherited(self.gpu_start_method, own), gpu_control),
                 name=f"streamproc-gpu-{index}",
                 daemon=True,
             )
             handle = WorkerHandle(WorkerId("gpu", index), process, None, status_reader, self.gpu_start_method)
             handle.extra_conns = [alive_reader]  # closed once the CPU peers have their copies
+            handle.task_conn = control  # main -> GPU worker: PeerReplaced (see replace_cpu_worker)
             self.gpu_workers.append(handle)
             process.start()
             # The child holds its own ends; closing ours lets a dead child break the pipes.
             self._close(*(conn for conn in own if conn not in cpu_alive))
         return cpu_ends
 
-    def _start_cpu_worker(self, context: Any, index: int, channels: dict[int, GPUChannel], alive_writer: Optional[Any]) -> None:
+    def _start_cpu_worker(
+        self,
+        context: Any,
+        index: int,
+        channels: dict[int, GPUChannel],
+        alive_writer: Optional[Any],
+        also_close: Sequence[Any] = (),
+    ) -> WorkerHandle:
         task_reader, task_writer = self._pipe(context)
         result_reader, result_writer = self._pipe(context)
         channel_ends = [conn for channel in channels.values() for conn in (channel.batch_writer, channel.output_reader)]
@@ -189,16 +233,71 @@ class ProcessPool:
             channel_ends.append(alive_writer)  # held by the worker, never written
         own = [task_reader, result_writer, *channel_ends, *(channel.gpu_alive for channel in channels.values())]
         cycle = list(self.topology.cycles[index])
+        inherited = self._inherited(self.cpu_start_method, own)
+        if self.cpu_start_method == "fork":
+            inherited += list(also_close)
+        progress = self.progress[index] if self.progress else None
         process = context.Process(
             target=run_cpu_worker,
-            args=(index, task_reader, result_writer, os.getpid(), self._inherited(self.cpu_start_method, own), channels, cycle,
-                  alive_writer),
+            args=(index, task_reader, result_writer, os.getpid(), inherited, channels, cycle, alive_writer,
+                  self.task_timeout, progress),
             name=f"streamproc-cpu-{index}",
             daemon=True,
         )
-        self.cpu_workers.append(WorkerHandle(WorkerId("cpu", index), process, task_writer, result_reader, self.cpu_start_method))
+        handle = WorkerHandle(WorkerId("cpu", index), process, task_writer, result_reader, self.cpu_start_method)
         process.start()
         self._close(task_reader, result_writer, *channel_ends)
+        return handle
+
+    def replace_cpu_worker(self, index: int, also_close: Sequence[Any] = ()) -> WorkerHandle:
+        """Starts a fresh process for CPU worker ``index``, whose process ended (and was reaped).
+
+        The new process gets new pipes; ``also_close`` are descriptors of the main process that
+        a forked child must close (the run's own pipes). With GPU workers, see
+        :meth:`_replace_gpu_channels`.
+        """
+        old = self.cpu_workers[index]
+        self._close(*(conn for conn in (old.task_conn, old.result_conn) if conn in self._held))
+        channels: dict[int, GPUChannel] = {}
+        alive_writer = None
+        if self.topology.gpu_devices:
+            channels, alive_writer = self._replace_gpu_channels(index)
+        handle = self._start_cpu_worker(self._context, index, channels, alive_writer, also_close)
+        self.cpu_workers[index] = handle
+        return handle
+
+    def _replace_gpu_channels(self, index: int) -> tuple[dict[int, GPUChannel], Any]:
+        """New pipes between CPU worker ``index``'s replacement and its GPU workers.
+
+        Each GPU worker of its cycle is sent ``PeerReplaced(index)`` on its control pipe, then
+        its ends of the new pipes (batch reader, output writer, the new peer's liveness reader)
+        as descriptors (``SCM_RIGHTS``); it drops the dead peer's pipes and serves the new
+        ones. Returns the replacement's channels and the write end of its liveness pipe.
+
+        Raises:
+            WorkerCrashedError: a GPU worker is gone (its control pipe is broken).
+        """
+        context = self._context
+        alive_reader, alive_writer = self._pipe(context)
+        channels: dict[int, GPUChannel] = {}
+        for gpu in sorted(set(self.topology.cycles[index])):
+            handle = self.gpu_workers[gpu]
+            assert handle.task_conn is not None, "the pool was started with replaceable=False"
+            batch_reader, batch_writer = self._pipe(context)
+            output_reader, output_writer = self._pipe(context)
+            try:
+                handle.task_conn.send_bytes(dumps_message(PeerReplaced(index)))
+                with socket.fromfd(handle.task_conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    reduction.sendfds(sock, [batch_reader.fileno(), output_writer.fileno(), alive_reader.fileno()])
+            except OSError:
+                handle.process.join(KILL_JOIN_TIMEOUT_S)
+                raise handle.crash_error(f" before it could take the replacement of cpu worker {index}") from None
+            finally:
+                # The descriptors travelled (duplicated) with the message: ours may go.
+                self._close(batch_reader, output_writer)
+            channels[gpu] = GPUChannel(batch_writer, output_reader, handle.extra_conns[0])
+        self._close(alive_reader)
+        return channels, alive_writer
 
     def live_workers(self) -> list[WorkerHandle]:
         return [worker for worker in self.workers if not worker.exited]
@@ -229,6 +328,10 @@ class ProcessPool:
             self.terminate()
         else:
             self._send_stop()
+        # No peer will be replaced any more: a GPU worker waiting for one ends at once.
+        for worker in self.gpu_workers:
+            if worker.task_conn is not None and worker.task_conn in self._held:
+                self._close(worker.task_conn)
         processes = [w.process for w in self.workers if w.process.pid is not None]
         deadline = time.monotonic() + SHUTDOWN_JOIN_TIMEOUT_S
         for process in processes:
@@ -247,6 +350,8 @@ class ProcessPool:
     def _send_stop(self) -> None:
         stop = dumps_message(Stop())
         for worker in self.cpu_workers:
+            if worker.exited:
+                continue
             assert worker.task_conn is not None
             try:
                 # A few bytes to an idle worker: it reads its pipe, so this cannot block for long.

@@ -25,6 +25,8 @@ NOTE [ streamproc shutdown ]
       ``close()``/garbage collection of the iterator, KeyboardInterrupt) the remaining work is
       not needed: workers are terminated first, so that no feeder stays blocked sending to a
       worker that is itself blocked sending results nobody reads.
+    Worker deaths are survivable with ``max_task_retries`` and stuck tasks are detected with
+    ``task_timeout``: see NOTE [ streamproc retries ] in :mod:`.retries`.
     Feeder threads are joined against one shared deadline (the one blocked inside the user's
     source, which nothing can interrupt, gets ``SOURCE_RETURN_GRACE_S``, then a warning); workers still alive after
     ``SHUTDOWN_JOIN_TIMEOUT_S`` are killed (SIGKILL); then every pipe end is closed. Nothing
@@ -52,20 +54,24 @@ from ...execution.serialization import dumps_message, dumps_plan, dumps_worker_p
 from ...execution.split import split_plan
 from ...execution.task import TaskOutput, iter_selected_payloads
 from ...plan import Plan
-from .feeder import feed_worker
+from .feeder import WorkerSlot, feed_worker
 from .log_forwarding import capture_log_levels, reemit
 from .messages import (
     EndRun,
     LogRecordMessage,
+    RecordStarted,
     RunEnded,
     StartRun,
     TaskChunk,
     TaskFailed,
+    TaskStuck,
     WorkerDone,
     WorkerFailed,
     WorkerStarted,
 )
 from .pool import KILL_JOIN_TIMEOUT_S, SHUTDOWN_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
+from .recovery import RecoveryMixin, WorkerAssignment
+from .retries import TaskRetries
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
@@ -82,19 +88,7 @@ SOURCE_RETURN_GRACE_S = 1.0
 _run_ids = itertools.count(1)
 
 
-class _Assignment:
-    """What the run knows of one CPU worker: its feeder, the tasks it holds, what it reported."""
-
-    def __init__(self) -> None:
-        self.feeder: Optional[threading.Thread] = None
-        #: Task indices sent and not finished, oldest first (appended by the feeder thread).
-        self.dispatched: collections.deque[int] = collections.deque()
-        self.last_error: Optional[BaseException] = None
-        #: The worker's answer to ``EndRun``.
-        self.ended: Optional[RunEnded] = None
-
-
-class _Run:
+class _Run(RecoveryMixin):
     """One execution of a plan on a pool. Owns its threads; see NOTE [ streamproc shutdown ]."""
 
     def __init__(self, plan: Plan, sink: Sink, pool: ProcessPool) -> None:
@@ -105,13 +99,20 @@ class _Run:
         self.writers = sink.worker_writers() if sink.in_workers else None
         self.deterministic = plan.options.deterministic
         self.num_workers = pool.topology.num_cpu_workers
-        self.assigned = [_Assignment() for _ in range(self.num_workers)]
+        self.assigned = [WorkerAssignment() for _ in range(self.num_workers)]
         self.dispatcher: Optional[TaskDispatcher] = None
         self._feeder_errors: collections.deque[tuple[int, BaseException]] = collections.deque()
         self._wakeup_reader: Any = None
         self._wakeup_writer: Any = None
         self._shutdown_lock = threading.Lock()
         self._is_shut_down = False
+        options = plan.options
+        self.retries = TaskRetries(
+            options.max_task_retries, options.on_error != "raise", options.task_timeout, plan.source.locate
+        )
+        # A dead worker's part files are lost with it: no retries when the workers write.
+        self.replaces_workers = self.retries.enabled and self.writers is None
+        self.reorder = ReorderBuffer(self.deterministic, hold_tasks=self.replaces_workers)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def outputs(self) -> Generator[TaskOutput, None, None]:
@@ -131,27 +132,27 @@ class _Run:
         options = self.plan.options
         gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels)
         forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
-        self.pool.start(forwards_bytes)
-        # Created after the workers: no child inherits it.
+        self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
+        # Created after the workers: no child inherits it (a replacement is told to close it).
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
         payloads = iter_selected_payloads(self.plan)
         if self.writers is not None:  # workers write whole parts: a dispatch unit is a part group
             payloads = self.writers.dispatch_units(payloads)
-        self.dispatcher = TaskDispatcher(payloads, self.num_workers, MAX_TASKS_IN_FLIGHT_PER_WORKER, window, run_id=self.run_id)
+        self.dispatcher = TaskDispatcher(
+            payloads, self.num_workers, MAX_TASKS_IN_FLIGHT_PER_WORKER, window, run_id=self.run_id,
+            hold_until_finished=self.replaces_workers,
+        )
         first, last = dumps_message(start), dumps_message(EndRun(self.run_id))
         for worker, assignment in zip(self.pool.cpu_workers, self.assigned):
+            assignment.slot = WorkerSlot(worker.task_conn, first, last, self.retries.encode, self.replaces_workers)
             assignment.feeder = threading.Thread(
                 target=feed_worker,
-                args=(worker.id, self.dispatcher, worker.task_conn, self._on_sent, self._on_feeder_error, self._wake),
-                kwargs={"first_message": first, "last_message": last},
+                args=(worker.id, self.dispatcher, assignment.slot, self._on_feeder_error, self._wake),
                 name=f"streamproc-feeder-{worker.id.index}",
                 daemon=True,
             )
             assignment.feeder.start()
-
-    def _on_sent(self, worker_index: int, task_index: int) -> None:
-        self.assigned[worker_index].dispatched.append(task_index)
 
     def _on_feeder_error(self, task_index: int, error: BaseException) -> None:
         self._feeder_errors.append((task_index, error))
@@ -167,7 +168,7 @@ class _Run:
     def _collect(self) -> Iterator[TaskOutput]:
         assert self.dispatcher is not None
         dispatcher = self.dispatcher
-        reorder = ReorderBuffer(self.deterministic)
+        reorder = self.reorder
         records_out = 0
         while True:
             for output in reorder.pop_ready():
@@ -195,7 +196,11 @@ class _Run:
         live = self.pool.live_workers()
         by_reader = {w.result_conn: w for w in live}
         by_sentinel = {w.process.sentinel: w for w in live}
-        ready = multiprocessing.connection.wait([*by_reader, *by_sentinel, self._wakeup_reader], timeout=RESULT_WAIT_TIMEOUT_S)
+        timeout = self.plan.options.task_timeout
+        wait_s = RESULT_WAIT_TIMEOUT_S if timeout is None else min(RESULT_WAIT_TIMEOUT_S, timeout / 4)
+        ready = multiprocessing.connection.wait([*by_reader, *by_sentinel, self._wakeup_reader], timeout=wait_s)
+        if timeout is not None:
+            self._check_backstop(timeout)
         for obj in ready:
             if obj is self._wakeup_reader:
                 self._take_feeder_errors(reorder)
@@ -235,10 +240,16 @@ class _Run:
         assert self.dispatcher is not None
         if isinstance(message, (TaskChunk, TaskFailed, RunEnded)) and message.run_id != self.run_id:
             raise PipelineShutdownError(f"{worker.id} answered for run {message.run_id} during run {self.run_id}")
+        if isinstance(message, (TaskChunk, TaskFailed, RecordStarted, TaskStuck)) and message.task_index not in self.held(worker):
+            return  # a message about a task this worker no longer holds (it was killed meanwhile)
         if isinstance(message, TaskChunk):
-            reorder.add(message.output)
+            reorder.add(self.retries.on_output(message.output) if self.replaces_workers else message.output)
             if message.output.last:
                 self._task_done(worker, message.task_index)
+        elif isinstance(message, RecordStarted):
+            self.retries.record_started(message)
+        elif isinstance(message, TaskStuck):
+            self._task_stuck(worker, message)
         elif isinstance(message, TaskFailed):
             self._raise_if_gpu_worker_gone(message.error)
             self.assigned[worker.id.index].last_error = message.error
@@ -272,11 +283,17 @@ class _Run:
         crash = gpu.crash_error(" during the run")
         raise crash from error
 
+    def held(self, worker: WorkerHandle) -> list[int]:
+        """The task indices ``worker``'s current process holds (GPU workers: none to check)."""
+        if worker.id.kind != "cpu":
+            return []
+        return self.assigned[worker.id.index].held()
+
     def _task_done(self, worker: WorkerHandle, task_index: int) -> None:
         assert self.dispatcher is not None
-        dispatched = self.assigned[worker.id.index].dispatched
-        if dispatched and dispatched[0] == task_index:
-            dispatched.popleft()
+        assignment = self.assigned[worker.id.index]
+        if assignment.slot is not None and assignment.slot.finished(task_index):
+            assignment.running_since = time.monotonic()
             self.dispatcher.task_finished(worker.id.index)
 
     def _worker_exited(self, worker: WorkerHandle, reorder: ReorderBuffer) -> None:
@@ -289,8 +306,14 @@ class _Run:
             assignment = self.assigned[worker.id.index]
             if assignment.last_error is not None:
                 raise assignment.last_error
-            doing = f" while running task {assignment.dispatched[0]}" if assignment.dispatched else ""
-            raise worker.crash_error(doing)
+            held = assignment.held()
+            doing = f" while running task {held[0]}" if held else ""
+            if assignment.stuck is not None and not self.replaces_workers:
+                raise self.retries.timeout_error(assignment.stuck, assignment.slot.tasks[held[0]])  # type: ignore[union-attr]
+            if not self.replaces_workers:
+                raise worker.crash_error(doing)
+            self._replace_worker(worker, worker.crash_error(doing), reorder)
+            return
         if worker.done:
             # It ended normally because every CPU peer stopped, which during a run only a
             # dying CPU worker does: that worker's own exit is the crash to report.
