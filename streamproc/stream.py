@@ -168,6 +168,17 @@ class Stream:
         """The plan a sink would run now (defaults resolved)."""
         return build_plan(self)
 
+    def explain(self) -> str:
+        """The plan as text: stages and where each runs, batch and task sizes, workers, devices,
+        start methods, and each CPU worker's dispatch cycle to the GPU workers (main process).
+
+        Defaults are resolved as the backend would resolve them; nothing is started and no
+        record is read. See :func:`streamproc.explain.explain` for an example.
+        """
+        from .explain import explain
+
+        return explain(self)
+
     def __iter__(self) -> Iterator[Any]:
         """Runs the stream, yielding output records one by one (main process)."""
         from .io.sinks import iter_records

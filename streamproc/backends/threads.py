@@ -44,6 +44,7 @@ from ..plan import Plan
 from ..stats import ProcessStats, RunStats
 from .base import Backend, BackendCapabilities, RunHandle
 from .multiprocessing.cpu_budget import default_num_cpu_workers
+from .multiprocessing.log_forwarding import tag_thread_logs
 from .simple import check_forward_device, refuse_task_timeout
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ class _ThreadRun:
         """
         name = threading.current_thread().name
         error: Optional[BaseException] = None
+        tag_thread_logs(f"thread worker {worker}")  # its log records name it, as a worker process's do
         try:
             ctx = ExecutionContext(f"thread {name}", make_forward_runner=self.forward_runners)
             # Each thread reads tasks through its own copy of the source's worker half (what a

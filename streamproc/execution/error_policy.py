@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -114,7 +113,8 @@ class ErrorPolicy:
         source: the plan's source, to locate a record (``Source.locate(payload, row)``).
         payload: the task's payload.
         task_key: the task's key in the whole stream (the ``task`` column).
-        counts_records: count the records the source produces (:meth:`count_source`).
+        counts_records: the task reports the records its source produced (``run_task`` puts
+            them in ``stats.extra[RECORDS_IN_KEY]``; only a fractional ``max_errors`` reads them).
 
     ``row`` (see :meth:`record`) is the record's position among the *stage's* input records
     in this task, counted from 0: the source row for a stage with only maps before it; after a
@@ -128,7 +128,6 @@ class ErrorPolicy:
         self.source = source
         self.payload = payload
         self.task_key = task_key
-        self.records_in = 0
         self._errors: list[RecordError] = []
 
     def record(self, stage: str, exc: BaseException, record: Any, row: int, formatted: Optional[str] = None) -> None:
@@ -151,11 +150,6 @@ class ErrorPolicy:
         errors, self._errors = tuple(self._errors), []
         return errors
 
-    def count_source(self, chunks: Iterator[list[Any]]) -> Iterator[list[Any]]:
-        """Passes the source's chunks through, counting their records into :attr:`records_in`."""
-        for chunk in chunks:
-            self.records_in += len(chunk)
-            yield chunk
 
 
 def make_policy(options: ProcessingOptions, source: Source, payload: Any, task_key: int) -> Optional[ErrorPolicy]:

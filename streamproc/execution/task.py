@@ -58,6 +58,8 @@ class TaskOutput:
     A task with no output yields one ``TaskOutput`` with ``chunk=None`` and ``count=0``.
     ``task_key`` is the task's key in the whole stream (see :class:`Task`; None: the index).
     ``errors`` are the records the error policy dropped in this chunk (dead-letter rows).
+    ``source_records`` are the records read from the source since the task's previous chunk
+    (summed over a task's chunks: the records the task read); progress counts these.
     """
 
     task_index: int
@@ -67,19 +69,42 @@ class TaskOutput:
     last: bool = True
     task_key: Optional[int] = None
     errors: tuple[RecordError, ...] = ()
+    source_records: int = 0
+
+
+class _ReadCount:
+    """Counts the records a task has read from its source (where the task runs), for progress
+    and for the error ledger's fraction of records seen."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self._reported = 0
+
+    def counting(self, chunks: Iterator[list[Any]]) -> Iterator[list[Any]]:
+        for chunk in chunks:
+            self.read += len(chunk)
+            yield chunk
+
+    def take(self) -> int:
+        """The records read since the last call."""
+        new, self._reported = self.read - self._reported, self.read
+        return new
 
 
 def iter_task_records(
-    plan: Plan, payload: Any, ctx: ExecutionContext, timer: Optional[TaskTimer] = None
+    plan: Plan,
+    payload: Any,
+    ctx: ExecutionContext,
+    timer: Optional[TaskTimer] = None,
+    read: Optional[_ReadCount] = None,
 ) -> Iterator[list[Any]]:
-    """Streams the output records of one task, in lists (source read included).
+    """Streams the output records of one task, in lists (source read included, counted in ``read``).
 
     With a ``timer``, the source and every stage are timed once per chunk (see
     :mod:`.timing`); the stages then see the timer's context, whose forward runners are timed.
     """
-    chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
-    if ctx.error_policy is not None and ctx.error_policy.counts_records:
-        chunks = ctx.error_policy.count_source(chunks)
+    source = plan.source.read_task_chunks(payload, plan.chunk_size)
+    chunks: Iterator[list[Any]] = _tagged(read.counting(source) if read is not None else source, "the source")
     if timer is not None:
         chunks = timer.wrap(chunks)
         ctx = timer.ctx
@@ -96,6 +121,7 @@ def iter_task_chunks(
     ctx: ExecutionContext,
     finalize: Optional[ChunkFinalizer] = None,
     timer: Optional[TaskTimer] = None,
+    read: Optional[_ReadCount] = None,
 ) -> Iterator[tuple[Any, int]]:
     """Runs one task and yields ``(chunk, record_count)`` pairs.
 
@@ -108,7 +134,7 @@ def iter_task_chunks(
     size = plan.chunk_size
     finalize = timed_finalize(finalize, timer)
     pending: list[Any] = []
-    for chunk in iter_task_records(plan, payload, ctx, timer):
+    for chunk in iter_task_records(plan, payload, ctx, timer, read):
         if pending:
             pending.extend(chunk)
         else:
@@ -125,7 +151,8 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
 
     One chunk is held back so that the last can be marked; an exception propagates after
     the chunks completed before it (marked ``last=False``) were yielded. The last chunk
-    carries the task's :class:`~streamproc.stats.TaskStats` (stage times, measured here).
+    carries the task's :class:`~streamproc.stats.TaskStats` (stage times, measured here);
+    every chunk the number of source records read since the previous one (progress).
 
     With ``on_error`` other than ``"raise"``, the task's :class:`ErrorPolicy` is
     ``ctx.error_policy`` while it runs; each chunk carries the errors recorded until it was
@@ -134,11 +161,12 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     """
     policy = ctx.error_policy = make_policy(plan.options, plan.source, task.payload, task.task_key)
     timer = TaskTimer(plan, ctx)
+    read = _ReadCount()
     previous: Optional[tuple[Any, int]] = None
     try:
-        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize, timer):
+        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize, timer, read):
             if previous is not None:
-                yield _output(task, previous, policy, last=False)
+                yield _output(task, previous, policy, False, read.take())
             previous = (chunk, count)
     except GeneratorExit:  # the consumer closed us: nothing more may be yielded
         raise
@@ -146,19 +174,24 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
         if isinstance(exc, Exception):
             add_context_note(exc, task_location_note(plan, task))
         if previous is not None:
-            yield _output(task, previous, policy, last=False)
+            yield _output(task, previous, policy, False, read.take())
         raise
-    yield _output(task, previous if previous is not None else (None, 0), policy, last=True, stats=timer.stats())
+    stats = timer.stats()
+    if policy is not None and policy.counts_records and stats is not None:
+        stats.extra[RECORDS_IN_KEY] = read.read
+    yield _output(task, previous if previous is not None else (None, 0), policy, True, read.take(), stats)
 
 
 def _output(
-    task: Task, chunk: tuple[Any, int], policy: Optional[ErrorPolicy], last: bool, stats: Optional[TaskStats] = None
+    task: Task,
+    chunk: tuple[Any, int],
+    policy: Optional[ErrorPolicy],
+    last: bool,
+    source_records: int,
+    stats: Optional[TaskStats] = None,
 ) -> TaskOutput:
-    if policy is None:
-        return TaskOutput(task.index, chunk[0], chunk[1], stats, last, task.task_key)
-    if stats is not None and policy.counts_records:
-        stats.extra[RECORDS_IN_KEY] = policy.records_in
-    return TaskOutput(task.index, chunk[0], chunk[1], stats, last, task.task_key, policy.drain())
+    errors = policy.drain() if policy is not None else ()
+    return TaskOutput(task.index, chunk[0], chunk[1], stats, last, task.task_key, errors, source_records)
 
 
 def task_location_note(plan: Plan, task: Task) -> str:

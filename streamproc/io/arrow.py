@@ -66,6 +66,9 @@ class ArrowTableSource(Source):
             return f"from_arrow, rows {start}-{stop - 1}"
         return f"from_arrow, row {start + row}"
 
+    def num_records(self) -> int:
+        return int(self.table.num_rows)
+
     def describe(self) -> str:
         return f"from_arrow(<Table {self.table.num_rows} rows x {self.table.num_columns} columns>)"
 
@@ -119,6 +122,16 @@ class ArrowDatasetSource(Source):
         if row_group is not None:
             where += f", row group {row_group}"
         return where if row is None else f"{where}, row {row}"
+
+    def num_records(self) -> Optional[int]:
+        """The row counts of parquet fragments' footers; None when a fragment is not parquet
+        (counting its rows would read it)."""
+        import pyarrow.dataset as pads
+
+        fragments = self.fragments()
+        if not all(isinstance(fragment, pads.ParquetFileFragment) for fragment in fragments):
+            return None
+        return sum(fragment.metadata.num_rows for fragment in fragments)
 
     def describe(self) -> str:
         return f"from_arrow(<{type(self.dataset).__name__} {len(self.fragments())} fragment(s)>)"

@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 
 def row_ranges(rows: int, task_size: int) -> Iterator[tuple[int, int]]:
@@ -81,6 +81,12 @@ class Source(ABC):
         """What identifies the input, JSON-able, for ``write_parquet(resume=True)`` to refuse a
         changed one (main process). None (the default: in-memory sources) means "not checked";
         a source over files returns their paths, sizes and layout."""
+        return None
+
+    def num_records(self) -> Optional[int]:
+        """How many records the source holds, if it knows without reading them (main process);
+        None: unknown. Progress uses it as its total; override where it is cheap (a length, file
+        metadata)."""
         return None
 
     @abstractmethod

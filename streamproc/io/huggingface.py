@@ -63,6 +63,9 @@ class HuggingFaceSource(Source):
         start, stop = payload
         return f"from_huggingface, rows {start}-{stop - 1}" if row is None else f"from_huggingface, row {start + row}"
 
+    def num_records(self) -> int:
+        return len(self.dataset)
+
     def describe(self) -> str:
         return f"from_huggingface(<Dataset {len(self.dataset)} rows x {len(self.dataset.column_names)} columns>)"
 

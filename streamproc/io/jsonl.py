@@ -139,6 +139,9 @@ class JsonlSource(Source):
             return f"{path}, line {record_lines[row]}"
         return f"{path}, lines {first_line} to {first_line + len(lines) - 1} (record {row} is past the task's end)"
 
+    def num_records(self) -> None:
+        return None  # unknown without reading every line
+
     def describe(self) -> str:
         return f"read_jsonl({self.path_text!r}: {len(self.files)} file(s))"
 

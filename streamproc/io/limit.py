@@ -25,7 +25,7 @@ NOTE [ streamproc limit ]
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from .base import Source
 from .sinks import Sink
@@ -98,6 +98,15 @@ class LimitSource(Source):
     def locate(self, payload: Any, row: int | None = None) -> str:
         where = f"limit({self.n})" if self.inner is None else f"limit({self.n}) of {self.inner.source.describe()}"
         return where if row is None else f"{where}, record {row} of its task"
+
+    def num_records(self) -> Optional[int]:
+        """``min(n, the inner source's size)`` when the inner ops keep one record per record
+        (``map`` only); else ``n``, an upper bound (main process)."""
+        from ..ops import Map
+
+        one_to_one = all(isinstance(op, Map) for op in self.inner.ops)
+        size = self.inner.source.num_records() if one_to_one else None
+        return self.n if size is None else min(self.n, size)
 
     def describe(self) -> str:
         if self.inner is None:  # a worker's copy (see __getstate__)

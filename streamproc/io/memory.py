@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any, NamedTuple, Optional
 
 from .base import Source, row_ranges
@@ -64,6 +64,14 @@ class IterableSource(Source):
             return f"items {payload.start} to {payload.start + len(payload.items) - 1}"
         return f"item {payload.start + row}"
 
+    def num_records(self) -> Optional[int]:
+        """``len()`` of a sized iterable (list, tuple, range...); None for a generator or iterator.
+
+        A DataFrame is sized by rows but iterates over its column names: None (use from_pandas)."""
+        if isinstance(self.iterable, Sized) and type(self.iterable).__name__ != "DataFrame":
+            return len(self.iterable)
+        return None
+
     def describe(self) -> str:
         return f"from_iterable({_short_repr(self.iterable)})"
 
@@ -108,6 +116,9 @@ class PandasSource(Source):
             label = index[position]
             where += f" (index {label.item() if hasattr(label, 'item') else label!r})"
         return where
+
+    def num_records(self) -> int:
+        return len(self.df)
 
     def describe(self) -> str:
         return f"from_pandas(<DataFrame {len(self.df)} rows x {len(self.df.columns)} columns>)"

@@ -192,6 +192,11 @@ class ParquetSource(Source):
             files.append({"path": path, "size": size, "rows": metadata.num_rows, "row_groups": metadata.num_row_groups})
         return {"files": files, "columns": self.columns}
 
+    def num_records(self) -> int:
+        """The row counts of the files' footers (main process; no row is read). A corrupt
+        footer raises here the ``CorruptInputError`` that listing the tasks would raise."""
+        return sum(sum(self._read_footer(path).row_group_rows) for path in self.files)
+
     def describe(self) -> str:
         cols = f", columns={self.columns}" if self.columns is not None else ""
         return f"read_parquet({self.path_text!r}{cols}: {len(self.files)} file(s))"

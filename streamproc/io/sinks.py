@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ..backends.registry import get_backend
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ..execution.task import ChunkFinalizer, TaskOutput
     from ..options import ProcessingOptions
     from ..plan import Plan
+    from ..stats import RunStats
 
 
 class WorkerWriters(Protocol):
@@ -128,6 +129,31 @@ def _backend_for(plan: Plan, sink: Sink) -> Backend:
     return backend
 
 
+def progress_for(outputs: Iterable[TaskOutput], plan: Plan, stats: Optional[RunStats] = None) -> Iterator[TaskOutput]:
+    """``outputs`` through the progress reporter when ``show_progress`` (main process).
+
+    The total is the source's size when known and every task runs (not a shard, nor a resume
+    that skips committed parts). With the run's ``stats``, the bar names the stage the
+    bottleneck estimate blames so far (from the stage times of the tasks done).
+    """
+    if not plan.options.show_progress:
+        return iter(outputs)
+    selection = plan.task_selection
+    every_task = selection is None or (selection.world_size == 1 and not selection.done_groups)
+    total = plan.source.num_records() if every_task else None
+    return with_progress(outputs, True, total, stage_hint=_bottleneck_stage(stats) if stats is not None else None)
+
+
+def _bottleneck_stage(stats: RunStats) -> Callable[[], Optional[str]]:
+    def stage() -> Optional[str]:
+        try:
+            return stats.bottleneck.stage
+        except Exception:  # partial figures: a hint is never worth failing the run
+            return None
+
+    return stage
+
+
 def run_into(plan: Plan, sink: Sink) -> Any:
     """Runs ``plan`` into ``sink`` (main process) and returns ``sink.commit()``.
 
@@ -141,7 +167,7 @@ def run_into(plan: Plan, sink: Sink) -> Any:
     try:
         with backend.run(plan, sink) as handle:
             write = handle.timed_write(sink.write)
-            for output in with_progress(watch_errors(handle, ledger), plan.options.show_progress):
+            for output in progress_for(watch_errors(handle, ledger), plan, handle.stats):
                 write(output)
         result = handle.timed_commit(sink.commit)
         publish_run(handle.stats, plan, sink.in_workers)
@@ -158,7 +184,7 @@ def iter_records(plan: Plan) -> Iterator[Any]:
     sink = _RecordsSink()
     ledger = open_error_ledger(plan, "new")
     with _backend_for(plan, sink).run(plan, sink) as handle:
-        for output in with_progress(watch_errors(handle, ledger), plan.options.show_progress):
+        for output in progress_for(watch_errors(handle, ledger), plan, handle.stats):
             if output.chunk:
                 yield from output.chunk
     publish_run(handle.stats, plan)

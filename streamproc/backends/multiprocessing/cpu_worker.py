@@ -24,6 +24,7 @@ from ...execution.serialization import dill_loads, dumps_message, loads_message
 from ...execution.task import Task, run_task
 from .crash_isolation import run_isolated
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
+from .log_forwarding import apply_log_levels, forward_worker_logs
 from .messages import (
     EndRun,
     IsolatedTask,
@@ -136,6 +137,7 @@ def run_cpu_worker(
     worker = WorkerId("cpu", index)
     start_worker_process(worker, parent_pid, inherited)
     clock = WorkerClock(str(worker), "cpu")
+    result_conn = forward_worker_logs(worker, result_conn)
     sender = _ResultSender(result_conn, worker, clock)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
     run: Optional[_RunState] = None
@@ -172,6 +174,7 @@ def run_cpu_worker(
 
 
 def _start_run(start: StartRun, worker: WorkerId, client: Optional[GPUClient], sender: _ResultSender) -> _RunState:
+    apply_log_levels(start.log_levels)
     try:
         return _RunState(start, worker, client)
     except BaseException as exc:

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.serialization import dill_loads, dumps_message, loads_message
+from .log_forwarding import apply_log_levels, forward_worker_logs
 from .messages import (
     ForwardFailed,
     ForwardRequest,
@@ -97,12 +98,15 @@ def run_gpu_worker(
     """Entry point of process ``streamproc-gpu-<index>``; see the module docstring.
 
     Args:
-        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads)``, ``forwards``
-            mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`.
+        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads[, log levels])``,
+            ``forwards`` mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`;
+            the main process's log levels (:mod:`.log_forwarding`) may be left out (pools that
+            tests start by hand).
         channels: ``(cpu worker index, batch pipe reader, output pipe writer, the peer's
             liveness pipe reader)`` per peer.
         status_conn: ``WorkerStarted``, then ``WorkerDone`` at a normal end; a start-up failure
             or forward ending the worker (``sys.exit``) is reported here as ``WorkerFailed``.
+            The worker's log records travel here too (:mod:`.log_forwarding`).
         alive_conn: write end of this worker's liveness pipe: held, never written; its peers
             see EOF on the read end when this process ends.
         inherited: see :func:`.worker_runtime.start_worker_process`.
@@ -112,11 +116,13 @@ def run_gpu_worker(
     worker = WorkerId("gpu", index)
     start_worker_process(worker, parent_pid, inherited)
     clock = WorkerClock(str(worker), "gpu")
+    status_conn = forward_worker_logs(worker, status_conn)
     status_conn.send_bytes(dumps_message(WorkerStarted(worker)))
     try:
         from ...gpu import DeviceForward
 
-        stages, autocast, torch_threads = dill_loads(forwards_bytes)
+        stages, autocast, torch_threads, *log_levels = dill_loads(forwards_bytes)
+        apply_log_levels(log_levels[0] if log_levels else ())
         runners = {
             stage_index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
             for stage_index, stage in stages.items()

@@ -14,7 +14,8 @@ with ``last=True``) or a ``TaskFailed``; ``RunEnded`` in answer to ``EndRun`` (w
 own part files hold when the run writes in workers); ``WorkerFailed`` when it cannot go on.
 GPU worker -> main (status pipe): ``WorkerStarted``, then ``WorkerDone`` at a normal end, or
 ``WorkerFailed``. A worker that exits without its last message has crashed, whatever its
-exit code.
+exit code. Any worker -> main pipe may also carry ``LogRecordMessage``s at any time (the
+worker's ``logging`` records, see :mod:`.log_forwarding`).
 """
 
 from __future__ import annotations
@@ -37,12 +38,20 @@ class WorkerId:
         return f"{self.kind} worker {self.index}"
 
 
+#: ``(logger name, level)`` pairs, ``""`` for the root logger: the main process's logging levels.
+LogLevels = tuple[tuple[str, int], ...]
+
+
 @dataclass(frozen=True)
 class StartRun:
-    """Run ``run_id`` begins: ``plan_bytes`` is the dill of ``(cpu plan, finalize, worker writers)``."""
+    """Run ``run_id`` begins: ``plan_bytes`` is the dill of ``(cpu plan, finalize, worker writers)``.
+
+    ``log_levels``: the main process's logging levels, for the worker to apply.
+    """
 
     run_id: int
     plan_bytes: bytes
+    log_levels: LogLevels = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,14 @@ class WorkerFailed:
 
     worker: WorkerId
     error: Any
+
+
+@dataclass(frozen=True)
+class LogRecordMessage:
+    """A ``logging`` record emitted in ``worker``: a pickle-safe ``LogRecord.__dict__``."""
+
+    worker: WorkerId
+    record: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,10 @@ from ...execution.timing import timed_payloads
 from ...plan import Plan
 from ...stats import RunStats
 from .feeder import WorkerSlot, feed_worker
+from .log_forwarding import capture_log_levels, reemit
 from .messages import (
     EndRun,
+    LogRecordMessage,
     RecordStarted,
     RunEnded,
     StartRun,
@@ -131,9 +133,11 @@ class _Run(RecoveryMixin):
     def _start(self) -> None:
         # Serialize first: an unpicklable callable fails here, before any process exists.
         cpu_plan, forwards = split_plan(self.plan) if self.pool.topology.gpu_devices else (self.plan, {})
-        start = StartRun(self.run_id, dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers))
+        log_levels = capture_log_levels()
+        start = StartRun(self.run_id, dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers), log_levels)
         options = self.plan.options
-        forwards_bytes = dumps_plan((forwards, options.autocast, options.forward_threads), self.plan) if forwards else None
+        gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels)
+        forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
         self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
         # Created after the workers: no child inherits it (a replacement is told to close it).
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
@@ -264,6 +268,8 @@ class _Run(RecoveryMixin):
             # No task after a failed one is needed: stop handing them out.
             self.dispatcher.fail_at(message.task_index)
             self._task_done(worker, message.task_index)
+        elif isinstance(message, LogRecordMessage):
+            reemit(message)
         elif isinstance(message, WorkerStarted):
             worker.started = True
         elif isinstance(message, RunEnded):
