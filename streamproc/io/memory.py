@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import reprlib
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any, NamedTuple, Optional
 
@@ -10,8 +11,13 @@ from .base import Source, row_ranges
 
 
 def _short_repr(obj: Any, limit: int = 40) -> str:
-    text = repr(obj)
-    return text if len(text) <= limit else f"<{type(obj).__name__}>"
+    """``repr(obj)`` if short, else ``<type>``: bounded work (``reprlib``) whatever the size or
+    depth of the iterable (a list of 10M records, records nested 5,000 deep)."""
+    try:
+        text = reprlib.repr(obj)
+    except Exception:  # a broken __repr__, or one that recurses without end
+        text = ""
+    return text if text and len(text) <= limit and "..." not in text else f"<{type(obj).__name__}>"
 
 
 class ItemsTask(NamedTuple):
