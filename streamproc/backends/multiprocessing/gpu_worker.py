@@ -114,8 +114,10 @@ def run_gpu_worker(
     clock = WorkerClock(str(worker), "gpu")
     status_conn.send_bytes(dumps_message(WorkerStarted(worker)))
     try:
+        from ...execution.worker_info import WorkerInfo, set_process_info
         from ...gpu import DeviceForward
 
+        set_process_info(WorkerInfo("gpu", index, 0, device, None))  # sp.get_worker_info() in forward
         stages, autocast, torch_threads = dill_loads(forwards_bytes)
         runners = {
             stage_index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
