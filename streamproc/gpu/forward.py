@@ -25,7 +25,8 @@ class DeviceForward:
     Modules reachable from ``forward`` are moved to the device once (:meth:`start`) and put in
     eval mode; a ``forward`` given as a class (:class:`~streamproc.ops.WorkerClass`) is
     constructed there first, so its modules are found on the instance. :meth:`upload` starts a
-    batch's host-to-device copy (from pinned memory, on a side CUDA stream, so that it overlaps the forward of the batch before it);
+    batch's host-to-device copy (from pinned memory, on a side CUDA stream, so that it overlaps
+    the forward of the batch before it);
     :meth:`compute` runs forward on an uploaded batch and returns the outputs on the CPU. It
     runs in the process that owns the device: the main process (simple backend), a CPU worker
     without GPU workers, or a GPU worker.
