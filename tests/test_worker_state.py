@@ -278,3 +278,17 @@ def test_a_failing_constructor_names_the_stage_and_the_class(config: dict[str, A
         run(stream, "failing constructor")
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "constructor of FailingConstructor (stage 2 (map(FailingConstructor)), fn)" in notes
+
+
+def _rank_key_seed(record: int) -> tuple[int, int, Optional[int], Optional[int]]:
+    info = sp.get_worker_info()
+    return record, info.rank, info.task_key, info.seed
+
+
+def test_a_shard_sees_its_rank_and_the_unsharded_tasks_seeds(backend_options: dict[str, Any]) -> None:
+    whole = sp.from_iterable(range(16)).map(_rank_key_seed).set_processing(task_size=2)
+    unsharded = {record: seed for record, _, _, seed in run(whole.set_processing(**backend_options), "unsharded")}
+    shard = run(whole.set_processing(shard=(1, 2), **backend_options), "shard 1 of 2")
+    assert shard and {rank for _, rank, _, _ in shard} == {1}
+    # The same task (key) gets the same seed in the shard as in the whole job.
+    assert all(seed == unsharded[record] for record, _, _, seed in shard)
