@@ -28,6 +28,7 @@ from .errors import (
 )
 from .execution.captures import ModelShippedWarning
 from .execution.schedule import get_dispatch_schedule
+from .execution.worker_info import WorkerInfo, get_worker_info
 from .io.paths import PathLike
 from .stats import RunStats
 from .stream import Stream
@@ -193,12 +194,14 @@ __all__ = [
     "TaskTimeoutError",
     "TooManyErrorsError",
     "WorkerCrashedError",
+    "WorkerInfo",
     "collect_stats",
     "from_arrow",
     "from_huggingface",
     "from_iterable",
     "from_pandas",
     "get_dispatch_schedule",
+    "get_worker_info",
     "read_csv",
     "read_jsonl",
     "read_parquet",

@@ -48,6 +48,8 @@ def callable_name(fn: Any) -> str:
     """A short readable name for a user callable, for reprs and error messages."""
     if isinstance(fn, functools.partial):
         return callable_name(fn.func)
+    if isinstance(fn, WorkerClass):
+        return callable_name(fn.cls)
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     return name if name else type(fn).__name__
 
@@ -60,6 +62,108 @@ def tag_stage(exc: BaseException, stage: str) -> None:
         except AttributeError:
             pass
         add_context_note(exc, f"streamproc: raised in {stage}")
+
+
+@dataclass(frozen=True)
+class WorkerClass:
+    """A user class that an op constructs once per worker, with ``kwargs``, and then calls.
+
+    What a stream stores in place of a callable when ``map``, ``map_batches`` or ``map_gpu``
+    is given a class (as Ray Data does): the class travels to the workers (pickled with the
+    plan) and :meth:`build` runs there, lazily, on first use: once per CPU worker process or
+    worker thread (cached on its :class:`~streamproc.execution.context.ExecutionContext` by
+    stage index and role), or, for a ``map_gpu`` forward, once per process that runs forward
+    (:class:`~streamproc.gpu.forward.DeviceForward`). Never in the main process of the
+    multiprocessing backend.
+    """
+
+    cls: type
+    kwargs: Optional[dict[str, Any]] = None
+
+    def build(self, where: str) -> Callable[..., Any]:
+        """``cls(**kwargs)``, checked to be callable. Runs where the op runs.
+
+        Raises:
+            TypeError: the instance is not callable (the class defines no ``__call__``).
+            Exception: whatever the constructor raises, with a note naming ``where`` (the
+                stage and role) and the class.
+        """
+        name = callable_name(self.cls)
+        try:
+            instance = self.cls(**(self.kwargs or {}))
+        except Exception as exc:
+            tag_stage(exc, where)
+            add_context_note(exc, f"streamproc: raised by the constructor of {name} ({where})")
+            raise
+        if not callable(instance):
+            raise TypeError(
+                f"{where}: instances of {name} are not callable: a class passed to map, map_batches or "
+                f"map_gpu must define __call__ (it is called like the function it stands for)"
+            )
+        return instance
+
+
+def resolve(fn: Any, ctx: ExecutionContext, stage: Stage, role: str) -> Any:
+    """``fn`` itself, or the context's instance of it when it is a :class:`WorkerClass`."""
+    return ctx.instance(stage, role, fn) if isinstance(fn, WorkerClass) else fn
+
+
+def _is_state_class(value: Any) -> bool:
+    """Whether ``value`` is a class with callable instances (it or a base defines ``__call__``).
+
+    Other classes (``str``, ``list``, a record dataclass) are called per record as before.
+    """
+    return isinstance(value, type) and any("__call__" in vars(k) for k in value.__mro__ if k is not object)
+
+
+def per_worker(value: Any, kwargs: Optional[dict[str, Any]], method: str, param: str, stage: str) -> Any:
+    """``value``, or a :class:`WorkerClass` of it with constructor ``kwargs`` when it is a callable class.
+
+    Runs in the main process, as the stream is built.
+
+    Raises:
+        TypeError: ``kwargs`` is not a dict, or given for a ``value`` that is not a class, or
+            for a class whose instances are not callable.
+    """
+    if kwargs is None:
+        return WorkerClass(value) if _is_state_class(value) else value
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"{method}(): fn_kwargs must be a dict or None, got {type(kwargs).__name__}")
+    if not isinstance(value, type):
+        raise TypeError(
+            f"{method}(): fn_kwargs are constructor arguments of a class passed as {param}, but {param} "
+            f"{callable_name(value)!r} is not a class (pass per-call arguments with kwargs, or functools.partial)"
+        )
+    if not _is_state_class(value):
+        raise TypeError(
+            f"{method}() {stage}: instances of {param} class {callable_name(value)!r} are not callable: "
+            f"a class constructed once per worker must define __call__"
+        )
+    return WorkerClass(value, dict(kwargs))
+
+
+#: The roles of ``map_gpu`` that ``fn_kwargs`` names (one dict of constructor kwargs per class).
+MAP_GPU_ROLES = ("prepare_batch", "forward", "postprocess")
+
+
+def map_gpu_kwargs(fn_kwargs: Optional[dict[str, Any]], callables: dict[str, Any]) -> dict[str, Optional[dict[str, Any]]]:
+    """``map_gpu``'s ``fn_kwargs`` (a dict by role) split per role; checks its keys."""
+    if fn_kwargs is None:
+        return dict.fromkeys(MAP_GPU_ROLES)
+    if not isinstance(fn_kwargs, dict):
+        raise TypeError(f"map_gpu(): fn_kwargs must be a dict by role, got {type(fn_kwargs).__name__}")
+    unknown = [key for key in fn_kwargs if key not in MAP_GPU_ROLES]
+    if unknown:
+        raise TypeError(
+            f"map_gpu(): fn_kwargs is a dict by role ({', '.join(MAP_GPU_ROLES)}) of constructor kwargs, "
+            f"e.g. fn_kwargs={{'forward': {{'name': ...}}}}; unknown key(s) {unknown}"
+        )
+    for role, kwargs in fn_kwargs.items():
+        if callables[role] is None:
+            raise TypeError(f"map_gpu(): fn_kwargs[{role!r}] given but no {role} was passed")
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"map_gpu(): fn_kwargs[{role!r}] must be a dict of constructor kwargs, got {type(kwargs).__name__}")
+    return {role: fn_kwargs.get(role) for role in MAP_GPU_ROLES}
 
 
 @dataclass(frozen=True)
@@ -105,7 +209,8 @@ class Map(Op):
     kwargs: Optional[dict[str, Any]] = None
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
-        fn = functools.partial(self.fn, **self.kwargs) if self.kwargs else self.fn
+        fn = resolve(self.fn, ctx, stage, "fn")
+        fn = functools.partial(fn, **self.kwargs) if self.kwargs else fn
         policy = ctx.error_policy
         if policy is not None:
             return _tagged(isolation.map_records(chunks, fn, policy, stage.name), stage.name)
@@ -182,7 +287,7 @@ class MapBatches(BatchedOp):
     fn: Callable[[list[Any]], Iterable[Any]]
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
-        fn = self.fn
+        fn = resolve(self.fn, ctx, stage, "fn")
         policy = ctx.error_policy
         if policy is not None:
             return _tagged(isolation.map_batches_isolated(self._batches(chunks), fn, policy, stage.name), stage.name)
@@ -228,8 +333,8 @@ class MapGPU(BatchedOp):
     postprocess: Optional[Callable[[list[Any], Any], Iterable[Any]]] = None
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
-        postprocess = self.postprocess or default_postprocess
-        prepare_batch = self.prepare_batch
+        postprocess = resolve(self.postprocess, ctx, stage, "postprocess") or default_postprocess
+        prepare_batch = resolve(self.prepare_batch, ctx, stage, "prepare_batch")
         policy = ctx.error_policy
         if policy is not None:
             steps = isolation.MapGPUSteps(stage.name, prepare_batch, ctx.forward_runner(stage), postprocess)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from .batching import BatchBy, BatchSize, BatchSizeLike, validate_batch_by
 from .io.base import Source
 from .io.limit import LimitSource, check_count
-from .ops import Filter, Flatten, Map, MapBatches, MapGPU, Op
+from .ops import Filter, Flatten, Map, MapBatches, MapGPU, Op, map_gpu_kwargs, per_worker
 from .options import ProcessingOptions
 from .plan import Plan, build_plan
 
@@ -57,12 +57,25 @@ class Stream:
     def options(self) -> ProcessingOptions:
         return self._options
 
+    def _next_stage(self) -> str:
+        """The name of the stage the next op will be, for build-time errors (``"stage 2"``)."""
+        return f"stage {len(self._ops) + 1}"
+
     def _with_op(self, op: Op) -> Stream:
         return Stream(self._source, (*self._ops, op), self._options)
 
     # -- ops ------------------------------------------------------------------------------------
-    def map(self, fn: Callable[..., Any], kwargs: Optional[dict[str, Any]] = None) -> Stream:
+    def map(
+        self, fn: Callable[..., Any], kwargs: Optional[dict[str, Any]] = None, fn_kwargs: Optional[dict[str, Any]] = None
+    ) -> Stream:
         """Applies ``fn(record, **kwargs)`` to each record (CPU worker, or main process with simple).
+
+        ``fn`` may be a class with a ``__call__`` (per-worker state: a tokenizer, a connection):
+        it is constructed once per worker, where the op runs (``fn(**fn_kwargs)``: once per CPU
+        worker process, per worker thread, or once in the main process with the simple
+        backend), and the instance is called like the function, ``instance(record, **kwargs)``.
+        A class without ``__call__`` (``str``, a record dataclass) is called per record as any
+        callable. ``fn_kwargs`` without such a class raises ``TypeError``.
 
         >>> import streamproc as sp
         >>> sp.from_iterable([1, 2]).map(pow, kwargs={"exp": 2}).to_list()
@@ -71,6 +84,7 @@ class Stream:
         _check_callable(fn, "map", "fn")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise TypeError(f"map(): kwargs must be a dict or None, got {type(kwargs).__name__}")
+        fn = per_worker(fn, fn_kwargs, "map", "fn", self._next_stage())
         return self._with_op(Map(fn, dict(kwargs) if kwargs else None))
 
     def filter(self, pred: Callable[[Any], Any]) -> Stream:
@@ -97,8 +111,12 @@ class Stream:
         fn: Callable[[list[Any]], Iterable[Any]],
         batch_size: Optional[BatchSizeLike] = None,
         batch_by: BatchBy = None,
+        fn_kwargs: Optional[dict[str, Any]] = None,
     ) -> Stream:
         """Applies ``fn(list_of_records) -> iterable_of_records`` to batches (CPU worker).
+
+        As with :meth:`map`, ``fn`` may be a class with a ``__call__``, constructed once per
+        worker with ``fn_kwargs`` and then called per batch.
 
         ``fn`` may return more or fewer records than it received. Batches never span two tasks
         (see ``set_processing(task_size=...)``), so the last batch of a task may be smaller.
@@ -109,6 +127,7 @@ class Stream:
         [1, 5, 4]
         """
         _check_callable(fn, "map_batches", "fn")
+        fn = per_worker(fn, fn_kwargs, "map_batches", "fn", self._next_stage())
         size = None if batch_size is None else BatchSize.parse(batch_size)
         return self._with_op(MapBatches(fn, batch_size=size, batch_by=validate_batch_by(batch_by)))
 
@@ -119,6 +138,7 @@ class Stream:
         postprocess: Optional[Callable[[list[Any], Any], Iterable[Any]]] = None,
         batch_size: Optional[BatchSizeLike] = None,
         batch_by: BatchBy = None,
+        fn_kwargs: Optional[dict[str, dict[str, Any]]] = None,
     ) -> Stream:
         """A deep-learning stage: batch, prepare on CPU, ``forward`` on a device, postprocess on CPU.
 
@@ -132,6 +152,14 @@ class Stream:
         ``torch.nn.Module``s reachable from ``forward`` (bound method, closure, globals it names,
         attributes of a callable object) are moved to the device once, before the first batch.
 
+        Each of the three may be a class with a ``__call__``, constructed once per worker where
+        it runs: ``prepare_batch`` and ``postprocess`` once per CPU worker (or thread, or the
+        main process with simple), ``forward`` once per process that runs forward (each GPU
+        worker, else the process or, with threads, once shared by the threads), before its
+        modules are moved to the device. ``fn_kwargs`` is a dict *by role* of constructor
+        kwargs, e.g. ``fn_kwargs={"forward": {"model_name": "bert-base"}}``, so that it reads
+        the same when several of the three are classes.
+
         >>> import streamproc as sp, torch
         >>> sp.from_iterable([1.0, 2.0]).map_gpu(torch.tensor, lambda t: t * 2).to_list()
         [2.0, 4.0]
@@ -140,6 +168,12 @@ class Stream:
         _check_callable(forward, "map_gpu", "forward")
         if postprocess is not None:
             _check_callable(postprocess, "map_gpu", "postprocess")
+        by_role = map_gpu_kwargs(fn_kwargs, {"prepare_batch": prepare_batch, "forward": forward, "postprocess": postprocess})
+        stage = self._next_stage()
+        prepare_batch = per_worker(prepare_batch, by_role["prepare_batch"], "map_gpu", "prepare_batch", stage)
+        forward = per_worker(forward, by_role["forward"], "map_gpu", "forward", stage)
+        if postprocess is not None:
+            postprocess = per_worker(postprocess, by_role["postprocess"], "map_gpu", "postprocess", stage)
         size = None if batch_size is None else BatchSize.parse(batch_size)
         return self._with_op(MapGPU(prepare_batch, forward, postprocess, batch_size=size, batch_by=validate_batch_by(batch_by)))
 

@@ -158,7 +158,11 @@ class _ThreadRun:
         error: Optional[BaseException] = None
         tag_thread_logs(f"thread worker {worker}")  # its log records name it, as a worker process's do
         try:
-            ctx = ExecutionContext(f"thread {name}", make_forward_runner=self.forward_runners)
+            devices = self.plan.options.gpu_worker_devices
+            ctx = ExecutionContext(
+                f"thread {name}", make_forward_runner=self.forward_runners, device=devices[0] if devices else None,
+                kind="thread", index=worker, forward_here=True,
+            )
             # Each thread reads tasks through its own copy of the source's worker half (what a
             # worker process unpickles): a source may cache a file handle that one thread at a
             # time can use (ParquetSource keeps its last ParquetFile open).

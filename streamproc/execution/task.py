@@ -17,6 +17,7 @@ from ..ops import _tagged
 from ..stats import TaskStats
 from .error_policy import RECORDS_IN_KEY, ErrorPolicy, make_policy
 from .timing import TaskTimer, timed_finalize
+from .worker_info import running_as
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -157,14 +158,16 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     With ``on_error`` other than ``"raise"``, the task's :class:`ErrorPolicy` is
     ``ctx.error_policy`` while it runs; each chunk carries the errors recorded until it was
     yielded, and the last one ``stats.extra["records_in"]`` (records the source produced) with
-    a fractional ``max_errors``.
+    a fractional ``max_errors``. While its ops run, ``sp.get_worker_info()`` gives the context's
+    worker and the task's seed (:mod:`.worker_info`).
     """
     policy = ctx.error_policy = make_policy(plan.options, plan.source, task.payload, task.task_key)
     timer = TaskTimer(plan, ctx)
     read = _ReadCount()
     previous: Optional[tuple[Any, int]] = None
+    info = ctx.worker_info(plan, task.task_key)
     try:
-        for chunk, count in iter_task_chunks(plan, task.payload, ctx, finalize, timer, read):
+        for chunk, count in running_as(iter_task_chunks(plan, task.payload, ctx, finalize, timer, read), info):
             if previous is not None:
                 yield _output(task, previous, policy, False, read.take())
             previous = (chunk, count)

@@ -23,8 +23,10 @@ class DeviceForward:
     """Runs one stage's ``forward`` on one device, under ``torch.inference_mode()``.
 
     Modules reachable from ``forward`` are moved to the device once (:meth:`start`) and put in
-    eval mode. :meth:`upload` starts a batch's host-to-device copy (from pinned memory, on a
-    side CUDA stream, so that it overlaps the forward of the batch before it);
+    eval mode; a ``forward`` given as a class (:class:`~streamproc.ops.WorkerClass`) is
+    constructed there first, so its modules are found on the instance. :meth:`upload` starts a
+    batch's host-to-device copy (from pinned memory, on a side CUDA stream, so that it overlaps
+    the forward of the batch before it);
     :meth:`compute` runs forward on an uploaded batch and returns the outputs on the CPU. It
     runs in the process that owns the device: the main process (simple backend), a CPU worker
     without GPU workers, or a GPU worker.
@@ -65,7 +67,11 @@ class DeviceForward:
         """Picks the device and moves the models there (once)."""
         import torch
 
+        from ..ops import WorkerClass
+
         self.device = torch.device(self.device_name or default_device())
+        if isinstance(self.forward, WorkerClass):
+            self.forward = self.forward.build(f"{self.stage}, forward")
         for module in find_modules(self.forward):
             module.to(self.device)
             module.eval()

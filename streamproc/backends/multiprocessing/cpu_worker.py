@@ -94,7 +94,7 @@ class _RunState:
         # never initialise CUDA (see design.md section 3).
         self.ctx = ExecutionContext(
             str(worker), device="cpu", autocast=options.autocast, torch_threads=options.forward_threads,
-            make_forward_runner=make_runner,
+            make_forward_runner=make_runner, kind="cpu", index=worker.index,
         )
         # A run that writes in workers (write_parquet with deterministic=False) writes here:
         # the writer runs each task (a part group) into its file, and only counts go back.

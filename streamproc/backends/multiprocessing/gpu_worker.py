@@ -119,8 +119,10 @@ def run_gpu_worker(
     status_conn = forward_worker_logs(worker, status_conn)
     status_conn.send_bytes(dumps_message(WorkerStarted(worker)))
     try:
+        from ...execution.worker_info import WorkerInfo, set_process_info
         from ...gpu import DeviceForward
 
+        set_process_info(WorkerInfo("gpu", index, 0, device, None))  # sp.get_worker_info() in forward
         stages, autocast, torch_threads, *log_levels = dill_loads(forwards_bytes)
         apply_log_levels(log_levels[0] if log_levels else ())
         runners = {
