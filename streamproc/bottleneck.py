@@ -8,8 +8,8 @@ limiting resource and one thing to change:
    GPU workers busy (over ``GPU_SATURATED_ABOVE``) -> add GPU workers (or autocast).
 2. The main process writes (sink time over ``MAIN_WRITES_ABOVE`` of the run) -> use
    deterministic=False or write in workers (``write_parquet`` then writes in the workers).
-3. Head-of-line blocking (reorder wait over ``REORDER_WAIT_ABOVE``) -> deterministic=False or
-   a smaller task_size.
+3. Head-of-line blocking (reorder wait over ``REORDER_WAIT_ABOVE``, while the workers idle
+   more than ``WORKERS_IDLE_ABOVE``) -> deterministic=False or a smaller task_size.
 4. One task long against the run (``STRAGGLER_ABOVE``, several workers), and alone (the
    next longest under half of it: slow first tasks in every worker are start-up, such as
    imports, not a straggler) -> lower task_size.
@@ -33,6 +33,8 @@ GPU_STARVED_BELOW = 0.7
 GPU_SATURATED_ABOVE = 0.85
 MAIN_WRITES_ABOVE = 0.5
 REORDER_WAIT_ABOVE = 0.3
+#: Head-of-line blocking is named only when the CPU workers (or threads) idle more than this.
+WORKERS_IDLE_ABOVE = 0.25
 STRAGGLER_ABOVE = 0.3
 
 
@@ -108,7 +110,9 @@ def find_bottleneck(stats: RunStats) -> Bottleneck:
         else:
             advice = "use deterministic=False or write in workers (write_parquet with deterministic=False)"
         return Bottleneck("main process", None, share, f"main process writes {_percent(share)} of the time: {advice}")
-    if wall > 0 and main.reorder_wait_seconds / wall > REORDER_WAIT_ABOVE:
+    # Waiting for an earlier task only limits the run if the workers idle meanwhile (the
+    # window is full): with every worker busy, the wait is just the workers' compute time.
+    if wall > 0 and main.reorder_wait_seconds / wall > REORDER_WAIT_ABOVE and _worker_idle_share(stats) > WORKERS_IDLE_ABOVE:
         share = main.reorder_wait_seconds / wall
         return Bottleneck(
             "main process", None, share,
@@ -142,3 +146,12 @@ def find_bottleneck(stats: RunStats) -> Bottleneck:
     else:
         advice = "CPU-bound: add CPU workers"
     return Bottleneck(where, stage.name, share, f"{stage.name} takes {_percent(share)} of the worker time: {advice}")
+
+
+def _worker_idle_share(stats: RunStats) -> float:
+    """The share of the CPU workers' (or threads') time after start-up they were not busy."""
+    workers = [*stats.workers("cpu"), *stats.workers("thread")]
+    available = sum(max(0.0, w.wall_seconds - w.startup_seconds) for w in workers)
+    if available <= 0:
+        return 1.0
+    return max(0.0, 1.0 - sum(w.busy_seconds for w in workers) / available)

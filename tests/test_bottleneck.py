@@ -79,7 +79,7 @@ def test_the_2ms_stage_is_the_bottleneck_in_cpu_workers_too() -> None:
     slow, fast = stage_named(stats, "slow_2ms"), stage_named(stats, "upstream_0_2ms")
     assert slow.seconds >= 0.75 and fast.seconds < slow.seconds / 3, stats.report()
     bottleneck = stats.bottleneck
-    assert bottleneck.resource == "CPU workers" and bottleneck.stage == slow.name
+    assert bottleneck.resource == "CPU workers" and bottleneck.stage == slow.name, stats.report()
     assert str(bottleneck).endswith("CPU-bound: add CPU workers")
 
 
@@ -143,6 +143,13 @@ def test_a_main_process_that_writes_most_of_the_time_is_the_bottleneck() -> None
 def test_head_of_line_blocking_is_named() -> None:
     bottleneck = find_bottleneck(_stats(reorder_wait_seconds=4.0))
     assert bottleneck.resource == "main process" and "deterministic=False" in str(bottleneck)
+
+
+def test_reorder_wait_while_every_worker_is_busy_is_not_head_of_line_blocking() -> None:
+    stats = _stats(reorder_wait_seconds=4.0)
+    for worker in stats.workers("cpu"):
+        worker.busy_seconds = 9.5  # of 10 s: the main process waits because the workers compute
+    assert find_bottleneck(stats).resource == "CPU workers"
 
 
 def test_one_long_task_asks_for_a_smaller_task_size() -> None:
