@@ -208,3 +208,33 @@ def test_the_run_before_the_limit_has_stopped_when_its_last_record_goes_on():
             records.close()
 
     assert guarded(first_output_and_live_workers) == (1, 2)
+
+
+def _fails_on_3_mod_7(x: int) -> int:
+    if x % 7 == 3:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def test_dead_letters_before_and_after_a_limit_do_not_meet(tmp_path: Any) -> None:
+    """Both runs of a limit number their tasks from 0: the inner run's dead letters go to
+    ``before-limit/`` under ``dead_letter_path``, the outer run's to the path itself."""
+    import warnings
+
+    import pyarrow.parquet as pq
+
+    dead = tmp_path / "dead"
+    stream = (
+        sp.from_iterable(range(30)).map(_fails_on_3_mod_7).limit(20).map(lambda x: x + 3).map(_fails_on_3_mod_7)
+        .set_processing(on_error="dead_letter", dead_letter_path=str(dead), task_size=5)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sp.RecordsSkippedWarning)
+        out = run_guarded(stream.to_list, 60)
+    first_20 = [x for x in range(30) if x % 7 != 3][:20]
+    assert out == [x + 3 for x in first_20 if (x + 3) % 7 != 3]
+    inner = sorted(r["record"] for p in (dead / "before-limit").glob("dead-*.parquet") for r in pq.read_table(p).to_pylist())
+    outer = sorted(r["record"] for p in dead.glob("dead-*.parquet") for r in pq.read_table(p).to_pylist())
+    # The simple inner run reads to the end of the task holding its 20th output (items 20-24).
+    assert inner == sorted(str(x) for x in range(25) if x % 7 == 3)
+    assert outer == sorted(str(x + 3) for x in first_20 if (x + 3) % 7 == 3)

@@ -20,10 +20,13 @@ NOTE [ streamproc limit ]
       outer, limited records, so the ranks' union is the first ``n`` records). An inner
       stream without ops runs on the simple backend: reading a source needs no workers.
     * Task numbers, error notes and stage numbers of the outer run count from the limit.
+      So do its dead letters: with ``on_error="dead_letter"``, the inner run's go to the
+      ``before-limit`` subdirectory of ``dead_letter_path`` (both runs number tasks from 0).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -33,6 +36,10 @@ from .sinks import Sink
 if TYPE_CHECKING:
     from ..execution.task import ChunkFinalizer, TaskOutput
     from ..stream import Stream
+
+
+#: Where the inner run of a limit writes its dead letters, under ``dead_letter_path``.
+INNER_DEAD_LETTERS = "before-limit"
 
 
 def check_count(value: Any, method: str) -> int:
@@ -63,6 +70,10 @@ class LimitSource(Source):
         changes: dict[str, Any] = {"show_progress": False, "shard": None}
         if not self.inner.ops:
             changes["backend"] = "simple"
+        options = self.inner.options
+        if options.on_error == "dead_letter" and options.dead_letter_path is not None:
+            # Both runs number their tasks from 0: their dead-letter files must not meet.
+            changes["dead_letter_path"] = os.path.join(options.dead_letter_path, INNER_DEAD_LETTERS)
         return self.inner.set_processing(**changes)
 
     def iter_tasks(self, task_size: int) -> Iterator[list[Any]]:
