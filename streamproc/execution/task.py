@@ -73,39 +73,19 @@ class TaskOutput:
     source_records: int = 0
 
 
-class _ReadCount:
-    """Counts the records a task has read from its source (where the task runs), for progress
-    and for the error ledger's fraction of records seen."""
-
-    def __init__(self) -> None:
-        self.read = 0
-        self._reported = 0
-
-    def counting(self, chunks: Iterator[list[Any]]) -> Iterator[list[Any]]:
-        for chunk in chunks:
-            self.read += len(chunk)
-            yield chunk
-
-    def take(self) -> int:
-        """The records read since the last call."""
-        new, self._reported = self.read - self._reported, self.read
-        return new
-
-
 def iter_task_records(
     plan: Plan,
     payload: Any,
     ctx: ExecutionContext,
     timer: Optional[TaskTimer] = None,
-    read: Optional[_ReadCount] = None,
 ) -> Iterator[list[Any]]:
-    """Streams the output records of one task, in lists (source read included, counted in ``read``).
+    """Streams the output records of one task, in lists (source read included).
 
     With a ``timer``, the source and every stage are timed once per chunk (see
-    :mod:`.timing`); the stages then see the timer's context, whose forward runners are timed.
+    :mod:`.timing`), the source's records counted; the stages then see the timer's context,
+    whose forward runners are timed.
     """
-    source = plan.source.read_task_chunks(payload, plan.chunk_size)
-    chunks: Iterator[list[Any]] = _tagged(read.counting(source) if read is not None else source, "the source")
+    chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
     if timer is not None:
         chunks = timer.wrap(chunks)
         ctx = timer.ctx
@@ -122,7 +102,6 @@ def iter_task_chunks(
     ctx: ExecutionContext,
     finalize: Optional[ChunkFinalizer] = None,
     timer: Optional[TaskTimer] = None,
-    read: Optional[_ReadCount] = None,
 ) -> Iterator[tuple[Any, int]]:
     """Runs one task and yields ``(chunk, record_count)`` pairs.
 
@@ -135,7 +114,7 @@ def iter_task_chunks(
     size = plan.chunk_size
     finalize = timed_finalize(finalize, timer)
     pending: list[Any] = []
-    for chunk in iter_task_records(plan, payload, ctx, timer, read):
+    for chunk in iter_task_records(plan, payload, ctx, timer):
         if pending:
             pending.extend(chunk)
         else:
@@ -163,13 +142,12 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
     """
     policy = ctx.error_policy = make_policy(plan.options, plan.source, task.payload, task.task_key)
     timer = TaskTimer(plan, ctx)
-    read = _ReadCount()
     previous: Optional[tuple[Any, int]] = None
     info = ctx.worker_info(plan, task.task_key)
     try:
-        for chunk, count in running_as(iter_task_chunks(plan, task.payload, ctx, finalize, timer, read), info):
+        for chunk, count in running_as(iter_task_chunks(plan, task.payload, ctx, finalize, timer), info):
             if previous is not None:
-                yield _output(task, previous, policy, False, read.take())
+                yield _output(task, previous, policy, False, timer.take_source_records())
             previous = (chunk, count)
     except GeneratorExit:  # the consumer closed us: nothing more may be yielded
         raise
@@ -177,12 +155,12 @@ def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[C
         if isinstance(exc, Exception):
             add_context_note(exc, task_location_note(plan, task))
         if previous is not None:
-            yield _output(task, previous, policy, False, read.take())
+            yield _output(task, previous, policy, False, timer.take_source_records())
         raise
     stats = timer.stats()
     if policy is not None and policy.counts_records and stats is not None:
-        stats.extra[RECORDS_IN_KEY] = read.read
-    yield _output(task, previous if previous is not None else (None, 0), policy, True, read.take(), stats)
+        stats.extra[RECORDS_IN_KEY] = timer.source_records
+    yield _output(task, previous if previous is not None else (None, 0), policy, True, timer.take_source_records(), stats)
 
 
 def _output(

@@ -137,6 +137,18 @@ class TaskTimer:
             self._stages = {stage.index: StageStats(stage.index, stage.name, ctx.where) for stage in plan.stages}
             self.ctx = _TimingContext(ctx, self._stages)
         self.finalize_seconds = 0.0
+        self._reported_records = 0
+
+    @property
+    def source_records(self) -> int:
+        """The records the task has read from its source so far (the first wrapped iterator's)."""
+        return self._totals[0].records if self._totals else 0
+
+    def take_source_records(self) -> int:
+        """The records read from the source since the last call (each output chunk's share, for progress)."""
+        read = self.source_records
+        new, self._reported_records = read - self._reported_records, read
+        return new
 
     def wrap(self, it: Iterator[list[Any]]) -> Iterator[list[Any]]:
         """Wraps the source's chunks (first call) or the next stage's output (later calls)."""
