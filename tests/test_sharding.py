@@ -215,9 +215,17 @@ else:
 
 def run_rank_processes(tmp_path: Path, config: dict[str, Any], sink: str, launcher: str) -> list[list[Any]]:
     """Starts the ranks at once, each with its launcher's variables; returns each one's records."""
+    outputs = [tmp_path / f"rank-{rank}.{'jsonl' if sink == 'write_jsonl' else 'json'}" for rank in range(WORLD_SIZE)]
+    start_and_wait_ranks(tmp_path, config, outputs, sink, launcher)
+    if sink == "write_jsonl":
+        return [sp.read_jsonl(path).to_list() for path in outputs]
+    return [json.loads(path.read_text(encoding="utf-8")) for path in outputs]
+
+
+def start_and_wait_ranks(tmp_path: Path, config: dict[str, Any], outputs: list[Path], sink: str, launcher: str) -> None:
+    """Runs RANK_SCRIPT as WORLD_SIZE processes started at once (rank r writes ``outputs[r]``)."""
     script = tmp_path / "job.py"
     script.write_text(RANK_SCRIPT.format(n=N, task_size=TASK_SIZE), encoding="utf-8")
-    outputs = [tmp_path / f"rank-{rank}.{'jsonl' if sink == 'write_jsonl' else 'json'}" for rank in range(WORLD_SIZE)]
     processes = []
     for rank in range(WORLD_SIZE):
         env = {k: v for k, v in os.environ.items() if k not in SHARD_ENV}
@@ -237,9 +245,6 @@ def run_rank_processes(tmp_path: Path, config: dict[str, Any], sink: str, launch
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    if sink == "write_jsonl":
-        return [sp.read_jsonl(path).to_list() for path in outputs]
-    return [json.loads(path.read_text(encoding="utf-8")) for path in outputs]
 
 
 @pytest.mark.parametrize("sink", ["write_jsonl", "to_list"])
@@ -260,28 +265,11 @@ def test_three_rank_processes_write_one_parquet_directory_equal_to_the_unsharded
     import pyarrow.parquet as pq
 
     shared = tmp_path / "shared"
-    script = tmp_path / "job.py"
-    script.write_text(RANK_SCRIPT.format(n=N, task_size=TASK_SIZE), encoding="utf-8")
-
-    def run_ranks() -> None:
-        processes = []
-        for rank in range(WORLD_SIZE):
-            env = {k: v for k, v in os.environ.items() if k not in SHARD_ENV}
-            env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-            env.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
-            command = [sys.executable, str(script), json.dumps({"num_cpu_workers": 2}), str(shared), "write_parquet"]
-            processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        try:
-            for rank, process in enumerate(processes):
-                output, _ = process.communicate(timeout=RANK_PROCESSES_TIMEOUT_S)
-                assert process.returncode == 0, f"rank {rank} failed:\n{output.decode(errors='replace')}"
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-
-    run_guarded(run_ranks, RANK_PROCESSES_TIMEOUT_S + 30, "3 ranks writing parquet")
+    run_guarded(
+        lambda: start_and_wait_ranks(tmp_path, {"num_cpu_workers": 2}, [shared] * WORLD_SIZE, "write_parquet", "torchrun"),
+        RANK_PROCESSES_TIMEOUT_S + 30,
+        "3 ranks writing parquet",
+    )
     whole = tmp_path / "whole"
     sp.from_iterable(range(N)).map(lambda x: {"v": x * x}).set_processing(task_size=TASK_SIZE).write_parquet(
         whole, rows_per_file=2 * TASK_SIZE
