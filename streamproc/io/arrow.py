@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import SchemaError
-from .base import Source, row_ranges
-from .parquet import READ_BATCH_ROWS, batch_to_records
+from .base import READ_BATCH_ROWS, ChunkedSource, Source, row_ranges
+from .parquet import batch_to_records
 from .sinks import Sink
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def _check_columns(columns: Optional[list[str]], names: list[str], what: str) ->
     return list(columns)
 
 
-class ArrowTableSource(Source):
+class ArrowTableSource(ChunkedSource):
     """Dict records from an in-memory ``pyarrow.Table`` (a ``RecordBatch`` becomes one).
 
     Tasks are row ranges ``(start, stop)``; ``read_task_chunks`` slices the table (no copy)
@@ -50,10 +50,6 @@ class ArrowTableSource(Source):
 
     def iter_tasks(self, task_size: int) -> Iterator[tuple[int, int]]:
         return row_ranges(self.table.num_rows, task_size)
-
-    def read_task(self, payload: tuple[int, int]) -> Iterator[dict[str, Any]]:
-        for records in self.read_task_chunks(payload, READ_BATCH_ROWS):
-            yield from records
 
     def read_task_chunks(self, payload: tuple[int, int], chunk_size: int) -> Iterator[list[dict[str, Any]]]:
         start, stop = payload
@@ -73,7 +69,7 @@ class ArrowTableSource(Source):
         return f"from_arrow(<Table {self.table.num_rows} rows x {self.table.num_columns} columns>)"
 
 
-class ArrowDatasetSource(Source):
+class ArrowDatasetSource(ChunkedSource):
     """Dict records from a ``pyarrow.dataset.Dataset``: one task per fragment, or per row group
     of a parquet fragment. Payloads are ``(fragment number, row group or None)``; the fragments
     are listed once per process (main process: at creation; a worker: at its first task)."""
@@ -97,10 +93,6 @@ class ArrowDatasetSource(Source):
                     yield number, row_group
             else:
                 yield number, None
-
-    def read_task(self, payload: tuple[int, Optional[int]]) -> Iterator[dict[str, Any]]:
-        for records in self.read_task_chunks(payload, READ_BATCH_ROWS):
-            yield from records
 
     def read_task_chunks(self, payload: tuple[int, Optional[int]], chunk_size: int) -> Iterator[list[dict[str, Any]]]:
         number, row_group = payload

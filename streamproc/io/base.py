@@ -92,3 +92,20 @@ class Source(ABC):
     @abstractmethod
     def describe(self) -> str:
         """A short text for ``repr(stream)``."""
+
+
+#: The most rows a columnar source decodes to dicts at once (parquet, Arrow, Hugging Face).
+READ_BATCH_ROWS = 8192
+
+
+class ChunkedSource(Source):
+    """A source that decodes a task in slices (:meth:`read_task_chunks`, which it must define);
+    :meth:`read_task` is their records one by one (where the task runs)."""
+
+    def read_task(self, payload: Any) -> Iterator[Any]:
+        for records in self.read_task_chunks(payload, READ_BATCH_ROWS):
+            yield from records
+
+    @abstractmethod
+    def read_task_chunks(self, payload: Any, chunk_size: int) -> Iterator[list[Any]]:
+        """The records of one task as lists of decoded rows (``chunk_size`` is the size asked for)."""

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from typing import Any, Optional, Union
 
 from ..errors import SchemaError
-from .base import Source
-from .parquet import READ_BATCH_ROWS, batch_to_records
+from .base import READ_BATCH_ROWS, Source
+from .parquet import batch_to_records
 from .paths import PathLike, resolve_files
 
 CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".csv.bz2", ".tsv.bz2")

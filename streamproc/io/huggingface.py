@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from .base import Source, row_ranges
+from .base import ChunkedSource, Source, row_ranges
 from .memory import IterableSource
-from .parquet import READ_BATCH_ROWS, batch_to_records
+from .parquet import batch_to_records
 
 INSTALL_HINT = "pip install streamproc[datasets]"
 
@@ -29,7 +29,7 @@ def import_datasets(what: str) -> ModuleType:
     return datasets
 
 
-class HuggingFaceSource(Source):
+class HuggingFaceSource(ChunkedSource):
     """Dict records from a ``datasets.Dataset``, in the order of ``list(ds)``.
 
     Tasks are row ranges ``(start, stop)``. Rows are taken from the Arrow table with the
@@ -45,10 +45,6 @@ class HuggingFaceSource(Source):
 
     def iter_tasks(self, task_size: int) -> Iterator[tuple[int, int]]:
         return row_ranges(len(self.dataset), task_size)
-
-    def read_task(self, payload: tuple[int, int]) -> Iterator[dict[str, Any]]:
-        for records in self.read_task_chunks(payload, READ_BATCH_ROWS):
-            yield from records
 
     def read_task_chunks(self, payload: tuple[int, int], chunk_size: int) -> Iterator[list[dict[str, Any]]]:
         start, stop = payload

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 from ..errors import CorruptInputError, SchemaError
-from .base import Source
+from .base import READ_BATCH_ROWS, ChunkedSource
 from .parquet_schema import conform_batch, unify_file_schemas
 from .paths import PathLike, resolve_files
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
-READ_BATCH_ROWS = 8192
 
 
 def batch_to_records(batch: Any) -> list[dict[str, Any]]:
@@ -84,7 +83,7 @@ def _corrupt_footer(path: str, exc: BaseException) -> CorruptInputError:
     return CorruptInputError(f"read_parquet: cannot read the footer of {path!r} (empty, truncated or not parquet): {exc}")
 
 
-class ParquetSource(Source):
+class ParquetSource(ChunkedSource):
     """Dict records from parquet files, one task per row group.
 
     Args:
@@ -146,10 +145,6 @@ class ParquetSource(Source):
             for row_group, rows in enumerate(footer.row_group_rows):
                 yield RowGroupTask(footer.path, row_group, first_row, schema)
                 first_row += rows
-
-    def read_task(self, payload: RowGroupTask) -> Iterator[dict[str, Any]]:
-        for records in self.read_task_chunks(payload, READ_BATCH_ROWS):
-            yield from records
 
     def read_task_chunks(self, payload: RowGroupTask, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
         """One list of dicts per decoded slice of ``max(chunk_size, READ_BATCH_ROWS)`` rows.
