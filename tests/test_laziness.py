@@ -21,7 +21,12 @@ from tests.utils import (
 
 
 def _assert_pulled_one_task(source: CountingSource, task_size: int, config: dict) -> None:
-    """A backend that does not read ahead pulls exactly the first task; others whole tasks, boundedly many."""
+    """A backend that does not read ahead pulls exactly the first task; others whole tasks, boundedly many.
+
+    Called once the iterator is closed: a backend that reads ahead pulls from a feeder thread,
+    which may be in the middle of a task while the consumer holds its first output; closing
+    joins it, and a task it had begun is then complete.
+    """
     if not reads_ahead(config):
         assert source.pulled == task_size
     else:
@@ -71,7 +76,7 @@ def test_first_output_pulls_one_task(backend_options, task_size):
     with closing(iter(stream)) as iterator:
         first = next(iterator)
         assert first == 0 or not is_deterministic(backend_options)
-        _assert_pulled_one_task(source, task_size, backend_options)
+    _assert_pulled_one_task(source, task_size, backend_options)
 
 
 def test_first_output_pulls_default_task_size(backend_options):
@@ -79,7 +84,7 @@ def test_first_output_pulls_default_task_size(backend_options):
     source = CountingSource(range(10_000))
     with closing(iter(sp.from_iterable(source).map(identity).set_processing(**backend_options))) as iterator:
         next(iterator)
-        _assert_pulled_one_task(source, 1024, backend_options)
+    _assert_pulled_one_task(source, 1024, backend_options)
 
 
 def test_first_output_pulls_task_sized_to_largest_batch(backend_options):
@@ -90,7 +95,7 @@ def test_first_output_pulls_task_sized_to_largest_batch(backend_options):
         first = next(iterator)
         assert first == list(range(first[0], first[0] + 2000))  # one whole task
         assert first[0] == 0 or not is_deterministic(backend_options)
-        _assert_pulled_one_task(source, 2000, backend_options)
+    _assert_pulled_one_task(source, 2000, backend_options)
 
 
 def test_pulls_as_consumer_advances(backend_options):
