@@ -11,7 +11,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .batching import BatchBy, BatchSize, validate_batch_by
 from .execution.error_policy import ON_ERROR_CHOICES
@@ -23,6 +23,15 @@ DEFAULT_BATCH_SIZE = BatchSize(128, "records")
 DEFAULT_TASK_SIZE = 1024
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+_BYTE_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_BYTE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+MODEL_DTYPES = ("float16", "bfloat16", "float32")
+
+#: One GPU worker's devices: a device name, or a group of names (model parallel: one worker
+#: owns the group and the model is split across it).
+DeviceSpec = Union[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -41,12 +50,17 @@ class ProcessingOptions:
     (a count, or a fraction in (0, 1) of the records seen), ``max_task_retries``,
     ``task_timeout`` (seconds), ``shard`` (``"auto"`` or ``(rank, world_size)``).
     ``show_stats`` prints the run's stats report at its end.
+
+    Models (design.md section 5): ``gpu_memory_budget`` (bytes per device, parsed from an int
+    or a string like ``"20GB"``/``"16GiB"``; None: every model must fit), ``model_dtype``
+    (weights cast once on the device: a torch dtype or its name; None: as loaded). An entry of
+    ``gpu_worker_devices`` may be a tuple of devices: one GPU worker owning them all.
     """
 
     backend: Optional[str] = None
     num_cpu_workers: Optional[int] = None
     num_gpu_workers: Optional[int] = None
-    gpu_worker_devices: Optional[tuple[str, ...]] = None
+    gpu_worker_devices: Optional[tuple[DeviceSpec, ...]] = None
     deterministic: bool = True
     batch_size: Optional[BatchSize] = None
     batch_by: BatchBy = None
@@ -62,6 +76,8 @@ class ProcessingOptions:
     task_timeout: Optional[float] = None
     shard: Any = None
     show_stats: bool = False
+    gpu_memory_budget: Optional[int] = None
+    model_dtype: Any = None
 
     def updated(self, **changes: Any) -> ProcessingOptions:
         """Returns a copy with ``changes`` validated and applied."""
@@ -148,17 +164,71 @@ def _check_bool(name: str):  # type: ignore[no-untyped-def]
     return check
 
 
-def _check_devices(value: Any) -> Optional[tuple[str, ...]]:
+def _check_devices(value: Any) -> Optional[tuple[DeviceSpec, ...]]:
     if value is None:
         return None
     # A list or tuple only: an int is not iterable, and an iterator would be consumed by the
     # check below and leave no devices.
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(d, str) for d in value):
-        raise ValueError(f"gpu_worker_devices must be a non-empty list of device names like ['cuda:0', 'cpu'], got {value!r}")
-    bad = [d for d in value if not _DEVICE_RE.match(d)]
+    expected = (
+        "gpu_worker_devices must be a non-empty list of device names like ['cuda:0', 'cpu'] "
+        "(a tuple of names for one worker owning several devices, e.g. [('cuda:0', 'cuda:1')])"
+    )
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{expected}, got {value!r}")
+    specs: list[DeviceSpec] = []
+    for entry in value:
+        if isinstance(entry, str):
+            specs.append(entry)
+        elif isinstance(entry, (list, tuple)) and len(entry) >= 2 and all(isinstance(d, str) for d in entry):
+            specs.append(tuple(entry))
+        else:
+            raise ValueError(f"{expected}; {entry!r} is neither a device name nor a tuple of two or more names")
+    names = [d for spec in specs for d in ((spec,) if isinstance(spec, str) else spec)]
+    bad = [d for d in names if not _DEVICE_RE.match(d)]
     if bad:
         raise ValueError(f"gpu_worker_devices: {bad!r} not understood; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    return tuple(value)
+    return tuple(specs)
+
+
+def device_names(specs: tuple[DeviceSpec, ...]) -> list[str]:
+    """Every device name in ``gpu_worker_devices``, groups flattened, in order."""
+    return [d for spec in specs for d in ((spec,) if isinstance(spec, str) else spec)]
+
+
+def parse_byte_size(name: str, value: Any) -> Optional[int]:
+    """Bytes from an int or a string like ``"20GB"`` (10^9), ``"16GiB"`` (2^30), ``"512MB"``.
+
+    Raises:
+        ValueError: naming ``name``, for anything else (a bool, a negative or zero size, an
+            unknown unit).
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = _BYTE_SIZE_RE.match(value)
+        if match:
+            number, unit = float(match.group(1)), (match.group(2) or "B").lower()
+            size = int(number * _BYTE_UNITS[unit])
+            if size > 0:
+                return size
+    raise ValueError(
+        f"{name} must be a positive number of bytes (an int, or a string like '20GB' or '16GiB'; "
+        f"GB is 10^9 bytes, GiB 2^30) or None, got {value!r}"
+    )
+
+
+def _check_model_dtype(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and value in MODEL_DTYPES):
+        return value
+    # A torch.dtype, recognised without importing torch (the core must not import it).
+    is_dtype = type(value).__module__ == "torch" and type(value).__name__ == "dtype"
+    if is_dtype and str(value).removeprefix("torch.") in MODEL_DTYPES:
+        return value
+    raise ValueError(
+        f"model_dtype must be None, torch.float16, torch.bfloat16, torch.float32 or one of their names, got {value!r}"
+    )
 
 
 def _check_batch_size(value: Any) -> Optional[BatchSize]:
@@ -244,4 +314,6 @@ _VALIDATORS = {
     "task_timeout": _check_seconds("task_timeout"),
     "shard": _check_shard,
     "show_stats": _check_bool("show_stats"),
+    "gpu_memory_budget": lambda v: parse_byte_size("gpu_memory_budget", v),
+    "model_dtype": _check_model_dtype,
 }

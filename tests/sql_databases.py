@@ -1,0 +1,62 @@
+"""The databases the SQL tests run against: a fresh SQLite file always, PostgreSQL in ``tox -e sql``.
+
+``tox -e sql`` (run by ``.ci/run``) starts a PostgreSQL server and sets
+``STREAMPROC_TEST_POSTGRES_URL`` (an SQLAlchemy URL) and ``STREAMPROC_REQUIRE_POSTGRES=1``; the
+``sql_url`` fixture then runs every test on both databases, and fails (not skips) when the
+server is required but unreachable. In the default env the PostgreSQL cases are not generated.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+POSTGRES_URL_VARIABLE = "STREAMPROC_TEST_POSTGRES_URL"
+REQUIRE_POSTGRES_VARIABLE = "STREAMPROC_REQUIRE_POSTGRES"
+
+
+def database_kinds() -> list[str]:
+    """``["sqlite"]``, plus ``"postgresql"`` when a test server is configured or required."""
+    kinds = ["sqlite"]
+    if os.environ.get(POSTGRES_URL_VARIABLE) or os.environ.get(REQUIRE_POSTGRES_VARIABLE) == "1":
+        kinds.append("postgresql")
+    return kinds
+
+
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_URL_VARIABLE)
+    if not url:
+        pytest.fail(f"{REQUIRE_POSTGRES_VARIABLE}=1 but {POSTGRES_URL_VARIABLE} is not set (tox -e sql sets both)")
+    return url
+
+
+@pytest.fixture(params=database_kinds())
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL with no user tables in it: a new SQLite file, or a fresh PostgreSQL schema.
+
+    For PostgreSQL, each test gets its own schema (set as the connection's search_path through
+    the URL's ``options``), dropped at the end, so tests never see each other's tables.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    import sqlalchemy
+
+    base = postgres_url()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(base)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    except sqlalchemy.exc.OperationalError as exc:
+        engine.dispose()
+        pytest.fail(f"the PostgreSQL test server at {base} is not reachable: {exc}")
+    separator = "&" if "?" in base else "?"
+    yield f"{base}{separator}options=-csearch_path%3D{schema}"
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    engine.dispose()
