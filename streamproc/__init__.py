@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
 from .bottleneck import Bottleneck
@@ -177,6 +178,45 @@ def from_huggingface(dataset: Any) -> Stream:
     return Stream(make_huggingface_source(dataset))
 
 
+def read_sql(
+    query: str, con: Union[str, "os.PathLike[str]"], chunk_size: Optional[int] = None, *, params: Optional[Mapping[str, Any]] = None
+) -> Stream:
+    """A stream of the rows of a SQL query, one dict (column -> value) per row, in tasks of ``chunk_size`` rows.
+
+    ``con`` is a SQLite file path or ``sqlite:///`` URL (the standard library's ``sqlite3``) or
+    any SQLAlchemy URL (``postgresql+psycopg://user:password@host/db``; needs
+    ``pip install 'streamproc[sql]'``); never a live connection, since each process opens its
+    own. ``params`` fills the query's ``:name`` placeholders. ``chunk_size`` (None: the
+    stream's task size) is the number of rows per task.
+
+    The rows are read once, in the main process, through one cursor fetched in batches (never
+    all at once); the tasks carry them to the workers. Records hold the driver's values
+    (SQLite: int, float, str, bytes, None; PostgreSQL also Decimal, datetime, UUID...).
+    ``write_parquet(resume=True)`` over ``read_sql`` needs an ``ORDER BY`` on a unique key at
+    the end of the query (found in its text outside parentheses, strings and comments).
+
+    >>> import sqlite3, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "docs.db")
+    >>> with sqlite3.connect(path) as db:
+    ...     _ = db.execute("CREATE TABLE docs (id INTEGER, text TEXT)")
+    ...     _ = db.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "hello"), (2, "world")])
+    >>> read_sql("SELECT id, text FROM docs ORDER BY id", path).to_list()
+    [{'id': 1, 'text': 'hello'}, {'id': 2, 'text': 'world'}]
+
+    Raises:
+        ValueError: ``con`` is a live connection or engine, ``chunk_size`` is not a positive
+            integer, or the query is empty (now).
+        FileNotFoundError: no SQLite file at the path (now; reading never creates one).
+        streamproc.io.sql_connection.SqlQueryError: an unknown table or column, or a syntax
+            error (a ``ValueError``; now on SQLite and PostgreSQL, which ``EXPLAIN`` the query;
+            when the run starts elsewhere), naming the query and the URL, password hidden.
+        ImportError: a non-SQLite URL without SQLAlchemy, naming ``pip install 'streamproc[sql]'``.
+    """
+    from .io.sql_source import SqlSource
+
+    return Stream(SqlSource(query, con, chunk_size, params))
+
+
 __all__ = [
     "Bottleneck",
     "CorruptInputError",
@@ -205,4 +245,5 @@ __all__ = [
     "read_csv",
     "read_jsonl",
     "read_parquet",
+    "read_sql",
 ]

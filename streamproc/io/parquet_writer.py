@@ -115,6 +115,8 @@ class ParquetOutput:
             "task_size": plan.task_size, "rows_per_file": self.rows_per_file, "row_group_size": self.row_group_size,
             "tasks_per_group": group_size, "rank": selection.rank, "world_size": selection.world_size,
         }
+        if self.resume:
+            plan.source.check_stable_order("write_parquet(resume=True)")
         fingerprint = plan.source.fingerprint()
         names = self.directory.names()
         existing = load_manifest(self.directory, self.manifest_name) if self.resume else None
