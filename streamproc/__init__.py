@@ -179,15 +179,20 @@ def from_huggingface(dataset: Any) -> Stream:
 
 
 def read_sql(
-    query: str, con: Union[str, "os.PathLike[str]"], chunk_size: Optional[int] = None, *, params: Optional[Mapping[str, Any]] = None
+    query: str,
+    con: Union[str, os.PathLike[str]],
+    chunk_size: Optional[int] = None,
+    *,
+    params: Optional[Mapping[str, Any]] = None,
 ) -> Stream:
     """A stream of the rows of a SQL query, one dict (column -> value) per row, in tasks of ``chunk_size`` rows.
 
     ``con`` is a SQLite file path or ``sqlite:///`` URL (the standard library's ``sqlite3``) or
     any SQLAlchemy URL (``postgresql+psycopg://user:password@host/db``; needs
     ``pip install 'streamproc[sql]'``); never a live connection, since each process opens its
-    own. ``params`` fills the query's ``:name`` placeholders. ``chunk_size`` (None: the
-    stream's task size) is the number of rows per task.
+    own. ``params`` fills the query's ``:name`` placeholders. ``chunk_size`` is the number of
+    rows per task: it sets the stream's ``task_size`` (None: the default, 1,024, or what
+    ``set_processing(task_size=...)`` says; a later ``set_processing(task_size=...)`` wins).
 
     The rows are read once, in the main process, through one cursor fetched in batches (never
     all at once); the tasks carry them to the workers. Records hold the driver's values
@@ -212,9 +217,11 @@ def read_sql(
             when the run starts elsewhere), naming the query and the URL, password hidden.
         ImportError: a non-SQLite URL without SQLAlchemy, naming ``pip install 'streamproc[sql]'``.
     """
-    from .io.sql_source import SqlSource
+    from .io.sql_source import SqlSource, check_chunk_size
 
-    return Stream(SqlSource(query, con, chunk_size, params))
+    check_chunk_size(chunk_size)
+    stream = Stream(SqlSource(query, con, params))
+    return stream if chunk_size is None else stream.set_processing(task_size=chunk_size)
 
 
 __all__ = [

@@ -88,6 +88,7 @@ class Source(ABC):
         (``"write_parquet(resume=True)"``: it skips tasks by number) cannot allow (main process).
         The default accepts: files and in-memory data keep their order; ``read_sql`` refuses a
         query without an ``ORDER BY``."""
+        return None
 
     def num_records(self) -> Optional[int]:
         """How many records the source holds, if it knows without reading them (main process);

@@ -1,8 +1,12 @@
-"""``read_sql``: the rows of a query as dict records, streamed in tasks of ``chunk_size`` rows.
+"""``read_sql``: the rows of a query as dict records, streamed in tasks of ``task_size`` rows.
+
+``read_sql(query, con, chunk_size=n)`` is ``SqlSource`` with the stream's ``task_size`` set to
+``n``, so that the part layout of ``write_parquet`` (groups of ``rows_per_file / task_size``
+tasks) and the batches of later stages see the same task size as the source.
 
 Where rows are read: in the main process, by the source's :meth:`SqlSource.iter_tasks` (the
 feeder thread of a backend with workers), through one cursor over the whole query, fetched
-``min(chunk_size, READ_BATCH_ROWS)`` rows at a time (``fetchmany`` on SQLite, a server-side
+``min(task_size, READ_BATCH_ROWS)`` rows at a time (``fetchmany`` on SQLite, a server-side
 cursor through SQLAlchemy's ``stream_results`` elsewhere); the task payloads carry the rows
 to the workers, as ``from_iterable`` does. Why not read in the workers with ``LIMIT/OFFSET``
 or keyset pagination: that is valid only with an ``ORDER BY`` on a unique key, ``OFFSET`` makes
@@ -10,7 +14,7 @@ the database skip every earlier row again (quadratic work), and the database, no
 of its rows, is what limits a SQL read. So each row is read once, any query works, and memory
 stays bounded:
 
-    rows held by the source = the task being filled (<= chunk_size) + one fetch batch,
+    rows held by the source = the task being filled (<= task_size) + one fetch batch,
 
 the tasks already yielded being bounded by the backend's window, as for any source.
 
@@ -89,6 +93,12 @@ def top_level_text(sql: str) -> str:
     return "".join(out)
 
 
+def check_chunk_size(chunk_size: Optional[int]) -> None:
+    """Raises ``ValueError`` unless ``chunk_size`` is None or a positive integer (main process)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"read_sql: chunk_size must be a positive integer (rows per task) or None, got {chunk_size!r}")
+
+
 def has_order_by(sql: str) -> bool:
     """Whether the outermost statement of ``sql`` ends with an ``ORDER BY`` clause.
 
@@ -120,20 +130,15 @@ class SqlSource(Source):
     receive the rows in the payloads, never the connection (nor the query's results).
     """
 
-    def __init__(
-        self, query: str, con: Any, chunk_size: Optional[int] = None, params: Optional[Mapping[str, Any]] = None
-    ) -> None:
+    def __init__(self, query: str, con: Any, params: Optional[Mapping[str, Any]] = None) -> None:
         if not isinstance(query, str) or not query.strip():
             raise ValueError(f"read_sql: query must be a non-empty SQL string, got {type(query).__name__} {query!r:.80}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"read_sql: chunk_size must be a positive integer (rows per task) or None, got {chunk_size!r}")
         if params is not None and not isinstance(params, Mapping):
             raise TypeError(
                 f"read_sql: params must be a mapping of the query's :name parameters, got {type(params).__name__}"
             )
         self.query = query.strip().rstrip(";").rstrip()
         self.params: dict[str, Any] = dict(params or {})
-        self.chunk_size = chunk_size
         self.target: SqlTarget = sql_target(con)
         self.ordered = has_order_by(self.query)
         self._check_sqlite_file()
@@ -142,13 +147,13 @@ class SqlSource(Source):
 
     # -- main process ---------------------------------------------------------------------------
     def iter_tasks(self, task_size: int) -> Iterator[SqlRows]:
-        """Runs the query once and yields its rows ``chunk_size`` (else ``task_size``) at a time.
+        """Runs the query once and yields its rows ``task_size`` at a time.
 
         Raises:
             SqlQueryError: the database failed the query, or the query returns no rows (it is
                 not a SELECT), naming the query, the database and the rows read before.
         """
-        size = self.chunk_size or task_size
+        size = task_size
         start = 0
         rows: list[dict[str, Any]] = []
         with self._open() as connection:
@@ -173,14 +178,14 @@ class SqlSource(Source):
                 yield SqlRows(start, rows)
 
     def fingerprint(self) -> dict[str, Any]:
-        """The query, its parameters (as ``repr``), the database URL (password hidden) and
-        ``chunk_size``: a resume over another query or database is refused. Rows that changed
-        in the database are not detected (reading them all again would be the only way)."""
+        """The query, its parameters (as ``repr``) and the database URL (password hidden): a
+        resume over another query or database is refused (a changed ``chunk_size`` is a changed
+        ``task_size``, which the layout check refuses). Rows that changed in the database are
+        not detected (reading them all again would be the only way)."""
         return {
             "read_sql": self.query,
             "params": {name: repr(value) for name, value in sorted(self.params.items())},
             "database": str(self.target),
-            "chunk_size": self.chunk_size,
         }
 
     def num_records(self) -> None:
@@ -210,7 +215,7 @@ class SqlSource(Source):
         return iter(payload.rows)
 
     def read_task_chunks(self, payload: SqlRows, chunk_size: int) -> Iterator[list[dict[str, Any]]]:
-        yield payload.rows  # already a list of at most chunk_size rows
+        yield payload.rows  # already a list of at most task_size rows
 
     def locate(self, payload: SqlRows, row: Optional[int] = None) -> str:
         """``"read_sql(...), rows <first> to <last> of the query"``, or ``"..., row <i> of the query"``
