@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from streamproc.io.sql_connection import SqlTarget
+
 POSTGRES_URL_VARIABLE = "STREAMPROC_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_VARIABLE = "STREAMPROC_REQUIRE_POSTGRES"
 
@@ -54,7 +56,7 @@ def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
     except sqlalchemy.exc.OperationalError as exc:
         engine.dispose()
-        pytest.fail(f"the PostgreSQL test server at {base} is not reachable: {exc}")
+        pytest.fail(f"the PostgreSQL test server at {SqlTarget(base)} is not reachable: {exc}")
     separator = "&" if "?" in base else "?"
     yield f"{base}{separator}options=-csearch_path%3D{schema}"
     with engine.begin() as connection:
