@@ -86,6 +86,17 @@ def has_even_id(record: dict[str, Any]) -> bool:
     return bool(record["id"] % 2 == 0)
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_under_spawn_and_forkserver(sql_url, start_method):
+    # The source travels to fresh interpreters: the query, its parameters and the URL, no connection.
+    expected = make_docs(sql_url)
+    stream = sp.read_sql("SELECT id, text, score FROM docs WHERE id < :n ORDER BY id", sql_url, chunk_size=8, params={"n": 30})
+    options = {"backend": "multiprocessing", "num_cpu_workers": 2, "process_start_method": start_method}
+    assert guarded(lambda: assert_same_as_simple(stream.map(doubled_score), **options)) == [
+        doubled_score(r) for r in expected[:30]
+    ]
+
+
 def test_params_fill_named_placeholders(sql_url):
     expected = make_docs(sql_url)
     stream = sp.read_sql("SELECT id, text, score FROM docs WHERE id >= :low AND text <> :skip ORDER BY id", sql_url,
@@ -133,7 +144,7 @@ def test_sqlite_values_come_as_the_driver_gives_them(tmp_path):
 
 def test_postgresql_values_come_as_the_driver_gives_them(sql_url):
     if not sql_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL types (tox -e sql)")
+        pytest.skip("PostgreSQL's own types: the SQLite case is test_sqlite_values_come_as_the_driver_gives_them")
     with connect(sql_target(sql_url)) as connection:
         connection.execute("CREATE TABLE t (d NUMERIC(10, 3), ts TIMESTAMP, u UUID, ok BOOLEAN, tags TEXT[], doc JSONB)")
         connection.execute("INSERT INTO t VALUES (1.250, '2024-02-29 12:00:00', "
@@ -152,6 +163,28 @@ def test_a_relative_path_and_a_sqlite_url_read_the_same_file(tmp_path, monkeypat
         monkeypatch.chdir("/")  # the path was made absolute when read_sql was called
         assert guarded(stream.set_processing(backend="multiprocessing", num_cpu_workers=1).to_list) == expected
         monkeypatch.chdir(tmp_path)
+
+
+def test_a_wal_sqlite_file_takes_commits_while_it_is_read(tmp_path):
+    # What a job that reads and writes one SQLite file needs (docs: WAL mode); the read-only
+    # reader opens a WAL file too.
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    make_docs(url, 3_000)
+    with sqlite3.connect(tmp_path / "wal.db") as db:
+        assert db.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+        db.execute("CREATE TABLE out (id INTEGER)")
+    db.close()
+
+    def read_while_writing() -> int:
+        iterator = iter(sp.read_sql(QUERY, url, chunk_size=100))
+        first = next(iterator)  # the reader's cursor is open
+        writer = sqlite3.connect(tmp_path / "wal.db", timeout=5, isolation_level=None)
+        writer.execute("INSERT INTO out VALUES (?)", (first["id"],))
+        writer.close()
+        return 1 + sum(1 for _ in iterator)
+
+    assert guarded(read_while_writing) == 3_000
+    assert count_rows(url, "out") == 1
 
 
 # -- memory: rows are fetched in batches ------------------------------------------------------
