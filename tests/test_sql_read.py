@@ -519,6 +519,26 @@ def test_an_unreachable_server_is_a_connection_error_without_the_password():
     assert "secret" not in str(info.value)
 
 
+def test_sqlite_needs_no_sqlalchemy_nor_torch(tmp_path):
+    import subprocess
+    import textwrap
+
+    make_docs(f"sqlite:///{tmp_path / 'a.db'}", 3)
+    code = f"""
+        import sys
+        import streamproc as sp
+        records = sp.read_sql("SELECT id FROM docs ORDER BY id", {str(tmp_path / 'a.db')!r}).to_list()
+        assert records == [{{"id": i}} for i in range(3)], records
+        print(sorted(name for name in ("sqlalchemy", "psycopg", "torch") if name in sys.modules))
+    """
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(sp.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_payloads_carry_rows_not_the_connection(sql_url):
     import pickle
 
