@@ -459,6 +459,9 @@ def test_a_statement_that_is_not_a_query_fails_and_writes_nothing(sql_url):
     with pytest.raises(SqlQueryError, match=r"the query 'DELETE FROM docs' failed .*on "):
         guarded(stream.to_list)
     assert count_rows(sql_url) == N  # read-only: SQLite mode=ro, PostgreSQL READ ONLY transactions
+    if sql_url.startswith("postgresql"):
+        setting = sp.read_sql("SELECT current_setting('transaction_read_only') AS read_only", sql_url)
+        assert guarded(setting.to_list) == [{"read_only": "on"}]
 
 
 def test_a_missing_sqlite_file_is_refused_and_not_created(tmp_path):

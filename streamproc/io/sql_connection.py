@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import quote as url_quote
@@ -196,7 +196,7 @@ class SqlConnection:
 
     def iterate(
         self, sql: str, params: Optional[Mapping[str, Any]] = None, batch_rows: int = 1024
-    ) -> Iterator[list[dict[str, Any]]]:
+    ) -> Generator[list[dict[str, Any]], None, None]:
         """The rows of a query, ``batch_rows`` at a time, without holding them all (server-side
         cursors where the driver has them).
 

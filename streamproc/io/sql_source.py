@@ -27,6 +27,7 @@ for a type a later sink does not take.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -156,8 +157,9 @@ class SqlSource(Source):
         size = task_size
         start = 0
         rows: list[dict[str, Any]] = []
-        with self._open() as connection:
-            batches = connection.iterate(self.query, self.params, batch_rows=min(size, READ_BATCH_ROWS))
+        with self._open() as connection, contextlib.closing(
+            connection.iterate(self.query, self.params, batch_rows=min(size, READ_BATCH_ROWS))
+        ) as batches:
             while True:
                 try:
                     batch = next(batches, None)
