@@ -194,8 +194,9 @@ def read_sql(
     rows per task: it sets the stream's ``task_size`` (None: the default, 1,024, or what
     ``set_processing(task_size=...)`` says; a later ``set_processing(task_size=...)`` wins).
 
-    The rows are read once, in the main process, through one cursor fetched in batches (never
-    all at once); the tasks carry them to the workers. Records hold the driver's values
+    Runs in the main process: ``read_sql`` checks the query there, and the run reads the rows
+    there once, through one cursor fetched in batches (never all at once); the tasks carry
+    them to the workers. Records hold the driver's values
     (SQLite: int, float, str, bytes, None; PostgreSQL also Decimal, datetime, UUID...).
     ``write_parquet(resume=True)`` over ``read_sql`` needs an ``ORDER BY`` on a unique key at
     the end of the query (found in its text outside parentheses, strings and comments).
@@ -205,6 +206,7 @@ def read_sql(
     >>> with sqlite3.connect(path) as db:
     ...     _ = db.execute("CREATE TABLE docs (id INTEGER, text TEXT)")
     ...     _ = db.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "hello"), (2, "world")])
+    >>> db.close()
     >>> read_sql("SELECT id, text FROM docs ORDER BY id", path).to_list()
     [{'id': 1, 'text': 'hello'}, {'id': 2, 'text': 'world'}]
 
@@ -215,6 +217,8 @@ def read_sql(
         streamproc.io.sql_connection.SqlQueryError: an unknown table or column, or a syntax
             error (a ``ValueError``; now on SQLite and PostgreSQL, which ``EXPLAIN`` the query;
             when the run starts elsewhere), naming the query and the URL, password hidden.
+        streamproc.io.sql_connection.SqlConnectionError: the database server cannot be reached
+            or refuses the login (now).
         ImportError: a non-SQLite URL without SQLAlchemy, naming ``pip install 'streamproc[sql]'``.
     """
     from .io.sql_source import SqlSource, check_chunk_size
