@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ResumeMismatchError
 from .sql_connection import SqlConnection, SqlTarget
+from .sql_schema import table_exists
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -56,7 +57,7 @@ def committed_tasks(connection: SqlConnection, table: str) -> dict[int, tuple[in
 
 def forget_tasks(connection: SqlConnection, table: str) -> None:
     """Deletes the bookkeeping rows of ``table``, if the bookkeeping table exists."""
-    if connection.table_exists(BOOKKEEPING_TABLE):
+    if table_exists(connection, BOOKKEEPING_TABLE):
         connection.execute(f"DELETE FROM {connection.quote(BOOKKEEPING_TABLE)} WHERE target_table = :table", {"table": table})
 
 

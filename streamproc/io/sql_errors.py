@@ -20,7 +20,8 @@ import re
 from typing import Optional
 
 from ..errors import SchemaError, StreamprocError
-from .sql_connection import SQLITE_LOCK_TIMEOUT_S, SqlTarget
+from . import sql_connection
+from .sql_connection import SqlTarget
 
 #: PostgreSQL messages of a value its column's type refuses (psycopg's DataError/ProgrammingError).
 _TYPE_MISMATCH_RE = re.compile(
@@ -55,7 +56,7 @@ def database_error(exc: BaseException, target: SqlTarget, table: str, where: str
         )
     if "database is locked" in message or "database table is locked" in message:
         return SqlWriteError(
-            f"write_sql: the SQLite database {target} stayed locked for {SQLITE_LOCK_TIMEOUT_S:g} s while "
+            f"write_sql: the SQLite database {target} stayed locked for {sql_connection.SQLITE_LOCK_TIMEOUT_S:g} s while "
             f"writing {where} into table {table!r}: another connection (another program, or a transaction "
             f"left open) holds its write lock. Close it and rerun (resume=True skips the tasks committed)"
         )

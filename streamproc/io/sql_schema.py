@@ -297,6 +297,15 @@ def table_columns(connection: SqlConnection, table: str) -> dict[str, str]:
     return {str(row["column_name"]): str(row["data_type"]) for row in rows}
 
 
+def table_exists(connection: SqlConnection, table: str) -> bool:
+    """Whether ``table`` exists, as :func:`table_columns` sees it (usable inside a transaction or not).
+
+    Not ``SqlConnection.table_exists``: on SQLAlchemy its inspector query auto-begins a
+    transaction that it leaves open, and the connection's next statement then fails.
+    """
+    return bool(table_columns(connection, table))
+
+
 def create_table_sql(connection: SqlConnection, table: str, columns: Mapping[str, str]) -> str:
     """``CREATE TABLE IF NOT EXISTS`` of ``table`` with ``columns`` (identifiers quoted)."""
     body = ", ".join(f"{connection.quote(name)} {sql_type}" for name, sql_type in columns.items())

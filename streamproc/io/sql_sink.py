@@ -26,7 +26,7 @@ from ..errors import SchemaError
 from .sinks import Sink
 from .sql_bookkeeping import check_resumable, committed_tasks, ensure_bookkeeping, forget_tasks, run_fingerprint
 from .sql_connection import connect, sql_target
-from .sql_schema import SqlRowFinalizer, create_table_sql, schema_columns, table_columns
+from .sql_schema import SqlRowFinalizer, create_table_sql, schema_columns, table_columns, table_exists
 from .sql_writer import SqlTableSettings, TaskRowsWriter, WorkerSqlWriters
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class SqlSink(Sink):
         committed: dict[int, tuple[int, str]] = {}
         with connect(target) as connection:
             columns = schema_columns(self.schema, connection.dialect)
-            exists = connection.table_exists(table)
+            exists = table_exists(connection, table)
             if self.resume:
                 ensure_bookkeeping(connection)
                 committed = committed_tasks(connection, table)
