@@ -313,7 +313,7 @@ class Stream:
         the first task to commit. ``resume=True`` records each task in ``_streamproc_tasks``
         in its transaction; a rerun skips the committed tasks (exactly once) and refuses a
         changed input or task layout. Row order in the table is not meaningful. See
-        :mod:`streamproc.io.sql_sink` and docs/sql.md.
+        :mod:`streamproc.io.sql_sink` and the docs' section on write_sql.
 
         Returns:
             The rows written into the table (with ``resume``, the earlier runs' too).

@@ -136,6 +136,22 @@ def test_workers_out_of_order_and_retrying_runs_write_the_same_table(sql_url, co
     _check_same_as_simple(sql_url, config)
 
 
+def fails_on_multiples_of_9(r: dict[str, Any]) -> dict[str, Any]:
+    if r["x"] % 9 == 0:
+        raise ValueError(f"record {r['x']}")
+    return r
+
+
+@pytest.mark.filterwarnings("ignore::streamproc.RecordsSkippedWarning")
+def test_records_skipped_by_on_error_are_not_written(sql_url):
+    stream = sp.from_iterable(records()).map(fails_on_multiples_of_9)
+    for table, config in [("reference", {"backend": "simple"}), ("t", {"backend": "multiprocessing", "num_cpu_workers": 2})]:
+        written = write(stream.set_processing(task_size=TASK_SIZE, on_error="skip", **config), sql_url, table, resume=True)
+        assert written == N - len(range(0, N, 9))
+    assert rows_of(sql_url, "t") == rows_of(sql_url, "reference")
+    assert [r["x"] for r in rows_of(sql_url)] == [x for x in range(N) if x % 9]
+
+
 def test_values_and_created_types(sql_url, caplog):
     dialect = sql_target(sql_url).dialect
     items = [
@@ -382,3 +398,26 @@ def test_sigkill_of_the_job_then_resume_writes_every_record_once(sql_url, tmp_pa
     assert [r["x"] for r in rows] == list(range(JOB_RECORDS))
     assert rows[13] == {"x": 13, "text": "t" * (13 % 7), "half": 6.5}
     assert sorted(committed(sql_url)) == list(range(JOB_RECORDS // 10))
+
+
+@pytest.mark.parametrize(
+    "config", [{"backend": "simple"}, {"backend": "multiprocessing", "num_cpu_workers": 2}], ids=config_id
+)
+def test_sigterm_exits_143_keeping_the_committed_tasks_then_resume(sql_url, tmp_path, config):
+    flag = tmp_path / "gate"
+    job = _start_job(sql_url, config, 95, flag)
+    try:
+        wait_for_condition(lambda: job.poll() is not None or (flag.exists() and len(committed(sql_url)) >= 3), timeout_s=60)
+        os.kill(job.pid, signal.SIGTERM)  # the main process only, as a scheduler's first signal
+        code, err = _finish(job)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            _finish(job)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM stopped write_sql('t')" in err and "Traceback" not in err
+    marks = committed(sql_url)
+    assert 9 not in marks and len(rows_of(sql_url)) == sum(marks.values())
+    code, err = _finish(_start_job(sql_url, config, -1, flag))
+    assert code == 0, err[-3000:]
+    assert [r["x"] for r in rows_of(sql_url)] == list(range(JOB_RECORDS))

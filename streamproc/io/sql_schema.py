@@ -116,8 +116,11 @@ def to_sql_value(value: Any, dialect: str, column: str) -> Any:
     Raises:
         SchemaError: a type with no SQL equivalent, naming ``column``.
     """
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    for base in (bool, int, float, str):  # numpy.float64, IntEnum, numpy.str_...: the plain value
+        if isinstance(value, base):
+            return base(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, (datetime.date, datetime.datetime)):
