@@ -142,6 +142,35 @@ def fails_on_multiples_of_9(r: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
+def prepare_halves(batch: list[dict[str, Any]]) -> Any:
+    import torch
+
+    return torch.tensor([[r["half"], r["x"]] for r in batch], dtype=torch.float64)
+
+
+def scale(batch: Any) -> Any:
+    return batch * 3
+
+
+def embedding_rows(batch: list[dict[str, Any]], outputs: Any) -> list[dict[str, Any]]:
+    return [{"x": r["x"], "embedding": row, "norm": row.sum()} for r, row in zip(batch, outputs)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"backend": "multiprocessing", "num_cpu_workers": 2, "num_gpu_workers": 1, "gpu_worker_devices": ["cpu"]},
+     {"backend": "threads", "num_cpu_workers": 2, "num_gpu_workers": 1, "gpu_worker_devices": ["cpu"]}],
+    ids=["multiprocessing", "threads"],
+)
+def test_a_map_gpu_stage_writes_the_simple_backends_table(sql_url, config):
+    stream = sp.from_iterable(records()).map_gpu(prepare_halves, scale, embedding_rows, batch_size=4)
+    write(stream.set_processing(task_size=TASK_SIZE, backend="simple"), sql_url, "reference", resume=True)
+    assert write(stream.set_processing(task_size=TASK_SIZE, **config), sql_url, "t", resume=True) == N
+    rows = rows_of(sql_url, "t")
+    assert rows == rows_of(sql_url, "reference")
+    assert json.loads(rows[4]["embedding"]) == [6.0, 12.0] and rows[4]["norm"] == 18.0
+
+
 @pytest.mark.filterwarnings("ignore::streamproc.RecordsSkippedWarning")
 def test_records_skipped_by_on_error_are_not_written(sql_url):
     stream = sp.from_iterable(records()).map(fails_on_multiples_of_9)
