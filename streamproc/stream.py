@@ -304,24 +304,15 @@ class Stream:
     def write_sql(self, con: Any, table: str, if_exists: str = "fail", schema: Any = None, resume: bool = False) -> int:
         """Runs the stream and writes dict records into ``table``, one transaction per task.
 
-        ``con`` is a path or ``sqlite:///`` URL (the standard library's sqlite3) or any SQLAlchemy
-        URL (``pip install 'streamproc[sql]'``), never a live connection: each process that
-        writes opens its own. Tasks are written where they ran (each CPU worker with
-        multiprocessing, else the main process). ``if_exists``: ``"fail"`` (the default),
-        ``"append"`` or ``"replace"``, applied once, before the run. The table is created from
-        ``schema`` (``{column: "SQL type"}`` or a ``pyarrow.Schema``), else from the records of
-        the first task to commit. ``resume=True`` records each task in ``_streamproc_tasks``
-        in its transaction; a rerun skips the committed tasks (exactly once) and refuses a
-        changed input or task layout. Row order in the table is not meaningful. See
-        :mod:`streamproc.io.sql_sink` and the docs' section on write_sql.
-
-        Returns:
-            The rows written into the table (with ``resume``, the earlier runs' too).
-
-        Raises:
-            ValueError: a bad argument, or the table exists with ``if_exists="fail"``.
-            streamproc.SchemaError: a column the table lacks, or a value its type refuses.
-            streamproc.ResumeMismatchError: ``resume=True`` after a run with another input or layout.
+        ``con``: a path or ``sqlite:///`` URL (sqlite3), or any SQLAlchemy URL (extra ``sql``);
+        never a live connection: each process that writes (the CPU workers with multiprocessing,
+        else the main process) opens its own. ``if_exists`` ("fail", "append", "replace") is
+        applied once, before the run; the table is created from ``schema`` (``{column: "SQL
+        type"}`` or a ``pyarrow.Schema``), else from the first committed task's records.
+        ``resume=True`` records each task in ``_streamproc_tasks`` in its transaction; a rerun
+        skips committed tasks (exactly once) and refuses a changed input or task layout
+        (``ResumeMismatchError``). Row order in the table is not meaningful. Returns the rows
+        written (with ``resume``, earlier runs' too). See :mod:`streamproc.io.sql_sink`.
         """
         from .io.sql_sink import write_sql
 

@@ -285,12 +285,13 @@ def test_a_str_into_an_integer_column_names_table_column_and_task(sql_url, confi
         write(stream_of(items, **config), sql_url, if_exists="append")
 
 
-def test_a_value_the_database_refuses_is_reraised_naming_table_column_and_task(sql_url):
+@pytest.mark.parametrize("config", [{"backend": "simple"}, {"backend": "multiprocessing", "num_cpu_workers": 2}], ids=config_id)
+def test_a_value_the_database_refuses_is_reraised_naming_table_column_and_task(sql_url, config):
     if sql_target(sql_url).dialect != "postgresql":
         pytest.skip("SQLite stores any value in a column of a type it does not know")
     write(stream_of([]), sql_url, schema={"x": "BIGINT", "id": "UUID"})
-    with pytest.raises(sp.SchemaError, match=r"refused a value of task 0 for .*table 't'.*uuid") as info:
-        write(stream_of([{"x": 1, "id": "not-a-uuid"}]), sql_url, if_exists="append")
+    with pytest.raises(sp.SchemaError, match=r"refused a value of task 0( \(.*\))? for column 'id' of table 't'.*uuid") as info:
+        write(stream_of([{"x": 1, "id": "not-a-uuid"}], **config), sql_url, if_exists="append")
     assert info.value.__cause__ is not None
 
 

@@ -17,6 +17,7 @@ main process as themselves. Runs where the write runs (main process or CPU worke
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Optional
 
 from ..errors import SchemaError, StreamprocError
@@ -30,6 +31,8 @@ _TYPE_MISMATCH_RE = re.compile(
     re.IGNORECASE,
 )
 _COLUMN_RE = re.compile(r'column "([^"]+)"', re.IGNORECASE)
+#: PostgreSQL's context of a bad parameter value: "unnamed portal parameter $2 = '...'".
+_PARAMETER_RE = re.compile(r"parameter \$(\d+)")
 
 
 class SqlWriteError(StreamprocError):
@@ -43,11 +46,29 @@ def _driver_message(exc: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
-def database_error(exc: BaseException, target: SqlTarget, table: str, where: str) -> Exception:
-    """The error to raise for ``exc``, a driver's error while writing ``where`` (``"task 3"``) into ``table``."""
+def _column_of(exc: BaseException, message: str, parameters: Sequence[str]) -> Optional[str]:
+    """The column the database names: in its message, its diagnostics (psycopg's ``diag``), or as
+    the ``$k`` parameter of the INSERT, whose columns are ``parameters`` in order."""
+    match = _COLUMN_RE.search(message)
+    if match:
+        return match.group(1)
+    diag = getattr(getattr(exc, "orig", exc), "diag", None)
+    named = getattr(diag, "column_name", None)
+    if named:
+        return str(named)
+    parameter = _PARAMETER_RE.search(str(getattr(diag, "context", None) or ""))
+    if parameter and 0 < int(parameter.group(1)) <= len(parameters):
+        return parameters[int(parameter.group(1)) - 1]
+    return None
+
+
+def database_error(
+    exc: BaseException, target: SqlTarget, table: str, where: str, parameters: Sequence[str] = ()
+) -> Exception:
+    """The error to raise for ``exc``, a driver's error while writing ``where`` (``"task 3"``) into
+    ``table``; ``parameters``: the columns of the INSERT that was running, in order, if any."""
     message = _driver_message(exc)
-    column_match = _COLUMN_RE.search(message)
-    column: Optional[str] = column_match.group(1) if column_match else None
+    column = _column_of(exc, message, parameters)
     if _TYPE_MISMATCH_RE.search(message):
         what = f"column {column!r} of table {table!r}" if column else f"a column of table {table!r}"
         return SchemaError(

@@ -66,6 +66,7 @@ class TaskRowsWriter:
         self.columns: Optional[dict[str, str]] = dict(settings.columns) if settings.columns is not None else None
         self.rows_written = 0
         self._connection: Optional[SqlConnection] = None
+        self._inserting: list[str] = []  # the columns of the INSERT running (names the column of a bad value)
 
     def write_task(self, task_key: int, rows: Sequence[Mapping[str, Any]], where: str) -> None:
         """Commits ``rows`` (converted by :class:`~.sql_schema.SqlRowFinalizer`) of task ``task_key`` in one transaction.
@@ -77,6 +78,7 @@ class TaskRowsWriter:
                 the table and ``where``; the driver's error is the ``__cause__``.
         """
         settings = self.settings
+        self._inserting = []
         try:
             connection = self._connect()
             with connection.transaction():
@@ -90,7 +92,7 @@ class TaskRowsWriter:
             raise
         except Exception as exc:
             if is_database_error(exc):
-                raise database_error(exc, settings.target, settings.table, where) from exc
+                raise database_error(exc, settings.target, settings.table, where, self._inserting) from exc
             raise
         if columns:
             self.columns = columns  # committed: the table exists from now on
@@ -118,7 +120,7 @@ class TaskRowsWriter:
         seen: dict[str, None] = {}
         for row in rows:
             seen.update(dict.fromkeys(row))
-        names = list(seen)
+        names = self._inserting = list(seen)
         table = connection.quote(self.settings.table)
         if not names:  # records without a single key: one row of defaults each
             for _ in rows:
