@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import doctest
 import json
 import logging
 import os
@@ -27,7 +28,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import streamproc as sp
+import streamproc.io.sql_bookkeeping as sql_bookkeeping
 import streamproc.io.sql_connection as sql_connection
+import streamproc.io.sql_schema as sql_schema
+import streamproc.io.sql_sink as sql_sink
+import streamproc.io.sql_writer as sql_writer
 from streamproc.io.sql_bookkeeping import BOOKKEEPING_TABLE
 from streamproc.io.sql_connection import connect, sql_target
 from streamproc.io.sql_errors import SqlWriteError
@@ -113,6 +118,33 @@ def committed(url: str, table: str = "t") -> dict[int, int]:
             f"SELECT task_key, row_count FROM {BOOKKEEPING_TABLE} WHERE target_table = :t", {"t": table}
         )
     return {int(r["task_key"]): int(r["row_count"]) for r in rows}
+
+
+# -- pure functions --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [sql_schema, sql_writer, sql_sink, sql_bookkeeping], ids=lambda m: m.__name__)
+def test_module_doctests(module):
+    result = doctest.testmod(module)
+    assert result.failed == 0
+
+
+def test_declared_types_and_the_values_they_take():
+    declared_types = ("BIGINT", "integer", "BOOLEAN", "REAL", "numeric(10,2)", "character varying", "BYTEA",
+                      "timestamp with time zone", "interval", "uuid", "")
+    accepted = {declared: sql_schema.accepted_kinds(declared) for declared in declared_types}
+    assert accepted["BIGINT"] == accepted["integer"] == {"int"}
+    assert accepted["BOOLEAN"] == {"bool"} and accepted["REAL"] == accepted["numeric(10,2)"] == {"int", "float"}
+    assert accepted["character varying"] == {"text"} and accepted["BYTEA"] == {"bytes"}
+    assert "timestamptz" in accepted["timestamp with time zone"]
+    assert accepted["interval"] is accepted["uuid"] is accepted[""] is None  # the database decides
+
+
+def test_created_types_widen_ints_to_floats_and_refuse_mixed_kinds():
+    rows = [{"a": 1, "b": True}, {"a": 2.5, "b": None}]
+    assert sql_schema.infer_columns(rows, "postgresql", "t", "task 0") == {"a": "DOUBLE PRECISION", "b": "BOOLEAN"}
+    with pytest.raises(sp.SchemaError, match="column 'a' of table 't' holds values of several types in task 4"):
+        sql_schema.infer_columns([{"a": 1}, {"a": b"x"}], "sqlite", "t", "task 4")
 
 
 # -- every backend writes the simple backend's table -------------------------------------------------
