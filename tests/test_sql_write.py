@@ -299,6 +299,8 @@ def test_bad_arguments_fail_before_anything_runs(sql_url, tmp_path):
         stream_of(records(3)).write_sql(sql_url, "t", if_exists="replace", resume=True)
     with pytest.raises(ValueError, match="in-memory SQLite database"):
         stream_of(records(3)).write_sql("sqlite:///:memory:", "t")
+    with pytest.raises(ValueError, match="where write_sql"):
+        stream_of(records(3)).write_sql(sql_url, BOOKKEEPING_TABLE)
     with pytest.raises(TypeError, match="table must be a str"):
         stream_of(records(3)).write_sql(sql_url, 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="if_exists='append'"):
@@ -394,6 +396,9 @@ def test_resume_refuses_a_changed_layout_or_input(sql_url, tmp_path):
 def test_a_write_without_resume_forgets_an_earlier_resumable_run(sql_url):
     write(stream_of(records(10)), sql_url, resume=True)
     assert committed(sql_url)
+    with pytest.raises(ValueError, match=r"already exists.*or resume=True: it holds 2 tasks"):
+        write(stream_of(records(10)), sql_url)
+    assert len(committed(sql_url)) == 2  # a refused write changes nothing
     write(stream_of(records(10)), sql_url, if_exists="replace")
     assert committed(sql_url) == {}
     assert write(stream_of(records(10)), sql_url, resume=True, if_exists="append") == 10

@@ -46,7 +46,9 @@ def ensure_bookkeeping(connection: SqlConnection) -> None:
 
 
 def committed_tasks(connection: SqlConnection, table: str) -> dict[int, tuple[int, str]]:
-    """``{task key: (rows, run fingerprint)}`` of the tasks committed into ``table`` (bookkeeping must exist)."""
+    """``{task key: (rows, run fingerprint)}`` of the tasks committed into ``table`` ({} without bookkeeping)."""
+    if not table_exists(connection, BOOKKEEPING_TABLE):
+        return {}
     rows = connection.execute(
         f"SELECT task_key, row_count, run_fingerprint FROM {connection.quote(BOOKKEEPING_TABLE)} "
         "WHERE target_table = :table",

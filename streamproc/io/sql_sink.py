@@ -24,8 +24,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import SchemaError
 from .sinks import Sink
-from .sql_bookkeeping import check_resumable, committed_tasks, ensure_bookkeeping, forget_tasks, run_fingerprint
-from .sql_connection import connect, sql_target
+from .sql_bookkeeping import (
+    BOOKKEEPING_TABLE,
+    check_resumable,
+    committed_tasks,
+    ensure_bookkeeping,
+    forget_tasks,
+    run_fingerprint,
+)
+from .sql_connection import SqlConnection, connect, sql_target
 from .sql_schema import SqlRowFinalizer, create_table_sql, schema_columns, table_columns, table_exists
 from .sql_writer import SqlTableSettings, TaskRowsWriter, WorkerSqlWriters
 
@@ -51,6 +58,8 @@ class SqlSink(Sink):
             raise TypeError(f"write_sql: table must be a str (a table name), got {type(table).__name__}: {table!r:.60}")
         if not table:
             raise ValueError("write_sql: table must be a non-empty table name")
+        if table == BOOKKEEPING_TABLE:
+            raise ValueError(f"write_sql: {BOOKKEEPING_TABLE!r} is the table where write_sql(resume=True) records its tasks")
         if if_exists not in IF_EXISTS:
             raise ValueError(f"write_sql: if_exists must be one of {', '.join(map(repr, IF_EXISTS))}, got {if_exists!r}")
         if not isinstance(resume, bool):
@@ -95,44 +104,49 @@ class SqlSink(Sink):
                 f"table: use if_exists='append' (with {self.if_exists!r} the ranks would drop or refuse each other's rows)"
             )
         fingerprint = run_fingerprint(plan)
-        committed: dict[int, tuple[int, str]] = {}
         with connect(target) as connection:
             columns = schema_columns(self.schema, connection.dialect)
             exists = table_exists(connection, table)
+            # Checks first: a write refused here leaves the database as it was (an interrupted
+            # resumable write's bookkeeping included).
+            earlier = committed_tasks(connection, table) if exists else {}
+            committed = earlier if self.resume else {}
+            if self.resume:
+                check_resumable(committed, fingerprint, target, table)
+            if exists and not committed and self.if_exists == "fail":
+                hint = f" (or resume=True: it holds {len(earlier)} tasks of an interrupted resumable write)" if earlier else ""
+                raise ValueError(
+                    f"write_sql: table {table!r} already exists in {target}: pass if_exists='append' to add the rows "
+                    f"to it, or if_exists='replace' to drop it first{hint}"
+                )
+            keep = exists and (bool(committed) or self.if_exists == "append")
+            if keep:
+                columns = self._existing_columns(connection, columns)
+            # Then the changes, once, before any worker starts.
             if self.resume:
                 ensure_bookkeeping(connection)
-                committed = committed_tasks(connection, table)
-                if committed and not exists:  # the table was dropped since: its tasks are not there any more
-                    forget_tasks(connection, table)
-                    committed = {}
-                check_resumable(committed, fingerprint, target, table)
-            else:
-                forget_tasks(connection, table)  # a new write: an earlier resumable run's record no longer holds
-            if exists and not committed:
-                if self.if_exists == "fail":
-                    raise ValueError(
-                        f"write_sql: table {table!r} already exists in {target}: pass if_exists='append' to add the rows "
-                        "to it, or if_exists='replace' to drop it first"
-                    )
-                if self.if_exists == "replace":
-                    connection.execute(f"DROP TABLE {connection.quote(table)}")
-                    exists = False
-            if exists:
-                existing = table_columns(connection, table)
-                missing = [name for name in columns or () if name not in existing]
-                if missing:
-                    raise SchemaError(
-                        f"write_sql: schema names column {missing[0]!r}, which table {table!r} of {target} lacks "
-                        f"(it has {', '.join(map(repr, existing))})"
-                    )
-                columns = existing
-            elif columns is not None:
+            if not committed:  # a new write (or the table was dropped): earlier bookkeeping rows no longer hold
+                forget_tasks(connection, table)
+            if exists and not keep:  # if_exists="replace"
+                connection.execute(f"DROP TABLE {connection.quote(table)}")
+            if not keep and columns is not None:
                 connection.execute(create_table_sql(connection, table, columns))
         self.rows = sum(rows for rows, _ in committed.values())
         self.settings = SqlTableSettings(
             target, table, tuple(columns.items()) if columns is not None else None, self.resume, fingerprint
         )
         return plan.with_task_selection(1, committed) if self.resume else plan
+
+    def _existing_columns(self, connection: SqlConnection, schema: Optional[dict[str, str]]) -> dict[str, str]:
+        """The columns of the existing table; a ``schema`` column it lacks is an error (main process)."""
+        existing = table_columns(connection, self.table)
+        missing = [name for name in schema or () if name not in existing]
+        if missing:
+            raise SchemaError(
+                f"write_sql: schema names column {missing[0]!r}, which table {self.table!r} of {self.target} lacks "
+                f"(it has {', '.join(map(repr, existing))})"
+            )
+        return existing
 
     # -- the Sink protocol ----------------------------------------------------------------------
     def finalizer(self) -> ChunkFinalizer:
