@@ -301,6 +301,23 @@ class Stream:
         written: str = run_into(build_plan(self), JsonlSink(path, overwrite))
         return written
 
+    def write_sql(self, con: Any, table: str, if_exists: str = "fail", schema: Any = None, resume: bool = False) -> int:
+        """Runs the stream and writes dict records into ``table``, one transaction per task.
+
+        ``con``: a path or ``sqlite:///`` URL (sqlite3), or any SQLAlchemy URL (extra ``sql``);
+        never a live connection: each process that writes (the CPU workers with multiprocessing,
+        else the main process) opens its own. ``if_exists`` ("fail", "append", "replace") is
+        applied once, before the run; the table is created from ``schema`` (``{column: "SQL
+        type"}`` or a ``pyarrow.Schema``), else from the first committed task's records.
+        ``resume=True`` records each task in ``_streamproc_tasks`` in its transaction; a rerun
+        skips committed tasks (exactly once) and refuses a changed input or task layout
+        (``ResumeMismatchError``). Row order in the table is not meaningful. Returns the rows
+        written (with ``resume``, earlier runs' too). See :mod:`streamproc.io.sql_sink`.
+        """
+        from .io.sql_sink import write_sql
+
+        return write_sql(build_plan(self), con, table, if_exists, schema, resume)
+
     # -- everyday API: limit, take, count, Arrow, Hugging Face --------------------------------
     def limit(self, n: int) -> Stream:
         """Keeps the first ``n`` records (lazy); later ops see only them.
