@@ -24,6 +24,7 @@ from streamproc.io.sql_source import SqlRows, has_order_by
 from tests import sql_databases
 from tests.hang_guard import run_guarded
 from tests.parquet_dirs import FailsWhileFileExists, RaisesBelow, doubled, manifest_parts, snapshot
+from tests.sql_databases import POSTGRES_CONFIGURED
 from tests.utils import (
     BACKEND_CONFIGS,
     MAX_PREFETCHED_TASKS,
@@ -37,6 +38,7 @@ from tests.utils import (
 
 #: The database fixture (SQLite, and PostgreSQL in tox -e sql), under its name in this module.
 sql_url = sql_databases.sql_url
+postgres_sql_url = sql_databases.postgres_sql_url
 
 GUARD_S = 120.0
 N = 57
@@ -142,17 +144,18 @@ def test_sqlite_values_come_as_the_driver_gives_them(tmp_path):
     assert guarded(sp.read_sql("SELECT * FROM t", path).to_list) == [{"i": 1, "f": 2.5, "s": "é", "b": b"\x00\x01", "n": None}]
 
 
-def test_postgresql_values_come_as_the_driver_gives_them(sql_url):
-    if not sql_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL's own types: the SQLite case is test_sqlite_values_come_as_the_driver_gives_them")
-    with connect(sql_target(sql_url)) as connection:
-        connection.execute("CREATE TABLE t (d NUMERIC(10, 3), ts TIMESTAMP, u UUID, ok BOOLEAN, tags TEXT[], doc JSONB)")
-        connection.execute("INSERT INTO t VALUES (1.250, '2024-02-29 12:00:00', "
-                           "'12345678-1234-5678-1234-567812345678', true, ARRAY['a', 'b'], '{\"k\": [1]}')")
-    assert guarded(sp.read_sql("SELECT * FROM t", sql_url).to_list) == [{
-        "d": decimal.Decimal("1.250"), "ts": datetime.datetime(2024, 2, 29, 12), "ok": True, "tags": ["a", "b"],
-        "u": uuid.UUID("12345678-1234-5678-1234-567812345678"), "doc": {"k": [1]},
-    }]
+if POSTGRES_CONFIGURED:  # PostgreSQL's own types (the SQLite case is the test above); absent, not skipped, elsewhere
+
+    def test_postgresql_values_come_as_the_driver_gives_them(postgres_sql_url):
+        sql_url = postgres_sql_url
+        with connect(sql_target(sql_url)) as connection:
+            connection.execute("CREATE TABLE t (d NUMERIC(10, 3), ts TIMESTAMP, u UUID, ok BOOLEAN, tags TEXT[], doc JSONB)")
+            connection.execute("INSERT INTO t VALUES (1.250, '2024-02-29 12:00:00', "
+                               "'12345678-1234-5678-1234-567812345678', true, ARRAY['a', 'b'], '{\"k\": [1]}')")
+        assert guarded(sp.read_sql("SELECT * FROM t", sql_url).to_list) == [{
+            "d": decimal.Decimal("1.250"), "ts": datetime.datetime(2024, 2, 29, 12), "ok": True, "tags": ["a", "b"],
+            "u": uuid.UUID("12345678-1234-5678-1234-567812345678"), "doc": {"k": [1]},
+        }]
 
 
 def test_a_relative_path_and_a_sqlite_url_read_the_same_file(tmp_path, monkeypatch):

@@ -255,13 +255,6 @@ class SqlConnection:
 
         return (sqlalchemy.exc.SQLAlchemyError,)
 
-    def table_exists(self, table: str) -> bool:
-        if self._sqlite is not None:
-            return bool(self.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name", {"name": table}))
-        import sqlalchemy
-
-        return bool(sqlalchemy.inspect(self._sqlalchemy).has_table(table))
-
     def quote(self, identifier: str) -> str:
         """``identifier`` quoted for this dialect (a table or column name from the user)."""
         if self._sqlalchemy is not None:
