@@ -19,6 +19,7 @@ same rows, in an order that depends on which task commits first. Give the record
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
 
 IF_EXISTS = ("fail", "append", "replace")
+logger = logging.getLogger("streamproc")
 
 
 class SqlSink(Sink):
@@ -105,6 +107,8 @@ class SqlSink(Sink):
             )
         fingerprint = run_fingerprint(plan)
         with connect(target) as connection:
+            if _reads_the_same_sqlite_file(plan, target.sqlite_path):
+                _use_write_ahead_log(connection, str(target))
             columns = schema_columns(self.schema, connection.dialect)
             exists = table_exists(connection, table)
             # Checks first: a write refused here leaves the database as it was (an interrupted
@@ -188,6 +192,30 @@ class SqlSink(Sink):
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+
+
+def _reads_the_same_sqlite_file(plan: Plan, path: Optional[str]) -> bool:
+    """Whether ``plan`` reads (``read_sql``) the SQLite file ``path`` that it writes into."""
+    from .sql_source import SqlSource
+
+    source = plan.source
+    while not isinstance(source, SqlSource) and getattr(source, "inner", None) is not None:
+        source = source.inner  # limit() wraps its source
+    return path is not None and isinstance(source, SqlSource) and source.target.sqlite_path == path
+
+
+def _use_write_ahead_log(connection: SqlConnection, where: str) -> None:
+    """Switches the SQLite file to WAL journaling, which lets a reader's open cursor and the
+    writers' commits proceed together (main process, before the run).
+
+    In SQLite's default (rollback) journal, ``read_sql``'s cursor, open for the whole run,
+    holds a shared lock that every commit must wait for: a job reading and writing one file
+    would fail with "database is locked". WAL is a property of the file and stays after the run.
+    """
+    mode = connection.execute("PRAGMA journal_mode")[0]
+    if str(next(iter(mode.values()))).lower() != "wal":
+        connection.execute("PRAGMA journal_mode=WAL")
+        logger.info("write_sql: %s is read and written by this job: switched it to WAL journaling (it stays so)", where)
 
 
 def write_sql(plan: Plan, con: Any, table: str, if_exists: str, schema: Any, resume: bool) -> int:
