@@ -359,4 +359,5 @@ class MapGPU(BatchedOp):
             "map_gpu prepare_batch": self.prepare_batch,
             "map_gpu forward": self.forward,
             "map_gpu postprocess": self.postprocess,
+            "map_gpu place": self.place,
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -105,6 +106,31 @@ class NestedModel(torch.nn.Module):
 
     def forward(self, ids: Any) -> Any:
         return self.mlp(self.encoder(self.embeddings(ids))).sum(dim=1) + self.offset
+
+
+class MaskedLayer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: Any, mask: Any = None) -> Any:
+        return self.linear(x) * mask
+
+
+class MaskedModel(torch.nn.Module):
+    """Layers called with a keyword tensor (an attention-mask stand-in) made on the input's device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.layers = torch.nn.ModuleList(MaskedLayer() for _ in range(4))
+
+    def forward(self, ids: Any) -> Any:
+        mask = (ids > 0).float().unsqueeze(-1)
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x, mask=mask)
+        return x
 
 
 class FlatModel(torch.nn.Module):
@@ -306,6 +332,14 @@ def test_blocks_go_to_their_devices_and_inputs_follow(kind):
         handle.remove()
     with pytest.raises(RuntimeError), torch.inference_mode():
         model(batch)
+
+
+def test_keyword_tensor_arguments_follow_the_block():
+    model = MaskedModel()
+    [placement] = place_modules([model], ("cpu", "meta"), "stage 1")
+    assert [index for _, index in placement.modules] == [0, 0, 1, 1, 1]  # 320 + 288 | 3 x 288 bytes
+    with torch.inference_mode():
+        assert model(token_ids(make_records(2))).device.type == "meta"
 
 
 def single_device_model_outputs(kind: str, batch: Any) -> Any:
@@ -526,3 +560,17 @@ def test_cuda_group_gives_the_cpu_output(kind):
     options = {"backend": "multiprocessing", "num_cpu_workers": 1, "num_gpu_workers": 1, "gpu_worker_devices": [group]}
     out = run_guarded(lambda: stream.set_processing(**options).to_list(), RUN_TIMEOUT_S, "a GPU worker owning a CUDA group")
     assert_records_equal(out, expected)
+
+
+def test_a_place_hook_that_cannot_travel_to_gpu_workers_is_named():
+    lock = threading.Lock()
+
+    def locked_place(module: Any, devices: list[Any]) -> None:
+        with lock:
+            pass
+
+    stream = model_stream("modulelist", place=locked_place).set_processing(
+        backend="multiprocessing", num_cpu_workers=1, num_gpu_workers=1, gpu_worker_devices=[("cpu", "cpu")]
+    )
+    with pytest.raises(sp.SerializationError, match=r"the map_gpu place '.*locked_place' of stage 1 .* captures a lock"):
+        run_guarded(stream.to_list, RUN_TIMEOUT_S, "a place hook holding a lock")

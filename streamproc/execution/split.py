@@ -43,6 +43,6 @@ def split_plan(plan: Plan) -> tuple[Plan, dict[int, ForwardStage]]:
         if isinstance(op, MapGPU):
             assert isinstance(op, BatchedOp)
             forwards[stage.index] = ForwardStage(stage.index, stage.name, op.forward, op.batch_size, op.place)
-            stage = Stage(stage.index, stage.name, dataclasses.replace(op, forward=_forward_runs_on_gpu_workers))
+            stage = Stage(stage.index, stage.name, dataclasses.replace(op, forward=_forward_runs_on_gpu_workers, place=None))
         cpu_stages.append(stage)
     return dataclasses.replace(plan, stages=tuple(cpu_stages)), forwards

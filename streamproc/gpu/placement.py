@@ -203,19 +203,16 @@ def find_blocks(model: Any) -> Optional[tuple[list[tuple[str, Any]], list[tuple[
     stack_name = stacks[sizes.index(max(sizes))][0]
     blocks: list[tuple[str, Any]] = []
     path: list[tuple[str, Any]] = [("", model)]
-    parent, prefix, rest = model, "", stack_name.split(".")
-    while rest:
-        step, rest = rest[0], rest[1:]
+    parent, prefix = model, ""
+    steps = stack_name.split(".")
+    for depth, step in enumerate(steps):
         for name, child in parent.named_children():
             if name != step:
-                blocks.append((prefix + name, child))
-            elif rest:
-                path.append((prefix + name, child))
-                below = (prefix + name + ".", child)
-            else:
-                blocks += [(f"{prefix}{name}.{inner}", m) for inner, m in child.named_children()]
-        if rest:
-            prefix, parent = below[0], below[1]
+                blocks.append((prefix + name, child))  # a sibling of the path: one block
+        parent, prefix = parent.get_submodule(step), f"{prefix}{step}."
+        if depth < len(steps) - 1:
+            path.append((prefix[:-1], parent))
+    blocks += [(prefix + name, layer) for name, layer in parent.named_children()]  # the stack's layers
     # Blocks were appended level by level; put them back in named_modules() order.
     order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     blocks.sort(key=lambda item: order.get(item[0], len(order)))
