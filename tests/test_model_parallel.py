@@ -546,6 +546,13 @@ def test_explain_shows_each_gpu_workers_devices():
     assert "split over (cpu, cpu): by place=failing_place, in the worker" in lines
 
 
+def test_explain_of_a_forward_class_defers_the_split_to_the_worker():
+    stream = sp.from_iterable(make_records(4)).map_gpu(token_ids, ListModel, attach).set_processing(
+        backend="simple", gpu_worker_devices=[("cpu", "cpu")]
+    )
+    assert "split over (cpu, cpu): by block sizes, once the forward class is built in the worker" in stream.explain()
+
+
 # -- CUDA (skipped without a device) ----------------------------------------------------------------
 
 
