@@ -170,7 +170,7 @@ def _split_lines(op: MapGPU, groups: tuple[tuple[str, ...], ...]) -> list[str]:
 
 def _planned_splits(forward: Any, group: tuple[str, ...]) -> list[str]:
     from .gpu.models import find_modules
-    from .gpu.placement import outermost, plan_placement
+    from .gpu.partition import outermost, plan_placement
 
     texts = []
     for module in outermost(find_modules(forward)):

@@ -26,13 +26,8 @@ import pytest
 
 import streamproc as sp
 from streamproc.gpu.forward import DeviceForward
-from streamproc.gpu.placement import (
-    Placement,
-    balance,
-    find_blocks,
-    place_modules,
-    plan_placement,
-)
+from streamproc.gpu.partition import Placement, balance, find_blocks, plan_placement
+from streamproc.gpu.placement import place_modules
 from tests.hang_guard import run_guarded
 from tests.utils import UserError, assert_records_equal, assert_same_as_simple, stage_notes
 
