@@ -331,6 +331,9 @@ class MapGPU(BatchedOp):
     prepare_batch: Callable[[list[Any]], Any]
     forward: Callable[[Any], Any]
     postprocess: Optional[Callable[[list[Any], Any], Iterable[Any]]] = None
+    #: ``place(module, devices)``: places forward's models on the devices of the process that
+    #: runs forward, instead of the engine (see :mod:`streamproc.gpu.placement`).
+    place: Optional[Callable[[Any, list[Any]], Any]] = field(default=None, kw_only=True)
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         postprocess = resolve(self.postprocess, ctx, stage, "postprocess") or default_postprocess
@@ -356,4 +359,5 @@ class MapGPU(BatchedOp):
             "map_gpu prepare_batch": self.prepare_batch,
             "map_gpu forward": self.forward,
             "map_gpu postprocess": self.postprocess,
+            "map_gpu place": self.place,
         }

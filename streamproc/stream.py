@@ -139,6 +139,7 @@ class Stream:
         batch_size: Optional[BatchSizeLike] = None,
         batch_by: BatchBy = None,
         fn_kwargs: Optional[dict[str, dict[str, Any]]] = None,
+        place: Optional[Callable[[Any, list[Any]], Any]] = None,
     ) -> Stream:
         """A deep-learning stage: batch, prepare on CPU, ``forward`` on a device, postprocess on CPU.
 
@@ -159,6 +160,8 @@ class Stream:
         modules are moved to the device. ``fn_kwargs`` is a dict *by role* of constructor
         kwargs, e.g. ``fn_kwargs={"forward": {"model_name": "bert-base"}}``, so that it reads
         the same when several of the three are classes.
+        ``place(module, devices)`` replaces the engine's placement of each model on the forward
+        process's devices (a device group: model parallel; see :mod:`streamproc.gpu.placement`).
 
         >>> import streamproc as sp, torch
         >>> sp.from_iterable([1.0, 2.0]).map_gpu(torch.tensor, lambda t: t * 2).to_list()
@@ -166,8 +169,9 @@ class Stream:
         """
         _check_callable(prepare_batch, "map_gpu", "prepare_batch")
         _check_callable(forward, "map_gpu", "forward")
-        if postprocess is not None:
-            _check_callable(postprocess, "map_gpu", "postprocess")
+        for param, value in (("postprocess", postprocess), ("place", place)):
+            if value is not None:
+                _check_callable(value, "map_gpu", param)
         by_role = map_gpu_kwargs(fn_kwargs, {"prepare_batch": prepare_batch, "forward": forward, "postprocess": postprocess})
         stage = self._next_stage()
         prepare_batch = per_worker(prepare_batch, by_role["prepare_batch"], "map_gpu", "prepare_batch", stage)
@@ -175,7 +179,8 @@ class Stream:
         if postprocess is not None:
             postprocess = per_worker(postprocess, by_role["postprocess"], "map_gpu", "postprocess", stage)
         size = None if batch_size is None else BatchSize.parse(batch_size)
-        return self._with_op(MapGPU(prepare_batch, forward, postprocess, batch_size=size, batch_by=validate_batch_by(batch_by)))
+        op = MapGPU(prepare_batch, forward, postprocess, batch_size=size, batch_by=validate_batch_by(batch_by), place=place)
+        return self._with_op(op)
 
     def set_processing(self, **options: Any) -> Stream:
         """Returns this stream with processing options changed (validated now).

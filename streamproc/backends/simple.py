@@ -2,7 +2,8 @@
 
 It is the reference: every other backend's deterministic output must equal its output.
 ``forward`` of ``map_gpu`` stages runs here too, on the first of ``gpu_worker_devices`` if
-given, else on CUDA when available, else on the CPU.
+given (a device group: the model split over its devices, in this process), else on CUDA when
+available, else on the CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ..errors import add_context_note
 from ..execution.context import ExecutionContext
 from ..execution.task import Task, TaskOutput, iter_selected_payloads, run_task
 from ..execution.timing import timed_payloads
-from ..gpu.availability import check_devices_exist
+from ..gpu.availability import check_device_specs
 from ..plan import Plan
 from ..stats import RunStats
 from .base import Backend, RunHandle
@@ -50,10 +51,10 @@ def refuse_task_timeout(plan: Plan, backend: str) -> None:
 
 
 def check_forward_device(plan: Plan) -> None:
-    """Raises ``ValueError`` now if ``forward`` would run on a device this machine lacks."""
+    """Raises ``ValueError`` now if ``forward`` would run on a device (of a group) this machine lacks."""
     devices = plan.options.gpu_worker_devices
     if plan.has_gpu_stage and devices:
-        check_devices_exist(devices[:1])
+        check_device_specs(devices[:1])
 
 
 class SimpleBackend(Backend):

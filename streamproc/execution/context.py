@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 from .worker_info import BASE_SEED, WorkerInfo, WorkerKind, task_seed
 
 if TYPE_CHECKING:
+    from ..gpu.placement import DeviceSpec
     from ..ops import WorkerClass
     from ..plan import Plan, Stage
     from .error_policy import ErrorPolicy
@@ -46,7 +47,8 @@ class ExecutionContext:
         where: names the process in error messages, e.g. ``"main process"`` or ``"cpu worker 2"``.
         make_forward_runner: builds the runner for a ``map_gpu`` stage; by default forward runs
             in this process (see :class:`streamproc.gpu.LocalForwardRunner`).
-        device: where an in-process forward runs (None: CUDA when available, else the CPU).
+        device: where an in-process forward runs (None: CUDA when available, else the CPU); a
+            group of devices splits the models over them (:mod:`streamproc.gpu.placement`).
         autocast: the ``set_processing(autocast=...)`` value.
         torch_threads: torch's intra-op thread count while ``forward`` runs here (None: leave it).
         kind: the kind of worker this context serves, for :func:`streamproc.get_worker_info`
@@ -61,7 +63,7 @@ class ExecutionContext:
         self,
         where: str = "main process",
         make_forward_runner: Optional[ForwardRunnerFactory] = None,
-        device: Optional[str] = None,
+        device: Optional[DeviceSpec] = None,
         autocast: Any = None,
         torch_threads: Optional[int] = None,
         kind: WorkerKind = "main",
@@ -107,8 +109,9 @@ class ExecutionContext:
             device: Optional[str] = None
             if plan.has_gpu_stage and self._forward_here:
                 from ..gpu.device import default_device
+                from ..gpu.placement import first_device
 
-                device = self.device or default_device()
+                device = first_device(self.device) if self.device else default_device()
             self._resolved_device = (device,)
         return self._resolved_device[0]
 
@@ -123,7 +126,9 @@ class ExecutionContext:
 
                 op: Any = stage.op
                 runner = LocalForwardRunner(
-                    DeviceForward(op.forward, self.device, self.autocast, stage.name, op.batch_size, self.torch_threads)
+                    DeviceForward(
+                        op.forward, self.device, self.autocast, stage.name, op.batch_size, self.torch_threads, op.place
+                    )
                 )  # a forward class (WorkerClass) is constructed by DeviceForward.start, here
             self._runners[stage.index] = runner
         return runner

@@ -41,7 +41,8 @@ class WorkerInfo:
             GPU worker, which serves batches of tasks and does not know the plan's shard).
         device: the device ``forward`` runs on in this process (``"cpu"``, ``"cuda:0"``...), or
             None where forward does not run here (a CPU worker that sends batches to GPU
-            workers, or a stream without ``map_gpu``).
+            workers, or a stream without ``map_gpu``). A worker owning a device group (model
+            parallel) reports the group's first device, where its inputs arrive.
         seed: a 63-bit seed derived from the current task's key (its number in the whole
             stream, :attr:`~streamproc.execution.task.Task.task_key`) and a base seed: the same
             task gets the same seed on any backend and any worker count. None in a GPU worker,

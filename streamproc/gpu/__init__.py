@@ -7,6 +7,8 @@ One responsibility per module (design.md section 4):
 * :mod:`.models`: finding the ``torch.nn.Module``s reachable from ``forward``;
 * :mod:`.forward`: :class:`DeviceForward` (one stage's forward on one device) and
   :class:`LocalForwardRunner` (forward in this process, batch after batch).
+* :mod:`.partition` and :mod:`.placement`: model parallel, a model split over the devices of
+  a device group (the split, as pure functions; moving the parts and their inputs).
 
 torch is imported inside functions only: importing this package (or ``streamproc``) never
 imports torch; only a stream with a ``map_gpu`` stage does, when it runs.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..errors import add_context_note
 from .device import _pinned, default_device, resolve_autocast, to_device
 from .models import find_modules
+from .placement import DeviceSpec, PlaceHook, Placement, first_device, group_devices, place_modules
 
 if TYPE_CHECKING:
     from ..plan import Stage
@@ -36,16 +37,20 @@ class DeviceForward:
         batch_size: the stage's batch size, to suggest a smaller one on out-of-memory.
         torch_threads: torch's intra-op thread count while ``forward`` runs (restored after);
             None leaves it as it is.
+        device: a device name, or a group of them (model parallel: the models are split over
+            the group by :func:`~streamproc.gpu.placement.place_modules`; inputs go to its first
+            device); with ``place`` (the stage's ``place=`` hook) the hook places the models.
     """
 
     def __init__(
         self,
         forward: Callable[[Any], Any],
-        device: Optional[str] = None,
+        device: Optional[DeviceSpec] = None,
         autocast: Any = None,
         stage: str = "map_gpu stage",
         batch_size: Any = None,
         torch_threads: Optional[int] = None,
+        place: Optional[PlaceHook] = None,
     ) -> None:
         self.forward = forward
         self.torch_threads = torch_threads
@@ -62,6 +67,9 @@ class DeviceForward:
         self.forward_seconds = 0.0
         self.d2h_seconds = 0.0
         self.batches = 0
+        self.place = place
+        #: Where each model's parts went (device groups and ``place=`` only), set by :meth:`start`.
+        self.placements: list[Placement] = []
 
     def start(self) -> None:
         """Picks the device and moves the models there (once)."""
@@ -69,14 +77,19 @@ class DeviceForward:
 
         from ..ops import WorkerClass
 
-        self.device = torch.device(self.device_name or default_device())
+        spec = self.device_name or default_device()
+        self.device = torch.device(first_device(spec))
         if isinstance(self.forward, WorkerClass):
             self.forward = self.forward.build(f"{self.stage}, forward")
-        for module in find_modules(self.forward):
-            module.to(self.device)
-            module.eval()
+        if isinstance(spec, tuple) or self.place is not None:
+            self.placements = place_modules(find_modules(self.forward), spec, self.stage, self.place)
+        else:
+            for module in find_modules(self.forward):
+                module.to(self.device)
+                module.eval()
         self.autocast_dtype = resolve_autocast(self.autocast, self.device.type)
         self.is_cuda = self.device.type == "cuda"
+        self.cuda_devices = [d for d in map(torch.device, group_devices(spec)) if d.type == "cuda"]
         self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self.started = True
 
@@ -116,8 +129,8 @@ class DeviceForward:
                         outputs = self.forward(on_device)
                 else:
                     outputs = self.forward(on_device)
-            if self.is_cuda:
-                torch.cuda.current_stream(self.device).synchronize()
+            for device in self.cuda_devices:  # every device of a group computed a part
+                torch.cuda.current_stream(device).synchronize()
             computed = time.perf_counter()
             self.forward_seconds += computed - start
             self.batches += 1
@@ -153,7 +166,7 @@ class LocalForwardRunner:
             yield records, forward_batch(batch)
 
 
-def shared_forward_runners(devices: Optional[Sequence[str]], autocast: Any) -> Callable[[Stage], LocalForwardRunner]:
+def shared_forward_runners(devices: Optional[Sequence[DeviceSpec]], autocast: Any) -> Callable[[Stage], LocalForwardRunner]:
     """A forward-runner factory for threads of one process: one :class:`DeviceForward` per stage.
 
     Models move to the device once, under a lock, in the first thread that needs them; each
@@ -169,7 +182,7 @@ def shared_forward_runners(devices: Optional[Sequence[str]], autocast: Any) -> C
         with lock:
             if stage.index not in forwards:
                 op: Any = stage.op
-                forward = DeviceForward(op.forward, device, autocast, stage.name, op.batch_size)
+                forward = DeviceForward(op.forward, device, autocast, stage.name, op.batch_size, place=op.place)
                 forward.start()
                 forwards[stage.index] = forward
         return LocalForwardRunner(forwards[stage.index])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
+from ...options import device_names
 from ...plan import Plan
 from ...stats import RunStats
 from ..base import Backend, BackendCapabilities, RunHandle
@@ -37,7 +38,7 @@ def pool_for(plan: Plan) -> ProcessPool:
     cpu_start_method = resolve_start_method(
         options.process_start_method, needs_gpu_workers=False, runs_torch=plan.has_gpu_stage
     )
-    uses_cuda = any(device.startswith("cuda") for device in gpu_devices)
+    uses_cuda = any(device.startswith("cuda") for device in device_names(tuple(gpu_devices)))
     gpu_start_method = resolve_start_method(options.process_start_method, needs_gpu_workers=uses_cuda, runs_torch=True)
     return ProcessPool(topology, cpu_start_method, gpu_start_method)
 

@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.serialization import dill_loads, dumps_message, loads_message
+from ...gpu.placement import DeviceSpec, describe_device_spec, first_device
 from .log_forwarding import apply_log_levels, forward_worker_logs
 from .messages import (
     ForwardFailed,
@@ -86,7 +87,7 @@ class _PeerSender:
 
 def run_gpu_worker(
     index: int,
-    device: str,
+    device: DeviceSpec,
     forwards_bytes: bytes,
     channels: list[tuple[int, Any, Any, Any]],
     status_conn: Any,
@@ -98,6 +99,8 @@ def run_gpu_worker(
     """Entry point of process ``streamproc-gpu-<index>``; see the module docstring.
 
     Args:
+        device: the worker's device, or its group of devices (model parallel; see
+            :mod:`streamproc.gpu.placement`).
         forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads[, log levels])``,
             ``forwards`` mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`;
             the main process's log levels (:mod:`.log_forwarding`) may be left out (pools that
@@ -118,15 +121,18 @@ def run_gpu_worker(
     clock = WorkerClock(str(worker), "gpu")
     status_conn = forward_worker_logs(worker, status_conn)
     status_conn.send_bytes(dumps_message(WorkerStarted(worker)))
+    where = f"{worker} ({describe_device_spec(device)})"
     try:
         from ...execution.worker_info import WorkerInfo, set_process_info
         from ...gpu import DeviceForward
 
-        set_process_info(WorkerInfo("gpu", index, 0, device, None))  # sp.get_worker_info() in forward
+        set_process_info(WorkerInfo("gpu", index, 0, first_device(device), None))  # sp.get_worker_info() in forward
         stages, autocast, torch_threads, *log_levels = dill_loads(forwards_bytes)
         apply_log_levels(log_levels[0] if log_levels else ())
         runners = {
-            stage_index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
+            stage_index: DeviceForward(
+                stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads, stage.place
+            )
             for stage_index, stage in stages.items()
         }
         for runner in runners.values():
@@ -137,7 +143,7 @@ def run_gpu_worker(
         # it would exit the user's program (same as the CPU worker's start-up).
         error = as_crash(exc, worker, "while starting")
         status_conn.send_bytes(
-            dumps_message(WorkerFailed(worker, ExceptionWithTraceback(error, f"{worker} ({device}), at start-up")))
+            dumps_message(WorkerFailed(worker, ExceptionWithTraceback(error, f"{where}, at start-up")))
         )
         sys.exit(1)
 
@@ -149,7 +155,6 @@ def run_gpu_worker(
     peer_of = {reader: peer for peer, reader, _, _ in channels}
     lost: set[int] = set()  # peers that died, until replaced
     uploaded: collections.deque[tuple[_PeerSender, ForwardRequest, Any]] = collections.deque()
-    where = f"{worker} ({device})"
     while open_readers or uploaded or (lost and control is not None):
         timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
         watched = [*open_readers, *(alive for alive, reader in peer_alive.items() if reader in open_readers)]

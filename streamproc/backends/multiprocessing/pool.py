@@ -96,7 +96,7 @@ class ProcessPool:
     """CPU worker processes (and GPU worker processes) with their pipes. Not thread-safe.
 
     Args:
-        topology: how many CPU workers, the GPU workers' devices, who sends to whom.
+        topology: how many CPU workers, the GPU workers' devices (a device or a group each), who sends to whom.
         cpu_start_method / gpu_start_method: ``multiprocessing`` start methods.
     """
 
