@@ -198,7 +198,7 @@ def _reads_the_same_sqlite_file(plan: Plan, path: Optional[str]) -> bool:
     """Whether ``plan`` reads (``read_sql``) the SQLite file ``path`` that it writes into."""
     from .sql_source import SqlSource
 
-    source = plan.source
+    source: Any = plan.source
     while not isinstance(source, SqlSource) and getattr(source, "inner", None) is not None:
         source = source.inner  # limit() wraps its source
     return path is not None and isinstance(source, SqlSource) and source.target.sqlite_path == path
