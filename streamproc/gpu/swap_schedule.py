@@ -48,6 +48,11 @@ class RoundSchedule:
     def __init__(self) -> None:
         self._left_in_round = 0
 
+    @property
+    def left_in_round(self) -> int:
+        """Batches of the current round not yet picked (0: the next pick starts a round)."""
+        return self._left_in_round
+
     def pick(self, pending: Sequence[T], is_loaded: Callable[[T], bool]) -> int:
         """The index in ``pending`` (oldest first, non-empty) of the batch to compute next.
 
