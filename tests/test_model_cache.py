@@ -133,7 +133,8 @@ def test_a_stage_larger_than_the_budget_is_refused_with_both_sizes():
     budget = model_nbytes(a) + model_nbytes(b) - 1
     cache = ModelCache("cpu", ModelSettings(memory_budget=budget))
     cache.register([a], "stage 1 (map_gpu(encode, a))")
-    with pytest.raises(ValueError, match=r"stage 2 \(map_gpu\(encode, a_and_b\)\): its model takes 576 bytes .* gpu_memory_budget of 575 bytes"):
+    message = r"stage 2 \(map_gpu\(encode, a_and_b\)\): its model takes 576 bytes .* gpu_memory_budget of 575 bytes"
+    with pytest.raises(ValueError, match=message):
         cache.register([a, b], "stage 2 (map_gpu(encode, a_and_b))")
 
 
@@ -141,9 +142,8 @@ def test_unload_moves_to_host_and_refuses_a_model_in_use():
     a = linear(0)
     cache = ModelCache("cpu", ModelSettings(memory_budget=model_nbytes(a)))
     models = cache.register([a], "stage 1")
-    with cache.using(models):
-        with pytest.raises(RuntimeError, match="in use"):
-            cache.unload(models)
+    with cache.using(models), pytest.raises(RuntimeError, match="in use"):
+        cache.unload(models)
     cache.unload(models)
     assert not cache.is_loaded(models) and cache.loaded_bytes == 0
 

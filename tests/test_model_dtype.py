@@ -8,7 +8,7 @@ compare with ``==``. Runs that start processes or threads are under the hang gua
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ FP16_TOLERANCE = 1e-2
 class NormedMLP(torch.nn.Module):
     """Linear, LayerNorm (kept fp32, as Hugging Face models ask), Linear."""
 
-    _keep_in_fp32_modules = ["norm"]
+    _keep_in_fp32_modules: ClassVar[list[str]] = ["norm"]
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
