@@ -67,10 +67,10 @@ def attach_b(records: list[dict[str, Any]], out: Any) -> list[dict[str, Any]]:
     return [{**r, "b": int(v)} for r, v in zip(records, out.tolist())]
 
 
-def two_model_stream(second: Any = MODEL_B, **options: Any) -> sp.Stream:
+def two_model_stream(second: Any = MODEL_B, first: Any = MODEL_A, **options: Any) -> sp.Stream:
     return (
         sp.from_iterable([{"id": i} for i in range(RECORDS)])
-        .map_gpu(encode_ids, MODEL_A, attach_a, batch_size=3)
+        .map_gpu(encode_ids, first, attach_a, batch_size=3)
         .map_gpu(encode_a, second, attach_b, batch_size=3)
         .set_processing(task_size=TASK_SIZE, **options)
     )
@@ -169,3 +169,30 @@ def test_a_model_larger_than_the_budget_is_an_error_before_any_batch(config):
         run_guarded(stream.to_list, RUN_TIMEOUT_S, "a run over budget")
     if config != "1cpu-1gpu":  # prepare_batch runs in this process: no batch went through it
         assert seen == []
+
+
+@pytest.mark.parametrize("config", ["simple", "1cpu-1gpu"])
+def test_budget_with_on_error_skip_gives_the_same_output(config):
+    # on_error runs each batch through its own runner call (to split failing batches): each
+    # batch is then a phase of its own, and the swaps are bounded by the batches.
+    stream = two_model_stream(gpu_memory_budget=ONE_MODEL, on_error="skip", **CONFIGS[config])
+    out, stats = run_with_stats(stream)
+    assert out == expected_records()
+    batches = 2 * TASKS * 3  # two stages, tasks of 8 records in batches of 3, 3, 2
+    assert 1 <= sum(swaps_where_forward_ran(stats)) <= batches
+
+
+@pytest.mark.gpu
+def test_one_model_budget_on_cuda_with_bfloat16_weights():
+    # Real moves between host and device, pinned uploads on the side stream, weights cast on
+    # the device. Multiprocessing first: CUDA is then not yet initialised here.
+    budget = ONE_MODEL // 2  # one model, in bfloat16
+    # Fresh models: the simple backend moves and casts the very objects it is given.
+    stream = two_model_stream(
+        IntLinear(1), IntLinear(0), gpu_memory_budget=budget, model_dtype="bfloat16", gpu_worker_devices=["cuda:0"]
+    )
+    actual, stats = run_with_stats(stream.set_processing(backend="multiprocessing", num_cpu_workers=1, num_gpu_workers=1))
+    assert swaps_where_forward_ran(stats) == [TASKS * GPU_STAGES - 1]
+    expected, simple_stats = run_with_stats(stream.set_processing(backend="simple"))
+    assert actual == expected
+    assert swaps_where_forward_ran(simple_stats) == [TASKS * GPU_STAGES - 1]
