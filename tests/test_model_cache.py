@@ -15,14 +15,8 @@ from typing import Any
 
 import pytest
 
-from streamproc.gpu.model_cache import (
-    ModelCache,
-    ModelSettings,
-    format_bytes,
-    model_digest,
-    model_nbytes,
-    outermost_modules,
-)
+from streamproc.gpu.model_cache import ModelCache, ModelSettings
+from streamproc.gpu.model_content import format_bytes, model_digest, model_nbytes, outermost_modules
 from streamproc.gpu.swap_schedule import RoundSchedule
 from tests.hang_guard import run_guarded
 

@@ -29,12 +29,12 @@ class DeviceForward:
     (:meth:`start`), moved to the device (cast to ``model_dtype``) and put in eval mode; a
     ``forward`` given as a class (:class:`~streamproc.ops.WorkerClass`) is constructed there
     first, so its modules are found on the instance. Without a memory budget they move once, at
-    start; with one, :meth:`compute` loads them when they are not on the device (a swap). :meth:`upload` starts a
-    batch's host-to-device copy (from pinned memory, on a side CUDA stream, so that it overlaps
-    the forward of the batch before it);
-    :meth:`compute` runs forward on an uploaded batch and returns the outputs on the CPU. It
-    runs in the process that owns the device: the main process (simple backend), a CPU worker
-    without GPU workers, or a GPU worker.
+    start; with one, :meth:`compute` loads them when they are not on the device (a swap).
+    :meth:`upload` starts a batch's host-to-device copy (from pinned memory, on a side CUDA
+    stream, so that it overlaps the forward of the batch before it); :meth:`compute` runs
+    forward on an uploaded batch and returns the outputs on the CPU. It runs in the process
+    that owns the device: the main process (simple backend), a CPU worker without GPU
+    workers, or a GPU worker.
 
     Args:
         stage: the stage's name, for error messages (a CUDA out-of-memory error names it).
