@@ -196,3 +196,13 @@ def test_one_model_budget_on_cuda_with_bfloat16_weights():
     expected, simple_stats = run_with_stats(stream.set_processing(backend="simple"))
     assert actual == expected
     assert swaps_where_forward_ran(simple_stats) == [TASKS * GPU_STAGES - 1]
+
+
+def test_budget_in_cpu_workers_without_gpu_workers():
+    # num_gpu_workers=0: forward runs in each CPU worker, which has a cache of its own.
+    options = {"backend": "multiprocessing", "num_cpu_workers": 2, "num_gpu_workers": 0}
+    out, stats = run_with_stats(two_model_stream(gpu_memory_budget=ONE_MODEL, **options))
+    assert out == expected_records()
+    swaps = [cpu.swaps for cpu in stats.workers("cpu")]
+    # Each CPU worker feeds its own device copy, task after task: at most one swap per task and stage.
+    assert 1 <= sum(swaps) <= TASKS * GPU_STAGES

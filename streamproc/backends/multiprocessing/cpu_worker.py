@@ -192,7 +192,10 @@ def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId, clock: Wor
     except Exception as exc:
         sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
         return
-    sender.send(RunEnded(run.run_id, worker, paths, rows, clock.run_stats()))
+    stats = clock.run_stats()
+    if run.ctx.local_forwards is not None:  # forward ran here (no GPU workers): its swaps
+        run.ctx.local_forwards.add_swap_stats(stats)
+    sender.send(RunEnded(run.run_id, worker, paths, rows, stats))
 
 
 def _run_task(run: _RunState, message: Task | IsolatedTask, sender: _ResultSender, worker: WorkerId) -> None:
