@@ -93,7 +93,7 @@ def write_corpus(directory: pathlib.Path, copies: int) -> int:
     """Paragraphs of the repository's Markdown files, ``copies`` times, into parquet row groups."""
     paragraphs = [
         p.strip()
-        for path in sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+        for path in [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
         for p in path.read_text(encoding="utf-8").split("\n\n")
         if len(p.split()) >= 5
     ] * copies

@@ -131,7 +131,10 @@ class ProcessStats:
 
     GPU workers: ``h2d_seconds`` (host-to-device copy, as issued from the host),
     ``forward_seconds`` and ``d2h_seconds`` (outputs back to the host), ``idle_seconds``
-    waiting for a batch, ``batches``. Main process: ``source_seconds`` (iterating the source
+    waiting for a batch, ``batches``; ``swaps`` and ``swap_seconds``: under
+    ``gpu_memory_budget``, model loads that first moved other models off the device, and the
+    seconds those moves took (also for the process or threads that run forward themselves: the
+    simple and threads backends count them in the main process's entry). Main process: ``source_seconds`` (iterating the source
     for tasks), ``reorder_wait_seconds`` (deterministic runs: waiting while finished outputs
     are held behind an unfinished earlier task), ``sink_seconds`` (the sink's writes).
     """
@@ -149,6 +152,8 @@ class ProcessStats:
     d2h_seconds: float = 0.0
     idle_seconds: float = 0.0
     batches: int = 0
+    swaps: int = 0
+    swap_seconds: float = 0.0
     source_seconds: float = 0.0
     reorder_wait_seconds: float = 0.0
     sink_seconds: float = 0.0

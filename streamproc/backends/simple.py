@@ -16,6 +16,7 @@ from ..execution.context import ExecutionContext
 from ..execution.task import Task, TaskOutput, iter_selected_payloads, run_task
 from ..execution.timing import timed_payloads
 from ..gpu.availability import check_device_specs
+from ..gpu.model_cache import ModelSettings
 from ..plan import Plan
 from ..stats import RunStats
 from .base import Backend, RunHandle
@@ -29,7 +30,8 @@ def forward_context(plan: Plan, where: str) -> ExecutionContext:
     options = plan.options
     devices = options.gpu_worker_devices
     return ExecutionContext(
-        where, device=devices[0] if devices else None, autocast=options.autocast, torch_threads=options.forward_threads
+        where, device=devices[0] if devices else None, autocast=options.autocast, torch_threads=options.forward_threads,
+        models=ModelSettings.from_options(options),
     )
 
 
@@ -81,3 +83,6 @@ class SimpleBackend(Backend):
         except Exception as exc:
             add_context_note(exc, f"streamproc: while running task {key} in the main process (simple backend)")
             raise
+        finally:
+            if ctx.local_forwards is not None:  # swaps under gpu_memory_budget
+                ctx.local_forwards.add_swap_stats(stats.main)

@@ -39,6 +39,7 @@ from ..execution.reorder import ReorderBuffer
 from ..execution.task import ChunkFinalizer, Task, TaskOutput, iter_selected_payloads, run_task
 from ..execution.timing import timed_payloads
 from ..gpu.forward import set_torch_threads, shared_forward_runners
+from ..gpu.model_cache import ModelSettings
 from ..ops import stage_running_in
 from ..plan import Plan
 from ..stats import ProcessStats, RunStats
@@ -94,7 +95,9 @@ class _ThreadRun:
         payloads = timed_payloads(iter_selected_payloads(plan), stats.main)  # a generator: reads nothing yet
         self.dispatcher = TaskDispatcher(payloads, num_threads, MAX_TASKS_IN_FLIGHT_PER_THREAD, window)
         self.results: queue.Queue[_Message] = queue.Queue(RESULT_QUEUE_CHUNKS_PER_THREAD * num_threads)
-        self.forward_runners = shared_forward_runners(plan.options.gpu_worker_devices, plan.options.autocast)
+        self.forward_runners = shared_forward_runners(
+            plan.options.gpu_worker_devices, plan.options.autocast, ModelSettings.from_options(plan.options)
+        )
         self.stopping = threading.Event()
         #: The task each thread runs (None: between tasks, or reading the source).
         self.running: list[Optional[int]] = [None] * num_threads
@@ -249,6 +252,7 @@ class _ThreadRun:
         for own in self.thread_stats:
             own.wall_seconds = wall
             self.stats.add_process(own)
+        self.forward_runners.add_swap_stats(self.stats.main)  # swaps under gpu_memory_budget
 
 
 class ThreadsBackend(Backend):

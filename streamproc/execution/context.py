@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 from .worker_info import BASE_SEED, WorkerInfo, WorkerKind, task_seed
 
 if TYPE_CHECKING:
+    from ..gpu.forward import LocalForwardRunners
+    from ..gpu.model_cache import ModelSettings
     from ..gpu.placement import DeviceSpec
     from ..ops import WorkerClass
     from ..plan import Plan, Stage
@@ -57,6 +59,7 @@ class ExecutionContext:
         forward_here: with ``make_forward_runner``, whether the runners it makes run forward in
             this process, on ``device`` (the threads backend's shared runners) rather than
             sending batches elsewhere (GPU workers); for :attr:`WorkerInfo.device`.
+        models: ``gpu_memory_budget`` and ``model_dtype`` for forward run in this process.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class ExecutionContext:
         kind: WorkerKind = "main",
         index: int = 0,
         forward_here: bool = False,
+        models: Optional[ModelSettings] = None,
     ) -> None:
         self.where = where
         self.device = device
@@ -82,6 +86,9 @@ class ExecutionContext:
         self.index = index
         self._forward_here = forward_here or make_forward_runner is None
         self._resolved_device: Optional[tuple[Optional[str]]] = None
+        self.models = models
+        #: The in-process runners' factory and model cache, made at the first ``map_gpu`` stage.
+        self.local_forwards: Optional[LocalForwardRunners] = None
 
     def instance(self, stage: Stage, role: str, spec: WorkerClass) -> Callable[..., Any]:
         """The instance of ``spec``'s class for ``role`` of ``stage``, constructed on first use.
@@ -122,13 +129,10 @@ class ExecutionContext:
             if self._make_forward_runner is not None:
                 runner = self._make_forward_runner(stage)
             else:
-                from ..gpu import DeviceForward, LocalForwardRunner
+                if self.local_forwards is None:
+                    from ..gpu.forward import LocalForwardRunners
 
-                op: Any = stage.op
-                runner = LocalForwardRunner(
-                    DeviceForward(
-                        op.forward, self.device, self.autocast, stage.name, op.batch_size, self.torch_threads, op.place
-                    )
-                )  # a forward class (WorkerClass) is constructed by DeviceForward.start, here
+                    self.local_forwards = LocalForwardRunners(self.device, self.autocast, self.torch_threads, self.models)
+                runner = self.local_forwards(stage)
             self._runners[stage.index] = runner
         return runner

@@ -22,6 +22,8 @@ from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.context import ExecutionContext
 from ...execution.serialization import dill_loads, dumps_message, loads_message
 from ...execution.task import Task, run_task
+from ...gpu.forward import phased
+from ...gpu.model_cache import ModelSettings
 from .crash_isolation import run_isolated
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
 from .log_forwarding import apply_log_levels, forward_worker_logs
@@ -89,12 +91,13 @@ class _RunState:
         self.run_id = start.run_id
         self.plan, finalize, writers = dill_loads(start.plan_bytes)
         options = self.plan.options
-        make_runner = (lambda stage: RemoteForwardRunner(client, stage.index)) if client is not None else None
+        models = ModelSettings.from_options(options)
+        make_runner = (lambda stage: phased(RemoteForwardRunner(client, stage.index), models)) if client is not None else None
         # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
         # never initialise CUDA (see design.md section 3).
         self.ctx = ExecutionContext(
             str(worker), device="cpu", autocast=options.autocast, torch_threads=options.forward_threads,
-            make_forward_runner=make_runner, kind="cpu", index=worker.index,
+            make_forward_runner=make_runner, kind="cpu", index=worker.index, models=models,
         )
         # A run that writes in workers (write_parquet with deterministic=False) writes here:
         # the writer runs each task (a part group) into its file, and only counts go back.
@@ -189,7 +192,10 @@ def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId, clock: Wor
     except Exception as exc:
         sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
         return
-    sender.send(RunEnded(run.run_id, worker, paths, rows, clock.run_stats()))
+    stats = clock.run_stats()
+    if run.ctx.local_forwards is not None:  # forward ran here (no GPU workers): its swaps
+        run.ctx.local_forwards.add_swap_stats(stats)
+    sender.send(RunEnded(run.run_id, worker, paths, rows, stats))
 
 
 def _run_task(run: _RunState, message: Task | IsolatedTask, sender: _ResultSender, worker: WorkerId) -> None:

@@ -11,7 +11,11 @@ worker waits for ``PeerReplaced`` and serves the replacement's pipes, and ends o
 peer is lost or the control pipe closes.
 
 Reading every ready request before computing one means the next batch's host-to-device copy
-(on a side CUDA stream, from pinned memory) overlaps the current forward.
+(on a side CUDA stream, from pinned memory) overlaps the current forward. The stages' models
+share one :class:`~streamproc.gpu.model_cache.ModelCache`; under ``gpu_memory_budget`` the
+worker computes first the uploaded batches whose models are on the device
+(:class:`~streamproc.gpu.swap_schedule.RoundSchedule`, which states the bounds on swaps and
+waits); without one, the oldest batch first.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.serialization import dill_loads, dumps_message, loads_message
@@ -45,6 +49,10 @@ from .messages import (
 )
 from .worker_runtime import PARENT_CHECK_INTERVAL_S, as_crash, start_worker_process
 from .worker_stats import WorkerClock
+
+if TYPE_CHECKING:
+    from ...gpu import DeviceForward
+    from ...gpu.model_cache import ModelSettings
 
 
 class _PeerSender:
@@ -101,10 +109,11 @@ def run_gpu_worker(
     Args:
         device: the worker's device, or its group of devices (model parallel; see
             :mod:`streamproc.gpu.placement`).
-        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads[, log levels])``,
-            ``forwards`` mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`;
-            the main process's log levels (:mod:`.log_forwarding`) may be left out (pools that
-            tests start by hand).
+        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads[, log levels[,
+            model settings]])``, ``forwards`` mapping a stage index to its
+            :class:`~streamproc.execution.split.ForwardStage`; the main process's log levels
+            (:mod:`.log_forwarding`) and the :class:`~streamproc.gpu.model_cache.ModelSettings`
+            may be left out (pools that tests start by hand).
         channels: ``(cpu worker index, batch pipe reader, output pipe writer, the peer's
             liveness pipe reader)`` per peer.
         status_conn: ``WorkerStarted``, then ``WorkerDone`` at a normal end; a start-up failure
@@ -124,19 +133,12 @@ def run_gpu_worker(
     where = f"{worker} ({describe_device_spec(device)})"
     try:
         from ...execution.worker_info import WorkerInfo, set_process_info
-        from ...gpu import DeviceForward
 
         set_process_info(WorkerInfo("gpu", index, 0, first_device(device), None))  # sp.get_worker_info() in forward
-        stages, autocast, torch_threads, *log_levels = dill_loads(forwards_bytes)
-        apply_log_levels(log_levels[0] if log_levels else ())
-        runners = {
-            stage_index: DeviceForward(
-                stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads, stage.place
-            )
-            for stage_index, stage in stages.items()
-        }
-        for runner in runners.values():
-            runner.start()
+        stages, autocast, torch_threads, *rest = dill_loads(forwards_bytes)
+        apply_log_levels(rest[0] if rest else ())
+        settings = rest[1] if len(rest) > 1 else None
+        runners = _device_forwards(stages, device, autocast, torch_threads, settings)
         clock.loaded()  # spawn, imports, models moved to the device
     except BaseException as exc:
         # sys.exit() in a model's __setstate__ or .to(): re-raised as is in the main process,
@@ -155,6 +157,7 @@ def run_gpu_worker(
     peer_of = {reader: peer for peer, reader, _, _ in channels}
     lost: set[int] = set()  # peers that died, until replaced
     uploaded: collections.deque[tuple[_PeerSender, ForwardRequest, Any]] = collections.deque()
+    pick_next = _batch_picker(runners, settings)
     while open_readers or uploaded or (lost and control is not None):
         timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
         watched = [*open_readers, *(alive for alive, reader in peer_alive.items() if reader in open_readers)]
@@ -193,7 +196,7 @@ def run_gpu_worker(
                     ForwardFailed(message.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}"))
                 )
         if uploaded:
-            sender, request, batch = uploaded.popleft()
+            sender, request, batch = pick_next(uploaded)
             runner = runners[request.stage]
             try:
                 sender.queue.put(ForwardResult(request.batch_id, runner.compute(batch)))
@@ -214,7 +217,59 @@ def run_gpu_worker(
         stats.d2h_seconds += runner.d2h_seconds
         stats.batches += runner.batches
     stats.busy_seconds = stats.h2d_seconds + stats.forward_seconds + stats.d2h_seconds
+    cache = next(iter(runners.values())).cache if runners else None
+    if cache is not None:
+        stats.swaps, stats.swap_seconds = cache.swaps, cache.swap_seconds
     status_conn.send_bytes(dumps_message(WorkerDone(worker, stats)))
+
+
+def _device_forwards(
+    stages: dict[int, Any], device: DeviceSpec, autocast: Any, torch_threads: Optional[int], settings: Optional[ModelSettings]
+) -> dict[int, DeviceForward]:
+    """One started :class:`DeviceForward` per stage, all on ``device``, sharing one model cache
+    (a device group: its first device; models split across the group are not cached).
+
+    Stages start in index order, each moving its models to the device while they fit the
+    budget (all of them without one); a stage whose models alone exceed it raises ValueError.
+    """
+    from ...gpu import DeviceForward, ModelCache
+
+    cache = ModelCache(first_device(device), settings)
+    runners = {
+        stage_index: DeviceForward(
+            stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads, stage.place, cache
+        )
+        for stage_index, stage in stages.items()
+    }
+    for runner in runners.values():
+        runner.start()
+    return runners
+
+
+_Uploaded = tuple[_PeerSender, ForwardRequest, Any]
+
+
+def _batch_picker(
+    runners: dict[int, DeviceForward], settings: Optional[ModelSettings]
+) -> Callable[[collections.deque[_Uploaded]], _Uploaded]:
+    """Takes the next batch to compute out of ``uploaded``: the oldest without a memory budget;
+    with one, as :class:`~streamproc.gpu.swap_schedule.RoundSchedule` says (loaded models first)."""
+    if settings is None or settings.memory_budget is None:
+        return collections.deque.popleft
+    from ...gpu.swap_schedule import RoundSchedule
+
+    schedule = RoundSchedule()
+
+    def is_loaded(entry: _Uploaded) -> bool:
+        return runners[entry[1].stage].models_loaded()
+
+    def pick(uploaded: collections.deque[_Uploaded]) -> _Uploaded:
+        chosen = schedule.pick(uploaded, is_loaded)
+        entry = uploaded[chosen]
+        del uploaded[chosen]
+        return entry
+
+    return pick
 
 
 def _take_replacement(

@@ -54,6 +54,7 @@ from ...execution.serialization import dumps_message, dumps_plan, dumps_worker_p
 from ...execution.split import split_plan
 from ...execution.task import TaskOutput, iter_selected_payloads
 from ...execution.timing import timed_payloads
+from ...gpu.model_cache import ModelSettings
 from ...plan import Plan
 from ...stats import RunStats
 from .feeder import WorkerSlot, feed_worker
@@ -136,7 +137,7 @@ class _Run(RecoveryMixin):
         log_levels = capture_log_levels()
         start = StartRun(self.run_id, dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers), log_levels)
         options = self.plan.options
-        gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels)
+        gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels, ModelSettings.from_options(options))
         forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
         self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
         # Created after the workers: no child inherits it (a replacement is told to close it).
