@@ -138,6 +138,12 @@ def add_length(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def add_length_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``add_length`` over an HF datasets batch (columns of lists)."""
+    batch["n_chars"] = [len(text) for text in batch["text"]]
+    return batch
+
+
 # --- measuring ----------------------------------------------------------------------------------
 
 
@@ -557,7 +563,8 @@ def workload_parquet(sizes: Sizes, eds: Optional[str], tmp: Path) -> list[Row]:
         cache = tmp / "hf-cache"
         shutil.rmtree(cache, ignore_errors=True)  # no run reuses another's prepared dataset
         dataset = datasets.Dataset.from_parquet([str(p) for p in paths], cache_dir=str(cache), keep_in_memory=True)
-        dataset = dataset.map(add_length, num_proc=NUM_WORKERS)  # caching off: its own temporary files
+        # Batched: HF's fast path (one record at a time took 107-147 s for 1M rows here).
+        dataset = dataset.map(add_length_batch, batched=True, num_proc=NUM_WORKERS)  # caching off: temporary files
         fresh_out().mkdir(parents=True)
         dataset.to_parquet(str(out / "part-00000.parquet"))
 
@@ -577,7 +584,7 @@ def workload_parquet(sizes: Sizes, eds: Optional[str], tmp: Path) -> list[Row]:
     ]
     hf = hf_datasets_version()
     if hf:
-        sides.append(Side(f"HF datasets {hf} map(num_proc={NUM_WORKERS}) + to_parquet", run_hf, check, n))
+        sides.append(Side(f"HF datasets {hf} map(batched, num_proc={NUM_WORKERS}) + to_parquet", run_hf, check, n))
     if eds:
         sides.append(Side(f"edsnlp {eds} mp, work_unit=fragment, 65,536 rows/file", run_eds, check, n))
     log(f"[3] parquet read -> map -> write, {n:,} rows")
