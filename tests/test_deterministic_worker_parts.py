@@ -220,3 +220,15 @@ def test_sigkill_then_resume_commits_in_order_and_ends_with_the_simple_directory
     assert code == 0, err[-3000:]
     assert snapshot(out) == snapshot(reference)
     assert _file_bytes(out) == _file_bytes(reference)
+
+
+def test_a_parquet_source_gives_the_same_files_and_manifest(tmp_path):
+    """A parquet input (one task per row group): its fingerprint goes into the manifest too."""
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist([_record(i) for i in range(NUM_RECORDS)]), source, row_group_size=TASK_SIZE)
+    stream = sp.read_parquet(str(source)).map(_expand).flatten()
+    _write(stream, tmp_path / "simple", backend="simple")
+    _, stats = _write(stream, tmp_path / "out", backend="multiprocessing", num_cpu_workers=2, deterministic=True)
+    assert stats.writes_in_workers is True
+    assert _file_bytes(tmp_path / "out") == _file_bytes(tmp_path / "simple")
+    assert len([name for name in os.listdir(tmp_path / "out") if name.endswith(".parquet")]) == 9  # part 1 is empty
