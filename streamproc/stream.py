@@ -260,10 +260,11 @@ class Stream:
         a ``filter``). A parquet source has one task per row group: a part then holds the
         outputs of ``G`` row groups. A group without output rows has no file. Row groups hold
         ``row_group_size`` rows. Records are converted to Arrow where they are produced (a CPU
-        worker with the multiprocessing backend); the main process writes the parts, unless
-        ``deterministic=False`` on a backend that can write in its workers (multiprocessing):
-        then each CPU worker writes whole parts (one part group per dispatch) and the main
-        process only records them. Backends that cannot write in workers write in task order.
+        worker with the multiprocessing backend). On a backend that can write in its workers
+        (multiprocessing) each CPU worker writes whole parts (one part group per dispatch) and
+        the main process only records them (in task order when ``deterministic``); it writes
+        them itself with ``deterministic=True`` when workers are replaced (``max_task_retries``,
+        ``task_timeout``) or the filesystem is per process. Other backends write in task order.
 
         Each part appears under its final name only when complete, and counts once the
         manifest (``_streamproc_manifest.json``, per rank ``_streamproc_manifest.<r>-of-<w>.json``)

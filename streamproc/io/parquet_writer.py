@@ -11,7 +11,8 @@ rank's files in the output directory (its manifest, and the parts of the groups 
 * :meth:`ParquetOutput.start` clears what is not committed (``overwrite``: every file of this
   rank; ``resume``: in-progress files and part files the manifest does not list);
 * parts are written either here (:meth:`write`, outputs in task order) or in the CPU workers
-  (:mod:`.worker_parts`; :meth:`record` takes their manifest entries);
+  (:mod:`.worker_parts`; :meth:`record` takes their manifest entries, in task order when
+  ``deterministic``);
 * :meth:`commit` gives every part the run's final schema (rewriting, row group by row group,
   the parts written before a field got its type) and lists the part files in task order.
 
@@ -246,15 +247,22 @@ class ParquetOutput:
         return [self.directory.join(name) for name in self.manifest.part_files()]
 
     def abort(self) -> None:
-        """Drops the part in progress and the workers' in-progress files (committed parts stay)."""
+        """Drops the part in progress, the workers' in-progress files and the parts they completed
+        that the manifest does not list (committed parts stay).
+
+        Runs after the backend stopped every worker. A part a worker completed after the part
+        that failed (or whose entry had not reached the manifest) is not committed: dropping it
+        leaves the committed parts only, as the simple backend would (``start`` of a resume
+        would drop it too)."""
         part, self._part = self._part, None
         try:
             if part is not None:
                 part.abort()
         finally:
+            committed = set(self.manifest.part_files()) if self.manifest is not None else set()
             for name in self.directory.names():
                 parsed = parse_part_name(name)
-                if parsed is not None and parsed[1] and self._owns(name):
+                if parsed is not None and (parsed[1] or name not in committed) and self._owns(name):
                     self.directory.delete(name)
 
     def worker_writers(self) -> WorkerParquetSink:

@@ -225,10 +225,13 @@ class JsonlSink(Sink):
 class ParquetSink(Sink):
     """``write_parquet``: records become Arrow tables where produced, parts follow the part layout.
 
-    The main process writes the parts (outputs in task order) unless ``deterministic=False`` on
-    a backend that can write in its workers: then each CPU worker writes whole parts and only
-    their manifest entries come back. See :mod:`.parquet_writer` for the directory, the
-    manifest and resume. :meth:`prepare` must run (main process) before :func:`run_into`.
+    On a backend that can write in its workers (multiprocessing), each CPU worker writes whole
+    parts and only their manifest entries come back, in task order when ``deterministic``
+    (:mod:`.worker_parts`). The main process writes the parts (outputs in task order) on the
+    other backends and, with ``deterministic=True``, when the run replaces dead workers
+    (``max_task_retries``, ``task_timeout``) or the filesystem lives in one process. See
+    :mod:`.parquet_writer` for the directory, the manifest and resume. :meth:`prepare` must run
+    (main process) before :func:`run_into`.
     """
 
     def __init__(
@@ -275,8 +278,13 @@ class ParquetSink(Sink):
         return ArrowTableFinalizer(self.schema)
 
     def wants_workers(self, options: ProcessingOptions) -> bool:
-        # Deterministic output keeps the simple backend's part layout: the main process writes.
-        return not options.deterministic
+        if not options.deterministic:
+            return True  # a dead worker's part is lost: such a run never replaces workers (retries.py)
+        # Deterministic: the workers' parts are the simple backend's, committed in order. A run
+        # that replaces dead workers reruns single tasks, which have no part to go to, and a
+        # per-process filesystem (fsspec ``memory``) cannot be shared: the main process writes.
+        replaces_workers = options.max_task_retries > 0 or options.task_timeout is not None
+        return not replaces_workers and not self.output.directory.is_per_process()
 
     def worker_writers(self) -> WorkerWriters:
         return self.output.worker_writers()

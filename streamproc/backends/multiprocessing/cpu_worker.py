@@ -99,7 +99,7 @@ class _RunState:
             str(worker), device="cpu", autocast=options.autocast, torch_threads=options.forward_threads,
             make_forward_runner=make_runner, kind="cpu", index=worker.index, models=models,
         )
-        # A run that writes in workers (write_parquet with deterministic=False) writes here:
+        # A run that writes in workers (write_parquet, see io/worker_parts.py) writes here:
         # the writer runs each task (a part group) into its file, and only counts go back.
         self.writer = writers.open_in_worker(worker.index) if writers is not None else None
         self.finalize = finalize
