@@ -232,3 +232,30 @@ def test_a_parquet_source_gives_the_same_files_and_manifest(tmp_path):
     assert stats.writes_in_workers is True
     assert _file_bytes(tmp_path / "out") == _file_bytes(tmp_path / "simple")
     assert len([name for name in os.listdir(tmp_path / "out") if name.endswith(".parquet")]) == 9  # part 1 is empty
+
+
+@pytest.mark.parametrize(
+    ("records", "deterministic", "in_workers"),
+    [
+        (NUM_RECORDS, True, True),  # 10 part groups for 3 workers
+        (60, True, False),  # 2 part groups for 3 workers: one would sit idle
+        (60, False, False),
+    ],
+)
+def test_workers_write_only_when_every_worker_has_a_part_group(tmp_path, records, deterministic, in_workers):
+    # A worker writes whole part groups: with fewer groups than workers, the main process
+    # writes and every worker computes (the directory is the simple backend's either way).
+    stream = sp.from_iterable([_record(i) for i in range(records)])
+    _write(stream, tmp_path / "simple", backend="simple")
+    options = {"backend": "multiprocessing", "num_cpu_workers": 3, "deterministic": deterministic}
+    _, stats = _write(stream, tmp_path / "out", **options)
+    assert stats.writes_in_workers is in_workers
+    assert _file_bytes(tmp_path / "out") == _file_bytes(tmp_path / "simple")
+    if not in_workers:
+        assert sum(1 for w in stats.workers("cpu") if w.tasks > 0) >= 2  # the tasks were shared out
+
+
+def test_a_source_of_unknown_size_is_written_by_the_main_process(tmp_path):
+    stream = sp.from_iterable(_record(i) for i in range(NUM_RECORDS))  # a generator: no length
+    _, stats = _write(stream, tmp_path / "out", backend="multiprocessing", num_cpu_workers=2)
+    assert stats.writes_in_workers is False

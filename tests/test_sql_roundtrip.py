@@ -16,10 +16,11 @@ import torch
 
 import streamproc as sp
 from streamproc.io.sql_connection import connect, sql_target
+from tests import sql_databases
 from tests.hang_guard import run_guarded
 
 #: The ``sql_url`` fixture (a fresh database per test; see tests/sql_databases.py).
-pytest_plugins = ["tests.sql_databases"]
+sql_url = sql_databases.sql_url
 
 GUARD_S = 120
 N = 500

@@ -37,13 +37,15 @@ from streamproc.io.sql_bookkeeping import BOOKKEEPING_TABLE
 from streamproc.io.sql_connection import connect, sql_target
 from streamproc.io.sql_errors import SqlWriteError
 from streamproc.io.sql_schema import table_columns
+from tests import sql_databases
 from tests.hang_guard import run_guarded
 from tests.resume_job import N as JOB_RECORDS
 from tests.sql_databases import POSTGRES_CONFIGURED
 from tests.utils import config_id, wait_for_condition
 
 #: The ``sql_url`` fixture (a fresh database per test; see tests/sql_databases.py).
-pytest_plugins = ["tests.sql_databases"]
+sql_url = sql_databases.sql_url
+postgres_sql_url = sql_databases.postgres_sql_url
 
 GUARD_S = 120
 N = 60

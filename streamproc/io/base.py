@@ -96,6 +96,13 @@ class Source(ABC):
         metadata)."""
         return None
 
+    def num_tasks(self, task_size: int) -> Optional[int]:
+        """How many tasks of ``task_size`` records it gives, if known without reading (main
+        process); None: unknown. Sources whose tasks are not ``task_size`` records (parquet row
+        groups) override it."""
+        records = self.num_records()
+        return None if records is None else -(-records // task_size)
+
     @abstractmethod
     def describe(self) -> str:
         """A short text for ``repr(stream)``."""

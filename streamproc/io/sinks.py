@@ -40,7 +40,6 @@ from .error_ledger import dead_letter_mode_of, open_error_ledger, output_dir_of,
 if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..execution.task import ChunkFinalizer, TaskOutput
-    from ..options import ProcessingOptions
     from ..plan import Plan
     from ..stats import RunStats
 
@@ -76,8 +75,8 @@ class Sink(ABC):
         """A picklable ``records -> chunk`` function run where each task runs (None: lists)."""
         return None
 
-    def wants_workers(self, options: ProcessingOptions) -> bool:
-        """Whether this sink would write inside the workers with these options, if the backend can."""
+    def wants_workers(self, plan: Plan) -> bool:
+        """Whether this sink would write inside the workers for this plan, if the backend can."""
         return False
 
     def worker_writers(self) -> WorkerWriters:
@@ -125,7 +124,7 @@ class _RecordsSink(Sink):
 def _backend_for(plan: Plan, sink: Sink) -> Backend:
     """The plan's backend, with ``sink.in_workers`` decided from its capabilities."""
     backend = get_backend(plan.options.effective_backend)
-    sink.in_workers = sink.wants_workers(plan.options) and backend.capabilities.writes_in_workers
+    sink.in_workers = sink.wants_workers(plan) and backend.capabilities.writes_in_workers
     return backend
 
 
@@ -259,10 +258,29 @@ class ParquetSink(Sink):
         """
         import dataclasses
 
-        capable = get_backend(plan.options.effective_backend).capabilities.writes_in_workers
-        if not capable and not plan.options.deterministic:
+        in_workers = self.wants_workers(plan) and get_backend(plan.options.effective_backend).capabilities.writes_in_workers
+        if not in_workers and not plan.options.deterministic:
             plan = dataclasses.replace(plan, options=plan.options.updated(deterministic=True))
-        return self.output.prepare(plan, in_workers=self.wants_workers(plan.options) and capable)
+        return self.output.prepare(plan, in_workers=in_workers)
+
+    def _a_part_group_per_worker(self, plan: Plan) -> bool:
+        """Whether the run has at least one part group for each CPU worker (main process).
+
+        A worker writes whole parts (G consecutive tasks), so with fewer groups than workers
+        the others would sit idle: the workers then send their outputs to the main process,
+        which writes. A source whose size is unknown (a generator, jsonl, a query) counts as
+        too small: writing here is never slower than one busy worker.
+        """
+        from .parquet_parts import tasks_per_group
+
+        tasks = plan.source.num_tasks(plan.task_size)
+        if tasks is None:
+            return False
+        selection = plan.task_selection
+        world_size = selection.world_size if selection is not None else 1
+        groups = -(-tasks // tasks_per_group(self.output.rows_per_file, plan.task_size))
+        workers = plan.options.num_cpu_workers or os.cpu_count() or 1
+        return -(-groups // world_size) >= workers
 
     def run(self, plan: Plan) -> list[str]:
         """Runs the prepared ``plan`` into the output (main process); a complete output runs nothing."""
@@ -277,7 +295,10 @@ class ParquetSink(Sink):
 
         return ArrowTableFinalizer(self.schema)
 
-    def wants_workers(self, options: ProcessingOptions) -> bool:
+    def wants_workers(self, plan: Plan) -> bool:
+        options = plan.options
+        if not self._a_part_group_per_worker(plan):
+            return False
         if not options.deterministic:
             return True  # a dead worker's part is lost: such a run never replaces workers (retries.py)
         # Deterministic: the workers' parts are the simple backend's, committed in order. A run

@@ -39,7 +39,6 @@ from .sql_writer import SqlTableSettings, TaskRowsWriter, WorkerSqlWriters
 
 if TYPE_CHECKING:
     from ..execution.task import ChunkFinalizer, TaskOutput
-    from ..options import ProcessingOptions
     from ..plan import Plan
 
 IF_EXISTS = ("fail", "append", "replace")
@@ -156,7 +155,8 @@ class SqlSink(Sink):
     def finalizer(self) -> ChunkFinalizer:
         return SqlRowFinalizer(self.target.dialect)
 
-    def wants_workers(self, options: ProcessingOptions) -> bool:
+    def wants_workers(self, plan: Plan) -> bool:
+        options = plan.options
         # A task rerun on a fresh worker (or isolated record by record) comes back through the
         # main process, which then writes it: worker-side writers never see a retried task.
         return options.max_task_retries == 0 and options.task_timeout is None
