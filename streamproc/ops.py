@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .batching import BatchBy, BatchSize, iter_batches
 from .errors import add_context_note
-from .execution import isolation
+from .execution import isolation, sorting
 
 if TYPE_CHECKING:
     from .execution.context import ExecutionContext
@@ -259,6 +259,8 @@ class BatchedOp(Op):
 
     batch_size: Optional[BatchSize] = field(default=None, kw_only=True)
     batch_by: BatchBy = field(default=None, kw_only=True)
+    #: Sort the task's records by this key before batching (see :mod:`.execution.sorting`).
+    sort_by: sorting.SortBy = field(default=None, kw_only=True)
 
     def resolved(self, default_size: BatchSize, default_by: BatchBy) -> BatchedOp:
         """This op with the stream's defaults filled in where it has none.
@@ -279,7 +281,8 @@ class BatchedOp(Op):
         return iter_batches(records_of(chunks), self.batch_size, self.batch_by)
 
     def _size_text(self) -> str:
-        return f", batch_size='{self.batch_size}'" if self.batch_size is not None else ""
+        text = f", batch_size='{self.batch_size}'" if self.batch_size is not None else ""
+        return text + (f", sort_by={sorting.describe_sort_by(self.sort_by)}" if self.sort_by is not None else "")
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,8 @@ class MapBatches(BatchedOp):
     fn: Callable[[list[Any]], Iterable[Any]]
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
+        if self.sort_by is not None:
+            return _tagged(sorting.apply_sorted(self, chunks, ctx, stage), stage.name)
         fn = resolve(self.fn, ctx, stage, "fn")
         policy = ctx.error_policy
         if policy is not None:
@@ -297,7 +302,7 @@ class MapBatches(BatchedOp):
         return f"map_batches({callable_name(self.fn)}{self._size_text()})"
 
     def callables(self) -> dict[str, Any]:
-        return {"map_batches fn": self.fn}
+        return {"map_batches fn": self.fn, "map_batches sort_by": self.sort_by}
 
 
 def default_postprocess(records: list[Any], outputs: Any) -> list[Any]:
@@ -336,6 +341,8 @@ class MapGPU(BatchedOp):
     place: Optional[Callable[[Any, list[Any]], Any]] = field(default=None, kw_only=True)
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
+        if self.sort_by is not None:
+            return _tagged(sorting.apply_sorted(self, chunks, ctx, stage), stage.name)
         postprocess = resolve(self.postprocess, ctx, stage, "postprocess") or default_postprocess
         prepare_batch = resolve(self.prepare_batch, ctx, stage, "prepare_batch")
         policy = ctx.error_policy
@@ -360,4 +367,5 @@ class MapGPU(BatchedOp):
             "map_gpu forward": self.forward,
             "map_gpu postprocess": self.postprocess,
             "map_gpu place": self.place,
+            "map_gpu sort_by": self.sort_by,
         }

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 from .batching import BatchBy, BatchSize, BatchSizeLike, validate_batch_by
+from .execution.sorting import SortBy, validate_sort_by
 from .io.base import Source
 from .io.limit import LimitSource, check_count
 from .ops import Filter, Flatten, Map, MapBatches, MapGPU, Op, map_gpu_kwargs, per_worker
@@ -112,6 +113,7 @@ class Stream:
         batch_size: Optional[BatchSizeLike] = None,
         batch_by: BatchBy = None,
         fn_kwargs: Optional[dict[str, Any]] = None,
+        sort_by: SortBy = None,
     ) -> Stream:
         """Applies ``fn(list_of_records) -> iterable_of_records`` to batches (CPU worker).
 
@@ -121,6 +123,8 @@ class Stream:
         ``fn`` may return more or fewer records than it received. Batches never span two tasks
         (see ``set_processing(task_size=...)``), so the last batch of a task may be smaller.
         Without ``batch_size`` the ``set_processing`` default applies (128 records).
+        ``sort_by`` (a field or ``record -> key``) batches each task's records in ascending key
+        order, outputs back in input order; ``fn`` must then return one record per input.
 
         >>> import streamproc as sp
         >>> sp.from_iterable(range(5)).map_batches(lambda b: [sum(b)], batch_size=2).to_list()
@@ -129,7 +133,8 @@ class Stream:
         _check_callable(fn, "map_batches", "fn")
         fn = per_worker(fn, fn_kwargs, "map_batches", "fn", self._next_stage())
         size = None if batch_size is None else BatchSize.parse(batch_size)
-        return self._with_op(MapBatches(fn, batch_size=size, batch_by=validate_batch_by(batch_by)))
+        by = validate_batch_by(batch_by)
+        return self._with_op(MapBatches(fn, batch_size=size, batch_by=by, sort_by=validate_sort_by(sort_by, "map_batches")))
 
     def map_gpu(
         self,
@@ -140,6 +145,7 @@ class Stream:
         batch_by: BatchBy = None,
         fn_kwargs: Optional[dict[str, dict[str, Any]]] = None,
         place: Optional[Callable[[Any, list[Any]], Any]] = None,
+        sort_by: SortBy = None,
     ) -> Stream:
         """A deep-learning stage: batch, prepare on CPU, ``forward`` on a device, postprocess on CPU.
 
@@ -162,6 +168,7 @@ class Stream:
         the same when several of the three are classes.
         ``place(module, devices)`` replaces the engine's placement of each model on the forward
         process's devices (a device group: model parallel; see :mod:`streamproc.gpu.placement`).
+        ``sort_by``: as for :meth:`map_batches` (e.g. the token count, so padding wastes little).
 
         >>> import streamproc as sp, torch
         >>> sp.from_iterable([1.0, 2.0]).map_gpu(torch.tensor, lambda t: t * 2).to_list()
@@ -179,7 +186,8 @@ class Stream:
         if postprocess is not None:
             postprocess = per_worker(postprocess, by_role["postprocess"], "map_gpu", "postprocess", stage)
         size = None if batch_size is None else BatchSize.parse(batch_size)
-        op = MapGPU(prepare_batch, forward, postprocess, batch_size=size, batch_by=validate_batch_by(batch_by), place=place)
+        by, key = validate_batch_by(batch_by), validate_sort_by(sort_by, "map_gpu")
+        op = MapGPU(prepare_batch, forward, postprocess, batch_size=size, batch_by=by, place=place, sort_by=key)
         return self._with_op(op)
 
     def set_processing(self, **options: Any) -> Stream:
