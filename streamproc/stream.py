@@ -261,30 +261,14 @@ class Stream:
         """Runs the stream and writes dict records to part files ``path/part-<first task>.parquet``.
 
         Part layout: with ``G = max(1, rows_per_file // task_size)``, part ``g`` holds the
-        outputs of tasks ``[g*G, (g+1)*G)`` in task order and is named by its first task
-        (``part-000000.parquet``, ``part-000976.parquet``, ...), whatever the backend, the
-        number of workers or the timing. ``rows_per_file`` is therefore a target: a part holds
-        ``G * task_size`` source records' outputs (more rows after a ``flatten``, fewer after
-        a ``filter``). A parquet source has one task per row group: a part then holds the
-        outputs of ``G`` row groups. A group without output rows has no file. Row groups hold
-        ``row_group_size`` rows. Records are converted to Arrow where they are produced (a CPU
-        worker with the multiprocessing backend). On a backend that can write in its workers
-        (multiprocessing) each CPU worker writes whole parts (one part group per dispatch) and
-        the main process only records them (in task order when ``deterministic``); it writes
-        them itself with ``deterministic=True`` when workers are replaced (``max_task_retries``,
-        ``task_timeout``) or the filesystem is per process. Other backends write in task order.
-
-        Each part appears under its final name only when complete, and counts once the
-        manifest (``_streamproc_manifest.json``, per rank ``_streamproc_manifest.<r>-of-<w>.json``)
-        lists it. ``resume=True`` completes an interrupted write (an error, Ctrl-C, SIGTERM,
-        a killed process): committed parts are skipped without reading their input (parquet
-        row groups; an iterable is re-iterated and their records discarded), uncommitted files
-        are removed, and the result is the uninterrupted run's directory; a missing or empty
-        directory just runs. SIGTERM during the write commits the complete parts and exits
-        with status 143. ``filesystem`` (a pyarrow or fsspec filesystem) writes through it.
-        ``schema`` (a ``pyarrow.Schema``) fixes the column types; otherwise they are unified
-        across tasks (a field null at first takes its later type; a field appearing later is
-        added) and every part gets the final schema. See docs/long-jobs.md.
+        outputs of tasks ``[g*G, (g+1)*G)`` in task order, named by its first task, whatever the
+        backend, the number of workers or the timing (a parquet source: ``G`` row groups per
+        part). Records become Arrow where they are produced; on multiprocessing the CPU workers
+        write whole parts when every worker has one, else the main process writes (docs/api.md
+        says exactly when). A part counts once the manifest (``_streamproc_manifest.json``)
+        lists it; ``resume=True`` completes an interrupted write (error, Ctrl-C, SIGTERM, kill)
+        into the uninterrupted run's directory. ``schema`` fixes the column types, else they are
+        unified across tasks. See docs/long-jobs.md.
 
         Returns:
             The paths of this rank's part files, in task order (committed earlier ones too).
