@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import add_context_note
 from ..execution.context import ExecutionContext
 from ..execution.task import Task, TaskOutput, iter_selected_payloads, run_task
-from ..execution.timing import timed_payloads
+from ..execution.timing import StageTimer, timed_payloads
 from ..gpu.availability import check_devices_exist
 from ..plan import Plan
 from ..stats import RunStats
@@ -71,12 +71,16 @@ class SimpleBackend(Backend):
     def _outputs(self, plan: Plan, sink: Sink, stats: RunStats) -> Generator[TaskOutput, None, None]:
         ctx = forward_context(plan, "main process")
         finalize = sink.finalizer()
+        timer = StageTimer(plan, ctx)  # sums the tasks' stage figures: nothing built per task
         task_index, key = 0, 0
         try:
             for key, payload in timed_payloads(iter_selected_payloads(plan), stats.main):
-                yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize)
+                yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize, timer)
                 task_index += 1
                 key += 1  # a failure of the source is while producing the next task
         except Exception as exc:
             add_context_note(exc, f"streamproc: while running task {key} in the main process (simple backend)")
             raise
+        rest = timer.take()
+        if rest is not None:
+            stats.add_task(rest)
