@@ -40,6 +40,8 @@ T = TypeVar("T")
 
 MODES = ("full", "nostats", "bare")
 
+_tagged: Callable[[Any, str], Iterator[Any]]  # streamproc.ops._tagged, once a mode needs it
+
 
 class _NoTimer:
     """A stand-in for ``StageTimer`` that wraps nothing and reports no stats."""
@@ -51,8 +53,6 @@ class _NoTimer:
         self.ctx = ctx
 
     def wrap(self, it: Iterator[Any], layer: int, stage: str) -> Iterator[Any]:
-        from streamproc.ops import _tagged
-
         return _tagged(it, stage)  # the stage's error tag stays: only the timing goes
 
     def begin_task(self) -> None:
@@ -101,10 +101,12 @@ def _switch_off(mode: str) -> None:
     """Replaces the stats machinery named by ``mode`` (before any worker is forked)."""
     if mode == "full":
         return
+    global _tagged
     import streamproc.backends.multiprocessing.cpu_worker as cpu_worker
     import streamproc.backends.simple as simple
     import streamproc.backends.threads as threads
     import streamproc.execution.task as task
+    from streamproc.ops import _tagged
 
     for module in (task, simple, threads, cpu_worker):
         module.StageTimer = _NoTimer  # type: ignore[assignment,misc]

@@ -9,6 +9,7 @@ or threads go through the hang guard; nothing here asserts a time.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -104,6 +105,12 @@ def test_summed_stats_survive_pickling() -> None:
     assert pickle.loads(pickle.dumps(row)) == row
 
 
+def _collect(stream: sp.Stream) -> tuple[list[Any], RunStats]:
+    with sp.collect_stats() as collected:
+        out = stream.to_list()
+    return out, collected.runs[0]
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -114,21 +121,16 @@ def test_summed_stats_survive_pickling() -> None:
     ],
     ids=["mp", "mp-nondeterministic", "mp-retries", "threads"],
 )
+# Forked workers inherit the patched interval; they run no torch (fork's warning is moot here).
+@pytest.mark.filterwarnings("ignore:process_start_method='fork'")
 def test_every_backend_delivers_exact_counts_whatever_the_sending(
     options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for interval in (0.0, 1e9):  # every task's figures sent (forked workers inherit it), or only at the end
         monkeypatch.setattr(timing, "STATS_SEND_INTERVAL_S", interval)
-        stream = STREAM.set_processing(process_start_method="fork", **options) if options["backend"] != "threads" else (
-            STREAM.set_processing(**options)
-        )
-
-        def run() -> tuple[list[Any], RunStats]:
-            with sp.collect_stats() as collected:
-                out = stream.to_list()
-            return out, collected.runs[0]
-
-        out, stats = run_guarded(run, RUN_TIMEOUT_S, f"{options} with stats sent every {interval} s")
+        fork = {"process_start_method": "fork"} if options["backend"] == "multiprocessing" else {}
+        stream = STREAM.set_processing(**fork, **options)
+        out, stats = run_guarded(functools.partial(_collect, stream), RUN_TIMEOUT_S, f"{options}, stats sent every {interval} s")
         assert sorted(out) == sorted(x for x in range(100) if x % 2 for _ in (0, 1))
         assert _counts(stats)[:3] == STREAM_COUNTS, stats.report()
         assert sum(p.tasks for p in stats.task_runners) == 10

@@ -164,19 +164,18 @@ def run_task(
     previous: Optional[tuple[Any, int]] = None
     info = TaskInfo(ctx.worker_info, plan, task.task_key)
     chunks = iter_task_chunks(plan, task.payload, ctx, finalize, timer)
+    # The info is current while the task's code runs (inside the loop's next()), never while
+    # an output is handed on; a ``for`` loop: the chunks' end raises no StopIteration here.
+    token, current = set_current(info), True
     try:
-        while True:
-            token = set_current(info)  # current while the task's code runs, not between chunks
-            try:
-                chunk, count = next(chunks)
-            except StopIteration:
-                break
-            finally:
-                reset_current(token)
+        for chunk, count in chunks:
+            reset_current(token)
+            current = False
             if previous is not None:
                 yield _output(task, previous, policy, False, timer.take_source_records())
             previous = (chunk, count)
-    except GeneratorExit:  # the consumer closed us: nothing more may be yielded
+            token, current = set_current(info), True
+    except GeneratorExit:  # the consumer closed us (at a yield): nothing more may be yielded
         token = set_current(info)  # the ops' clean-up may run user code
         try:
             chunks.close()
@@ -184,11 +183,14 @@ def run_task(
             reset_current(token)
         raise
     except BaseException as exc:
+        if current:  # raised inside the task's code
+            reset_current(token)
         if isinstance(exc, Exception):
             add_context_note(exc, task_location_note(plan, task))
         if previous is not None:
             yield _output(task, previous, policy, False, timer.take_source_records())
         raise
+    reset_current(token)
     source_records = timer.take_source_records()
     timer.end_task()
     if own_stats:
