@@ -99,15 +99,17 @@ class _NoClock:
 
 def _switch_off(mode: str) -> None:
     """Replaces the stats machinery named by ``mode`` (before any worker is forked)."""
-    if mode == "full":
-        return
     global _tagged
+    # Imported in every mode, so that the modes differ in what they switch off only (a forked
+    # worker starts from its parent's state: under an instruction counter, its imports too).
     import streamproc.backends.multiprocessing.cpu_worker as cpu_worker
     import streamproc.backends.simple as simple
     import streamproc.backends.threads as threads
     import streamproc.execution.task as task
     from streamproc.ops import _tagged
 
+    if mode == "full":
+        return
     for module in (task, simple, threads, cpu_worker):
         module.StageTimer = _NoTimer  # type: ignore[assignment,misc]
     task.timed_finalize = lambda finalize, timer: finalize  # type: ignore[assignment]
