@@ -5,7 +5,8 @@ summed there over the tasks of a process or thread and handed to the main proces
 then (on a task's last output, at most every ``timing.STATS_SEND_INTERVAL_S``, and at the
 run's end), or with each task's last output where a task's own figures are needed.
 :class:`ProcessStats` is measured by each process of the run (the main process, CPU workers,
-GPU workers, worker threads) and reaches the main process at the run's end. :class:`RunStats` merges them in the main process: the run handle
+GPU workers, worker threads) and reaches the main process at the run's end.
+:class:`RunStats` merges them in the main process: the run handle
 (:class:`streamproc.backends.base.RunHandle`) fills it, :mod:`streamproc.stats_report` prints
 it and :mod:`streamproc.bottleneck` reads a hint out of it.
 
