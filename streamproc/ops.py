@@ -8,10 +8,11 @@ never sees records of two tasks at once: this is what makes batch composition in
 the backend and of the number of workers.
 
 Error attribution: the executor runs every stage's output inside :func:`_tagged` (or
-:func:`_tagged_timed`, which also times it: see :func:`streamproc.execution.task.iter_task_records`),
-and an exception is tagged by the first stage it crosses (see :func:`tag_stage`). An exception from upstream has already been
-tagged by its own stage when it passes through a downstream one, so each error names the
-stage (and, for ``map_gpu``, the callable) that raised it.
+:func:`_tagged_timed`, which also times it: see
+:func:`streamproc.execution.task.iter_task_records`), and an exception is tagged by the first
+stage it crosses (see :func:`tag_stage`). An exception from upstream has already been tagged
+by its own stage when it passes through a downstream one, so each error names the stage
+(and, for ``map_gpu``, the callable) that raised it.
 
 Error policy: with ``on_error="raise"`` (``ctx.error_policy is None``) each op runs the code
 path above and nothing else; otherwise it runs the same fast path first and isolates the
