@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import add_context_note
 from ..execution.context import ExecutionContext
 from ..execution.task import Task, TaskOutput, iter_selected_payloads, run_task
-from ..execution.timing import timed_payloads
+from ..execution.timing import StageTimer, timed_payloads
 from ..gpu.availability import check_device_specs
 from ..gpu.model_cache import ModelSettings
 from ..plan import Plan
@@ -74,10 +74,11 @@ class SimpleBackend(Backend):
     def _outputs(self, plan: Plan, sink: Sink, stats: RunStats) -> Generator[TaskOutput, None, None]:
         ctx = forward_context(plan, "main process")
         finalize = sink.finalizer()
+        timer = StageTimer(plan, ctx)  # sums the tasks' stage figures: nothing built per task
         task_index, key = 0, 0
         try:
             for key, payload in timed_payloads(iter_selected_payloads(plan), stats.main):
-                yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize)
+                yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize, timer)
                 task_index += 1
                 key += 1  # a failure of the source is while producing the next task
         except Exception as exc:
@@ -86,3 +87,6 @@ class SimpleBackend(Backend):
         finally:
             if ctx.local_forwards is not None:  # swaps under gpu_memory_budget
                 ctx.local_forwards.add_swap_stats(stats.main)
+        rest = timer.take()
+        if rest is not None:
+            stats.add_task(rest)

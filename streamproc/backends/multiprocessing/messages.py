@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ...execution.task import Task, TaskOutput
-from ...stats import ProcessStats
+from ...stats import ProcessStats, TaskStats
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,15 @@ class StartRun:
     """Run ``run_id`` begins: ``plan_bytes`` is the dill of ``(cpu plan, finalize, worker writers)``.
 
     ``log_levels``: the main process's logging levels, for the worker to apply.
+    ``per_task_stats``: send each task's stats with its last output (a run that replaces dead
+    workers: what a dead worker had summed would be lost), instead of summing them in the
+    worker (sent now and then, and the rest in ``RunEnded``).
     """
 
     run_id: int
     plan_bytes: bytes
     log_levels: LogLevels = ()
+    per_task_stats: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,13 +112,17 @@ class TaskFailed:
 
 @dataclass(frozen=True)
 class RunEnded:
-    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none); ``stats``: its figures."""
+    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none).
+
+    ``stats``: its process figures; ``tasks``: its tasks' stage figures not yet sent (None: none).
+    """
 
     run_id: int
     worker: WorkerId
     paths: list[str]
     rows: Optional[int]
     stats: Optional[ProcessStats] = None
+    tasks: Optional[TaskStats] = None
 
 
 @dataclass(frozen=True)

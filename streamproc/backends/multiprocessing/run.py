@@ -135,7 +135,8 @@ class _Run(RecoveryMixin):
         # Serialize first: an unpicklable callable fails here, before any process exists.
         cpu_plan, forwards = split_plan(self.plan) if self.pool.topology.gpu_devices else (self.plan, {})
         log_levels = capture_log_levels()
-        start = StartRun(self.run_id, dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers), log_levels)
+        plan_bytes = dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers)
+        start = StartRun(self.run_id, plan_bytes, log_levels, per_task_stats=self.replaces_workers)
         options = self.plan.options
         gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels, ModelSettings.from_options(options))
         forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
@@ -275,16 +276,22 @@ class _Run(RecoveryMixin):
             worker.started = True
         elif isinstance(message, RunEnded):
             self.assigned[worker.id.index].ended = message
-            if message.stats is not None:
-                self.stats.add_process(message.stats)
+            self._add_worker_stats(message)
         elif isinstance(message, WorkerFailed):
             raise message.error
         elif isinstance(message, WorkerDone):  # a GPU worker's normal end: its sentinel follows
             worker.done = True
-            if message.stats is not None:
-                self.stats.add_process(message.stats)
+            self._add_worker_stats(message)
         else:
             raise TypeError(f"unexpected message from {worker.id}: {message!r:.100}")
+
+    def _add_worker_stats(self, report: RunEnded | WorkerDone) -> None:
+        """Merges what a worker measured (its process figures; a CPU worker's tasks not yet sent)."""
+        if report.stats is not None:
+            self.stats.add_process(report.stats)
+        tasks = report.tasks if isinstance(report, RunEnded) else None
+        if tasks is not None:
+            self.stats.add_task(tasks)
 
     def _raise_if_gpu_worker_gone(self, error: BaseException) -> None:
         """A CPU worker found a GPU worker gone: report that GPU worker's crash, with its exit code."""
@@ -377,8 +384,7 @@ class _Run(RecoveryMixin):
         self.pool.shutdown(broken=broken or stuck)
         # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
         for report in self.pool.final_reports:
-            if report.stats is not None:
-                self.stats.add_process(report.stats)
+            self._add_worker_stats(report)
         if self._wakeup_writer is not None:
             self._wakeup_writer.close()
             self._wakeup_reader.close()
