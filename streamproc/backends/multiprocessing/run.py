@@ -45,7 +45,7 @@ import threading
 import time
 import warnings
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ...errors import PipelineShutdownError, SerializationError, add_context_note
 from ...execution.dispatch import TaskDispatcher
@@ -91,12 +91,29 @@ SOURCE_RETURN_GRACE_S = 1.0
 _run_ids = itertools.count(1)
 
 
+class RunLease(Protocol):
+    """A warm pool's hold on a run (:mod:`streamproc.service.pool`): the run's processes are the pool's.
+
+    ``begin`` (main process, as the run starts) waits for the pool, sets ``run.pool`` and sends
+    the GPU workers the run's forwards; ``end`` (in :meth:`_Run.shutdown`) drains the run
+    instead of stopping the workers, replaces dead ones and frees the pool.
+    """
+
+    def begin(self, run: _Run, forwards_bytes: Optional[bytes]) -> None: ...
+
+    def end(self, run: _Run, broken: bool) -> None: ...
+
+
 class _Run(RecoveryMixin):
     """One execution of a plan on a pool. Owns its threads; see NOTE [ streamproc shutdown ]."""
 
-    def __init__(self, plan: Plan, sink: Sink, pool: ProcessPool, stats: Optional[RunStats] = None) -> None:
+    def __init__(
+        self, plan: Plan, sink: Sink, pool: ProcessPool, stats: Optional[RunStats] = None, lease: Optional[RunLease] = None
+    ) -> None:
         self.plan = plan
         self.pool = pool
+        #: A warm pool's lease (None: the run starts and stops ``pool`` itself).
+        self.lease = lease
         #: Filled with what the workers report (``RunEnded``/``WorkerDone``) and the main process's waits.
         self.stats = stats if stats is not None else RunStats("multiprocessing")
         self.run_id = next(_run_ids)
@@ -139,7 +156,10 @@ class _Run(RecoveryMixin):
         options = self.plan.options
         gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels, ModelSettings.from_options(options))
         forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
-        self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
+        if self.lease is None:
+            self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
+        else:  # a warm pool's processes: wait for the pool, send its GPU workers this run's forwards
+            self.lease.begin(self, forwards_bytes)
         # Created after the workers: no child inherits it (a replacement is told to close it).
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
@@ -371,14 +391,17 @@ class _Run(RecoveryMixin):
             self._is_shut_down = True
         if self.dispatcher is not None:
             self.dispatcher.stop()
-        if broken:
-            self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
-        stuck = self._join_feeders()
-        self.pool.shutdown(broken=broken or stuck)
-        # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
-        for report in self.pool.final_reports:
-            if report.stats is not None:
-                self.stats.add_process(report.stats)
+        if self.lease is not None:  # a warm pool: drain the run, keep the workers (service/drain.py)
+            self.lease.end(self, broken)
+        else:
+            if broken:
+                self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
+            stuck = self._join_feeders()
+            self.pool.shutdown(broken=broken or stuck)
+            # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
+            for report in self.pool.final_reports:
+                if report.stats is not None:
+                    self.stats.add_process(report.stats)
         if self._wakeup_writer is not None:
             self._wakeup_writer.close()
             self._wakeup_reader.close()
