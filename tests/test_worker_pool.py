@@ -39,7 +39,7 @@ def is_even(x: int) -> bool:
 
 
 def pair_sums(batch: list[int]) -> list[int]:
-    return [a + b for a, b in zip(batch, batch[1:] + [0])]
+    return [a + b for a, b in zip(batch, [*batch[1:], 0])]
 
 
 def killed_at(x: int) -> int:
@@ -150,6 +150,10 @@ def test_a_model_is_moved_to_the_device_once_for_three_streams(tmp_path: Path) -
         for stream, output in zip(streams, wanted):
             assert on(pool, stream) == output
         assert moves(counter) == [str(gpu_pid)]
+    # The counter does count: a fresh run moves its model again, in its own GPU worker.
+    fresh = streams[0].set_processing(num_cpu_workers=2, gpu_worker_devices=["cpu"], task_size=TASK_SIZE)
+    assert run_guarded(fresh.to_list, RUN_TIMEOUT_S, "a fresh run") == wanted[0]
+    assert len(moves(counter)) == 2 and moves(counter)[1] != str(gpu_pid)
 
 
 def test_a_stream_without_gpu_stage_and_one_with_run_on_a_pool_with_gpu_workers(tmp_path: Path) -> None:
@@ -289,7 +293,7 @@ def test_another_backend_or_another_object_is_refused() -> None:
             stream.set_processing(pool=pool, backend="threads")
         assert stream.set_processing(pool=pool, backend="multiprocessing").options.effective_backend == "multiprocessing"
         assert stream.set_processing(pool=pool).options.effective_backend == "multiprocessing"
-    with pytest.raises(ValueError, match="pool must be a streamproc.WorkerPool"):
+    with pytest.raises(ValueError, match=r"pool must be a streamproc\.WorkerPool"):
         stream.set_processing(pool="127.0.0.1:8000")
     with pytest.raises(ValueError, match="num_cpu_workers"):
         sp.WorkerPool(num_cpu_workers=0)
