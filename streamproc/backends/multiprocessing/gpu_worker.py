@@ -180,6 +180,8 @@ def run_gpu_worker(
                 else:
                     lost.discard(peer)
                 continue
+            if reader not in peer_alive and reader not in senders:
+                continue  # a dead peer's pipe, closed by the replacement just taken
             if reader in peer_alive:
                 batches = peer_alive[reader]
                 if batches in open_readers and not batches.poll():
