@@ -40,8 +40,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-import streamproc as sp  # noqa: E402
-from classify_documents import build_model, clean, generate_dataset, has_tokens, postprocess, prepare_batch  # noqa: E402
+from classify_documents import build_model, clean, generate_dataset, has_tokens, postprocess, prepare_batch
+
+import streamproc as sp
 
 
 def request_stream(docs: list[dict[str, Any]], model: Any, batch_size: str) -> sp.Stream:
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         files = generate_dataset(Path(tmp), args.requests * args.records, seed=0)
         docs = pq.read_table(files, columns=["id", "source", "topic", "text"]).to_pylist()
     model = build_model(0, args.train_steps)
-    requests = [request_stream(docs[i * args.records : (i + 1) * args.records], model, args.batch_size) for i in range(args.requests)]
+    requests = [
+        request_stream(docs[i * args.records : (i + 1) * args.records], model, args.batch_size) for i in range(args.requests)
+    ]
     devices = [args.device] if args.device else None
     gpu = len(devices) if devices else 0
     print(f"{args.requests} requests x {args.records} records, model {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 each[0] += start_s
             totals[mode] = total
             ratio = f"{totals['fresh'] / totals['warm']:.1f}x" if len(totals) == 2 else ""
-            print(f"{workers:>7}  {mode:<5}  {total:>8.2f}  {statistics.median(each):>16.3f}  {each[0]:>7.2f}  {ratio:>10}", flush=True)
+            median = statistics.median(each)
+            print(f"{workers:>7}  {mode:<5}  {total:>8.2f}  {median:>16.3f}  {each[0]:>7.2f}  {ratio:>10}", flush=True)
         if len(outputs) == 2 and outputs["fresh"] != outputs["warm"]:
             print(f"MISMATCH: warm outputs differ from fresh outputs with {workers} worker(s)")
             return 1

@@ -209,6 +209,32 @@ def test_a_crash_with_retries_is_survived_within_the_run_and_the_pool_goes_on() 
         assert on(pool, good, max_task_retries=2) == expected(good)
 
 
+class FailsToLoad(torch.nn.Module):
+    """A model whose unpickling raises (in the GPU worker that loads the run's forwards)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        raise UserError("cannot load this model")
+
+    def forward(self, batch: Any) -> Any:
+        return self.linear(batch)
+
+
+def test_a_model_that_fails_to_load_fails_its_stream_not_the_gpu_worker(tmp_path: Path) -> None:
+    failing = sp.from_iterable(range(RECORDS)).map_gpu(encode, FailsToLoad(), attach, batch_size=5)
+    good = model_stream(tmp_path / "moves.txt", 0)
+    wanted = expected(good)
+    with sp.WorkerPool(num_cpu_workers=2, gpu_worker_devices=["cpu"]) as pool:
+        pids = pool.worker_pids()
+        with pytest.raises(UserError, match="cannot load this model"):
+            on(pool, failing)
+        assert on(pool, good) == wanted
+        assert pool.worker_pids() == pids and pool.restarts == 0
+
+
 def test_an_early_break_gives_the_workers_back() -> None:
     stream = three_streams()[0]
     with sp.WorkerPool(num_cpu_workers=2) as pool:
