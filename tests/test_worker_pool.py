@@ -11,8 +11,11 @@ weights, so results are exact. Every run is under the hang guard; the autouse fi
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -343,4 +346,21 @@ def test_garbage_collection_reaps_the_pool() -> None:
     pids = pool.worker_pids()
     del pool
     gc.collect()
+    assert_reaped(pids)
+
+
+def test_interpreter_exit_without_close_leaves_no_orphan(tmp_path: Path) -> None:
+    script = (
+        "import json, streamproc as sp\n"
+        "pool = sp.WorkerPool(num_cpu_workers=2, gpu_worker_devices=['cpu'])\n"
+        "assert sp.from_iterable(range(5)).set_processing(pool=pool).to_list() == list(range(5))\n"
+        "print(json.dumps(pool.worker_pids()))\n"
+    )
+    paths = [str(Path(sp.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    command = [sys.executable, "-c", script]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    pids = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(pids) == 3
     assert_reaped(pids)
