@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/bench_warm_pool.py                       # workers 1 and 2, 20 x 200 records
     python benchmarks/bench_warm_pool.py --workers 2 --requests 5
+    python benchmarks/bench_warm_pool.py --start-method spawn  # what every fresh run pays without fork/forkserver
 
 Times are reported, never asserted. See docs/benchmarks.md ("Warm pools") for recorded figures.
 """
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=0, help="warm-up training steps of the model (default: 0)")
     parser.add_argument("--batch-size", default="8192 padded_tokens", help="map_gpu batch size (the demo's default)")
     parser.add_argument("--device", default=None, help="a GPU worker's device (default: none, forward in the CPU workers)")
+    parser.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default=None, help="default: the backend's")
     parser.add_argument("--modes", nargs="+", choices=("fresh", "warm"), default=["fresh", "warm"])
     args = parser.parse_args(argv)
 
@@ -84,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     devices = [args.device] if args.device else None
     gpu = len(devices) if devices else 0
+    method = args.start_method
     print(f"{args.requests} requests x {args.records} records, model {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"device {args.device or 'cpu (in the CPU workers)'}")
+          f"device {args.device or 'cpu (in the CPU workers)'}, start method {method or 'default'}")
     print(f"{'workers':>7}  {'mode':<5}  {'total s':>8}  {'median s/request':>16}  {'first s':>7}  {'fresh/warm':>10}")
     for workers in args.workers:
         totals: dict[str, float] = {}
@@ -93,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             if mode == "fresh":
                 total, each, outputs[mode] = run_requests(
-                    requests, backend="multiprocessing", num_cpu_workers=workers, num_gpu_workers=gpu, gpu_worker_devices=devices
+                    requests, backend="multiprocessing", num_cpu_workers=workers, num_gpu_workers=gpu,
+                    gpu_worker_devices=devices, process_start_method=method,
                 )
             else:
                 started = time.perf_counter()
-                with sp.WorkerPool(num_cpu_workers=workers, num_gpu_workers=gpu, gpu_worker_devices=devices) as pool:
+                pool_options = {"num_gpu_workers": gpu, "gpu_worker_devices": devices, "process_start_method": method}
+                with sp.WorkerPool(num_cpu_workers=workers, **pool_options) as pool:
                     start_s = time.perf_counter() - started
                     total, each, outputs[mode] = run_requests(requests, pool=pool)
                 total += start_s  # the pool's start-up counts
