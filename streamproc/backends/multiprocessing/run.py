@@ -45,7 +45,7 @@ import threading
 import time
 import warnings
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import PipelineShutdownError, SerializationError, add_context_note
 from ...execution.dispatch import TaskDispatcher
@@ -78,6 +78,7 @@ from .retries import TaskRetries
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
+    from .lease import RunLease
 
 #: Tasks sent to one worker and not finished: one running, one waiting in its pipe.
 MAX_TASKS_IN_FLIGHT_PER_WORKER = 2
@@ -89,19 +90,6 @@ RESULT_WAIT_TIMEOUT_S = 1.0
 SOURCE_RETURN_GRACE_S = 1.0
 
 _run_ids = itertools.count(1)
-
-
-class RunLease(Protocol):
-    """A warm pool's hold on a run (:mod:`streamproc.service.pool`): the run's processes are the pool's.
-
-    ``begin`` (main process, as the run starts) waits for the pool, sets ``run.pool`` and sends
-    the GPU workers the run's forwards; ``end`` (in :meth:`_Run.shutdown`) drains the run
-    instead of stopping the workers, replaces dead ones and frees the pool.
-    """
-
-    def begin(self, run: _Run, forwards_bytes: Optional[bytes]) -> None: ...
-
-    def end(self, run: _Run, broken: bool) -> None: ...
 
 
 class _Run(RecoveryMixin):
@@ -392,16 +380,21 @@ class _Run(RecoveryMixin):
         if self.dispatcher is not None:
             self.dispatcher.stop()
         if self.lease is not None:  # a warm pool: drain the run, keep the workers (service/drain.py)
-            self.lease.end(self, broken)
-        else:
-            if broken:
-                self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
-            stuck = self._join_feeders()
-            self.pool.shutdown(broken=broken or stuck)
-            # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
-            for report in self.pool.final_reports:
-                if report.stats is not None:
-                    self.stats.add_process(report.stats)
+            try:
+                self.lease.end(self, broken)
+            finally:
+                if self._wakeup_writer is not None:
+                    self._wakeup_writer.close()
+                    self._wakeup_reader.close()
+            return
+        if broken:
+            self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
+        stuck = self._join_feeders()
+        self.pool.shutdown(broken=broken or stuck)
+        # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
+        for report in self.pool.final_reports:
+            if report.stats is not None:
+                self.stats.add_process(report.stats)
         if self._wakeup_writer is not None:
             self._wakeup_writer.close()
             self._wakeup_reader.close()
