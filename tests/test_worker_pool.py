@@ -364,3 +364,12 @@ def test_interpreter_exit_without_close_leaves_no_orphan(tmp_path: Path) -> None
     pids = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(pids) == 3
     assert_reaped(pids)
+
+
+def test_the_docstring_example_runs() -> None:
+    import doctest
+
+    import streamproc.service.pool as module
+
+    result = run_guarded(lambda: doctest.testmod(module), RUN_TIMEOUT_S, "the WorkerPool doctest")
+    assert result.attempted == 3 and result.failed == 0
