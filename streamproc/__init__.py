@@ -31,6 +31,7 @@ from .execution.captures import ModelShippedWarning
 from .execution.schedule import get_dispatch_schedule
 from .execution.worker_info import WorkerInfo, get_worker_info
 from .io.paths import PathLike
+from .service.pool import WorkerPool
 from .stats import RunStats
 from .stream import Stream
 
@@ -246,6 +247,7 @@ __all__ = [
     "TooManyErrorsError",
     "WorkerCrashedError",
     "WorkerInfo",
+    "WorkerPool",
     "collect_stats",
     "from_arrow",
     "from_huggingface",

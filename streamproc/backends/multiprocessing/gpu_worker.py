@@ -42,6 +42,7 @@ from .messages import (
     ForwardResult,
     NoMoreBatches,
     PeerReplaced,
+    StartGPURun,
     WorkerDone,
     WorkerFailed,
     WorkerId,
@@ -51,7 +52,7 @@ from .worker_runtime import PARENT_CHECK_INTERVAL_S, as_crash, start_worker_proc
 from .worker_stats import WorkerClock
 
 if TYPE_CHECKING:
-    from ...gpu import DeviceForward
+    from ...gpu import DeviceForward, ModelCache
     from ...gpu.model_cache import ModelSettings
 
 
@@ -96,7 +97,7 @@ class _PeerSender:
 def run_gpu_worker(
     index: int,
     device: DeviceSpec,
-    forwards_bytes: bytes,
+    forwards_bytes: Optional[bytes],
     channels: list[tuple[int, Any, Any, Any]],
     status_conn: Any,
     alive_conn: Any,
@@ -113,7 +114,8 @@ def run_gpu_worker(
             model settings]])``, ``forwards`` mapping a stage index to its
             :class:`~streamproc.execution.split.ForwardStage`; the main process's log levels
             (:mod:`.log_forwarding`) and the :class:`~streamproc.gpu.model_cache.ModelSettings`
-            may be left out (pools that tests start by hand).
+            may be left out (pools that tests start by hand). None (a warm pool): no stage
+            yet; each run's come in a ``StartGPURun`` on ``control``.
         channels: ``(cpu worker index, batch pipe reader, output pipe writer, the peer's
             liveness pipe reader)`` per peer.
         status_conn: ``WorkerStarted``, then ``WorkerDone`` at a normal end; a start-up failure
@@ -123,7 +125,7 @@ def run_gpu_worker(
             see EOF on the read end when this process ends.
         inherited: see :func:`.worker_runtime.start_worker_process`.
         control: main -> this worker (a socket pair): ``PeerReplaced`` and the new peer's
-            descriptors; None when dead peers are not replaced.
+            descriptors, and on a warm pool ``StartGPURun``; None when dead peers are not replaced.
     """
     worker = WorkerId("gpu", index)
     start_worker_process(worker, parent_pid, inherited)
@@ -135,10 +137,9 @@ def run_gpu_worker(
         from ...execution.worker_info import WorkerInfo, set_process_info
 
         set_process_info(WorkerInfo("gpu", index, 0, first_device(device), None))  # sp.get_worker_info() in forward
-        stages, autocast, torch_threads, *rest = dill_loads(forwards_bytes)
-        apply_log_levels(rest[0] if rest else ())
-        settings = rest[1] if len(rest) > 1 else None
-        runners = _device_forwards(stages, device, autocast, torch_threads, settings)
+        # Model caches outlive runs on a warm pool: one per ModelSettings (budget, dtype).
+        caches: dict[Any, ModelCache] = {}
+        runners, settings = _load_forwards(forwards_bytes, device, caches) if forwards_bytes is not None else ({}, None)
         clock.loaded()  # spawn, imports, models moved to the device
     except BaseException as exc:
         # sys.exit() in a model's __setstate__ or .to(): re-raised as is in the main process,
@@ -165,14 +166,22 @@ def run_gpu_worker(
         ready: list[Any] = multiprocessing.connection.wait([*watched, *([control] if control else [])], timeout=timeout)
         if not uploaded:  # nothing to compute: idle, waiting for a batch
             clock.stats.idle_seconds += time.perf_counter() - waited
-        for reader in ready:
+        # The control pipe first: a warm pool's StartGPURun was sent before its run's batches.
+        for reader in sorted(ready, key=lambda conn: conn is not control):
             if reader is control:
-                peer = _take_replacement(control, worker, senders, peer_alive, open_readers, peer_of)
+                control_message = _read_control(control)
+                if isinstance(control_message, StartGPURun):
+                    runners, settings = _start_gpu_run(control_message, worker, device, caches, status_conn, where)
+                    pick_next = _batch_picker(runners, settings)
+                    continue
+                peer = _take_replacement(control_message, control, worker, senders, peer_alive, open_readers, peer_of)
                 if peer is None:
                     control = None  # the main process is shutting down: lost peers stay lost
                 else:
                     lost.discard(peer)
                 continue
+            if reader not in peer_alive and reader not in senders:
+                continue  # a dead peer's pipe, closed by the replacement just taken
             if reader in peer_alive:
                 batches = peer_alive[reader]
                 if batches in open_readers and not batches.poll():
@@ -188,7 +197,11 @@ def run_gpu_worker(
             if isinstance(message, NoMoreBatches):
                 open_readers.remove(reader)
                 continue
-            runner = runners[message.stage]
+            runner = runners.get(message.stage)
+            if runner is None:  # its run's StartGPURun failed to load (the run reports it)
+                error = RuntimeError(f"{where} has no forward for stage {message.stage}: the stream's models failed to load")
+                senders[reader].queue.put(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, where)))
+                continue
             try:
                 uploaded.append((senders[reader], message, runner.upload(message.batch)))
             except Exception as exc:
@@ -223,8 +236,44 @@ def run_gpu_worker(
     status_conn.send_bytes(dumps_message(WorkerDone(worker, stats)))
 
 
+def _load_forwards(
+    forwards_bytes: bytes, device: DeviceSpec, caches: dict[Any, ModelCache]
+) -> tuple[dict[int, DeviceForward], Optional[ModelSettings]]:
+    """The started runners of a run's ``map_gpu`` stages (GPU worker), from ``forwards_bytes``."""
+    stages, autocast, torch_threads, *rest = dill_loads(forwards_bytes)
+    apply_log_levels(rest[0] if rest else ())
+    settings = rest[1] if len(rest) > 1 else None
+    if settings not in caches:
+        from ...gpu import ModelCache
+
+        caches[settings] = ModelCache(first_device(device), settings)
+    return _device_forwards(stages, device, autocast, torch_threads, settings, caches[settings]), settings
+
+
+def _start_gpu_run(
+    start: StartGPURun, worker: WorkerId, device: DeviceSpec, caches: dict[Any, ModelCache], status_conn: Any, where: str
+) -> tuple[dict[int, DeviceForward], Optional[ModelSettings]]:
+    """A warm pool's next run (GPU worker): its runners, its models through the kept caches.
+
+    A failure to load (the user's ``__setstate__`` or ``.to()`` raising) ends the run, not the
+    worker: it goes to the main process as ``WorkerFailed`` and the run's batches are answered
+    with ``ForwardFailed``; the worker waits for the next run.
+    """
+    try:
+        return _load_forwards(start.forwards_bytes, device, caches)
+    except Exception as exc:
+        failed = WorkerFailed(worker, ExceptionWithTraceback(exc, f"{where}, loading run {start.run_id}"))
+        status_conn.send_bytes(dumps_message(failed))
+        return {}, None
+
+
 def _device_forwards(
-    stages: dict[int, Any], device: DeviceSpec, autocast: Any, torch_threads: Optional[int], settings: Optional[ModelSettings]
+    stages: dict[int, Any],
+    device: DeviceSpec,
+    autocast: Any,
+    torch_threads: Optional[int],
+    settings: Optional[ModelSettings],
+    cache: Optional[ModelCache] = None,
 ) -> dict[int, DeviceForward]:
     """One started :class:`DeviceForward` per stage, all on ``device``, sharing one model cache
     (a device group: its first device; models split across the group are not cached).
@@ -234,7 +283,8 @@ def _device_forwards(
     """
     from ...gpu import DeviceForward, ModelCache
 
-    cache = ModelCache(first_device(device), settings)
+    if cache is None:
+        cache = ModelCache(first_device(device), settings)
     runners = {
         stage_index: DeviceForward(
             stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads, stage.place, cache
@@ -272,7 +322,16 @@ def _batch_picker(
     return pick
 
 
+def _read_control(control: Any) -> Optional[Any]:
+    """The next message on the control pipe (``PeerReplaced`` or ``StartGPURun``); None once it is closed."""
+    try:
+        return loads_message(control.recv_bytes())
+    except (EOFError, OSError):
+        return None
+
+
 def _take_replacement(
+    message: Optional[Any],
     control: Any,
     worker: WorkerId,
     senders: dict[Any, _PeerSender],
@@ -280,12 +339,13 @@ def _take_replacement(
     open_readers: list[Any],
     peer_of: dict[Any, int],
 ) -> Optional[int]:
-    """Reads one ``PeerReplaced`` and its descriptors from ``control``; serves the new peer.
+    """Reads the descriptors that follow ``message`` (a ``PeerReplaced``) on ``control``; serves the new peer.
 
-    Returns the peer's index, or None when the control pipe is closed.
+    Returns the peer's index, or None when the control pipe is closed (``message`` None).
     """
+    if message is None:
+        return None
     try:
-        message = loads_message(control.recv_bytes())
         with socket.fromfd(control.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             batch_fd, output_fd, alive_fd = reduction.recvfds(sock, 3)
     except (EOFError, OSError):

@@ -78,6 +78,7 @@ from .retries import TaskRetries
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
+    from .lease import RunLease
 
 #: Tasks sent to one worker and not finished: one running, one waiting in its pipe.
 MAX_TASKS_IN_FLIGHT_PER_WORKER = 2
@@ -94,9 +95,13 @@ _run_ids = itertools.count(1)
 class _Run(RecoveryMixin):
     """One execution of a plan on a pool. Owns its threads; see NOTE [ streamproc shutdown ]."""
 
-    def __init__(self, plan: Plan, sink: Sink, pool: ProcessPool, stats: Optional[RunStats] = None) -> None:
+    def __init__(
+        self, plan: Plan, sink: Sink, pool: ProcessPool, stats: Optional[RunStats] = None, lease: Optional[RunLease] = None
+    ) -> None:
         self.plan = plan
         self.pool = pool
+        #: A warm pool's lease (None: the run starts and stops ``pool`` itself).
+        self.lease = lease
         #: Filled with what the workers report (``RunEnded``/``WorkerDone``) and the main process's waits.
         self.stats = stats if stats is not None else RunStats("multiprocessing")
         self.run_id = next(_run_ids)
@@ -140,7 +145,10 @@ class _Run(RecoveryMixin):
         options = self.plan.options
         gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels, ModelSettings.from_options(options))
         forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
-        self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
+        if self.lease is None:
+            self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
+        else:  # a warm pool's processes: wait for the pool, send its GPU workers this run's forwards
+            self.lease.begin(self, forwards_bytes)
         # Created after the workers: no child inherits it (a replacement is told to close it).
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
@@ -378,6 +386,14 @@ class _Run(RecoveryMixin):
             self._is_shut_down = True
         if self.dispatcher is not None:
             self.dispatcher.stop()
+        if self.lease is not None:  # a warm pool: drain the run, keep the workers (service/drain.py)
+            try:
+                self.lease.end(self, broken)
+            finally:
+                if self._wakeup_writer is not None:
+                    self._wakeup_writer.close()
+                    self._wakeup_reader.close()
+            return
         if broken:
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
         stuck = self._join_feeders()
