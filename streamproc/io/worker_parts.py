@@ -53,6 +53,7 @@ from .write_schema import ArrowTableFinalizer
 
 if TYPE_CHECKING:
     from ..execution.context import ExecutionContext
+    from ..execution.timing import StageTimer
     from ..plan import Plan
 
 
@@ -116,8 +117,13 @@ class WorkerPartWriter:
         """The chunk finalizer of tasks run outside a group: records -> Arrow table."""
         return self.finalize(records)
 
-    def run_group(self, plan: Plan, task: Task, ctx: ExecutionContext) -> Iterator[TaskOutput]:
+    def run_group(
+        self, plan: Plan, task: Task, ctx: ExecutionContext, timer: Optional[StageTimer] = None
+    ) -> Iterator[TaskOutput]:
         """Runs the tasks of ``task.payload`` (a :class:`TaskGroup`) in order into their part file.
+
+        ``timer``: the worker's :class:`~streamproc.execution.timing.StageTimer`, which sums the
+        tasks' stage figures (None: each task's stats travel with its last output).
 
         Yields their outputs without the rows (``chunk=()``), all with ``task_index`` =
         ``task.index`` and ``last=False`` but the group's final one, whose ``chunk`` is the
@@ -133,7 +139,7 @@ class WorkerPartWriter:
         try:
             for position, (key, payload) in enumerate(group.tasks):
                 closing = position == len(group.tasks) - 1
-                for output in run_task(plan, Task(task.index, payload, task.run_id, key), ctx, self.finalize):
+                for output in run_task(plan, Task(task.index, payload, task.run_id, key), ctx, self.finalize, timer):
                     if output.chunk is not None:
                         part.write(output.chunk, _where(plan, key, payload))
                     stripped = dataclasses.replace(output, chunk=(), last=output.last and closing)

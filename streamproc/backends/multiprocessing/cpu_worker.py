@@ -219,7 +219,7 @@ def _run_task(run: _RunState, message: Task | IsolatedTask, sender: _ResultSende
         else:
             # A run that writes in workers gets whole part groups (never retried: see retries.py).
             if run.writer is not None:
-                outputs = run.writer.run_group(run.plan, task, run.ctx)
+                outputs = run.writer.run_group(run.plan, task, run.ctx, run.timer)
             else:
                 outputs = run_task(run.plan, task, run.ctx, run.finalize, run.timer)
             for output in outputs:
