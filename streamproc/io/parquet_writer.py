@@ -104,11 +104,7 @@ class ParquetOutput:
         self.selection = dataclasses.replace(selection, tasks_per_group=group_size)
         self.settings = PartSettings(self.directory, group_size, self.row_group_size, schema=self.user_schema)
         self.manifest_name = manifest_name(selection.rank, selection.world_size)
-        if in_workers and self.directory.is_per_process():
-            raise ValueError(
-                "write_parquet: a memory filesystem lives in one process: with deterministic=False the "
-                "CPU workers write the parts; use deterministic=True (the main process writes) or a shared filesystem"
-            )
+        assert not (in_workers and self.directory.is_per_process()), "a memory filesystem is written by the main process"
         kind = self.directory.kind()
         if kind == "file":
             raise FileExistsError(f"write_parquet: {self.directory.describe()!r} is a file; give a directory path")

@@ -55,7 +55,7 @@ class WorkerWriters(Protocol):
     def open_in_worker(self, worker_index: int) -> Any:
         """The writer of worker ``worker_index`` (runs in that worker).
 
-        The writer's ``run_group(plan, task, ctx)`` runs each dispatched task there, yielding
+        The writer's ``run_group(plan, task, ctx, timer)`` runs each dispatched task there, yielding
         its ``TaskOutput``s (what travels back), ``close() -> (paths, rows)`` completes it,
         ``abort()`` drops it.
         """
@@ -296,16 +296,16 @@ class ParquetSink(Sink):
         return ArrowTableFinalizer(self.schema)
 
     def wants_workers(self, plan: Plan) -> bool:
-        options = plan.options
-        if not self._a_part_group_per_worker(plan):
+        # The main process writes when a worker per part group would leave workers idle, and
+        # when the filesystem lives in one process (fsspec ``memory``): no worker can reach it.
+        if self.output.directory.is_per_process() or not self._a_part_group_per_worker(plan):
             return False
-        if not options.deterministic:
+        if not plan.options.deterministic:
             return True  # a dead worker's part is lost: such a run never replaces workers (retries.py)
         # Deterministic: the workers' parts are the simple backend's, committed in order. A run
-        # that replaces dead workers reruns single tasks, which have no part to go to, and a
-        # per-process filesystem (fsspec ``memory``) cannot be shared: the main process writes.
-        replaces_workers = options.max_task_retries > 0 or options.task_timeout is not None
-        return not replaces_workers and not self.output.directory.is_per_process()
+        # that replaces dead workers reruns single tasks, which have no part to go to: the main
+        # process writes.
+        return plan.options.max_task_retries == 0 and plan.options.task_timeout is None
 
     def worker_writers(self) -> WorkerWriters:
         return self.output.worker_writers()

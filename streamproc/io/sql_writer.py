@@ -39,6 +39,7 @@ from .sql_schema import SqlRowFinalizer, check_rows, create_table_sql, infer_col
 
 if TYPE_CHECKING:
     from ..execution.context import ExecutionContext
+    from ..execution.timing import StageTimer
     from ..plan import Plan
 
 
@@ -182,7 +183,9 @@ class WorkerSqlWriter:
         """The chunk finalizer of tasks run outside :meth:`run_group`: records -> rows."""
         return self.finalize(records)
 
-    def run_group(self, plan: Plan, task: Task, ctx: ExecutionContext) -> Iterator[TaskOutput]:
+    def run_group(
+        self, plan: Plan, task: Task, ctx: ExecutionContext, timer: Optional[StageTimer] = None
+    ) -> Iterator[TaskOutput]:
         """Runs ``task`` and commits its rows in one transaction before its last output goes back.
 
         Yields the task's outputs without their rows (``chunk=None``; counts, errors and stats
@@ -191,7 +194,7 @@ class WorkerSqlWriter:
         """
         rows: list[dict[str, Any]] = []
         last: Optional[TaskOutput] = None
-        for output in run_task(plan, task, ctx, self.finalize):
+        for output in run_task(plan, task, ctx, self.finalize, timer):
             if output.chunk:
                 rows.extend(output.chunk)
             stripped = dataclasses.replace(output, chunk=None)
