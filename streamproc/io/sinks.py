@@ -121,6 +121,13 @@ class _RecordsSink(Sink):
         raise AssertionError("iteration reads outputs from the run handle")
 
 
+def _default_cpu_workers(plan: Plan) -> int:
+    """The CPU worker count the multiprocessing backend would start for ``plan`` (main process)."""
+    from ..backends.multiprocessing.cpu_budget import default_num_cpu_workers
+
+    return default_num_cpu_workers(plan.options.effective_gpu_workers)
+
+
 def _backend_for(plan: Plan, sink: Sink) -> Backend:
     """The plan's backend, with ``sink.in_workers`` decided from its capabilities."""
     backend = get_backend(plan.options.effective_backend)
@@ -279,7 +286,10 @@ class ParquetSink(Sink):
         selection = plan.task_selection
         world_size = selection.world_size if selection is not None else 1
         groups = -(-tasks // tasks_per_group(self.output.rows_per_file, plan.task_size))
-        workers = plan.options.num_cpu_workers or os.cpu_count() or 1
+        workers = plan.options.num_cpu_workers
+        if workers is None:
+            pool = getattr(plan.options, "pool", None)
+            workers = pool.num_cpu_workers if pool is not None else _default_cpu_workers(plan)
         return -(-groups // world_size) >= workers
 
     def run(self, plan: Plan) -> list[str]:
