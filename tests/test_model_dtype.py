@@ -186,3 +186,12 @@ def test_dtype_and_budget_together_fit_two_halved_models():
     with sp.collect_stats() as stats:
         out = stream.to_list()
     assert len(out) == 24 and stats.runs[-1].main.swaps == 0
+
+
+def test_a_model_split_across_a_device_group_is_cast_too():
+    # Model parallel bypasses the cache (nothing to swap), not the cast.
+    reference = np.array(mlp_stream(NormedMLP(), backend="simple").to_list())
+    stream = mlp_stream(NormedMLP(), backend="simple", model_dtype="bfloat16")
+    cast = np.array(stream.set_processing(gpu_worker_devices=[("cpu", "cpu")]).to_list())
+    np.testing.assert_allclose(cast, reference, rtol=BF16_TOLERANCE, atol=BF16_TOLERANCE)
+    assert not np.array_equal(cast, reference)  # the weights were really cast
