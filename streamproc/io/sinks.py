@@ -276,7 +276,7 @@ class ParquetSink(Sink):
         A worker writes whole parts (G consecutive tasks), so with fewer groups than workers
         the others would sit idle: the workers then send their outputs to the main process,
         which writes. A source whose size is unknown (a generator, jsonl, a query) counts as
-        too small: writing here is never slower than one busy worker.
+        too small: the main process writing is never slower than one worker computing everything.
         """
         from .parquet_parts import tasks_per_group
 
