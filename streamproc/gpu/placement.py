@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import add_context_note
 from ..options import DeviceSpec
+from .device import map_tensors
 from .partition import Placement, bytes_of, find_blocks, outermost, plan_placement, tensors_of
 
 if TYPE_CHECKING:
@@ -246,14 +247,4 @@ def _inputs_to(device: torch.device) -> Callable[[Any, tuple[Any, ...], dict[str
 
 def _moved(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor in a dict/list/tuple nesting on ``device`` (nothing else converted)."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _moved(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_moved(v, device) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_moved(v, device) for v in obj)
-    return obj
+    return map_tensors(obj, lambda tensor: tensor.to(device), from_numpy=False)
