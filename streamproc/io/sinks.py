@@ -253,6 +253,7 @@ class ParquetSink(Sink):
         from .parquet_writer import ParquetOutput
 
         self.output = ParquetOutput(path, overwrite, resume, schema, rows_per_file, row_group_size, filesystem)
+        self._enough_groups: Optional[bool] = None  # see _a_part_group_per_worker
         self.schema = schema
         self.dead_letter_mode = "resume" if resume else "overwrite" if overwrite else "new"
 
@@ -278,6 +279,11 @@ class ParquetSink(Sink):
         which writes. A source whose size is unknown (a generator, jsonl, a query) counts as
         too small: the main process writing is never slower than one worker computing everything.
         """
+        if self._enough_groups is None:  # once per write: counting a parquet source's tasks reads its footers
+            self._enough_groups = self._count_part_groups_per_worker(plan)
+        return self._enough_groups
+
+    def _count_part_groups_per_worker(self, plan: Plan) -> bool:
         from .parquet_parts import tasks_per_group
 
         tasks = plan.source.num_tasks(plan.task_size)
