@@ -56,8 +56,15 @@ def driver_message(exc: BaseException) -> str:
     """The database's own words for ``exc``: SQLAlchemy's wrapper minus its ``[SQL: ...]``
     and background-link lines (the message that wraps it names the statement already)."""
     orig = getattr(exc, "orig", None)
+    return f"{type(orig if orig is not None else exc).__name__}: {driver_text(exc)}"
+
+
+def driver_text(exc: BaseException) -> str:
+    """The first line of the database's own message for ``exc`` (SQLAlchemy wraps the DB-API
+    exception in ``exc.orig``); "" when it has none."""
+    orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip()
-    return f"{type(orig if orig is not None else exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return text.splitlines()[0] if text else ""
 
 
 @dataclass(frozen=True)

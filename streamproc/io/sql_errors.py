@@ -40,12 +40,6 @@ class SqlWriteError(StreamprocError):
     driver's exception is the ``__cause__``."""
 
 
-def _driver_message(exc: BaseException) -> str:
-    original = getattr(exc, "orig", None)  # SQLAlchemy wraps the DB-API exception
-    text = str(original if original is not None else exc)
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-
-
 def _column_of(exc: BaseException, message: str, parameters: Sequence[str]) -> Optional[str]:
     """The column the database names: in its message, its diagnostics (psycopg's ``diag``), or as
     the ``$k`` parameter of the INSERT, whose columns are ``parameters`` in order."""
@@ -67,7 +61,7 @@ def database_error(
 ) -> Exception:
     """The error to raise for ``exc``, a driver's error while writing ``where`` (``"task 3"``) into
     ``table``; ``parameters``: the columns of the INSERT that was running, in order, if any."""
-    message = _driver_message(exc)
+    message = sql_connection.driver_text(exc) or type(exc).__name__
     column = _column_of(exc, message, parameters)
     if _TYPE_MISMATCH_RE.search(message):
         what = f"column {column!r} of table {table!r}" if column else f"a column of table {table!r}"
