@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 from .bottleneck import Bottleneck
 from .collect import collect_stats
 from .errors import (
+    AuthenticationError,
     CorruptInputError,
     PipelineShutdownError,
     RecordsSkippedWarning,
@@ -22,6 +23,7 @@ from .errors import (
     ResumeMismatchError,
     SchemaError,
     SerializationError,
+    ServiceUnavailableError,
     StreamprocError,
     TaskTimeoutError,
     TooManyErrorsError,
@@ -231,6 +233,7 @@ def read_sql(
 
 __all__ = [
     "Bottleneck",
+    "AuthenticationError",
     "CorruptInputError",
     "ModelShippedWarning",
     "PipelineShutdownError",
@@ -241,6 +244,7 @@ __all__ = [
     "RunStats",
     "SchemaError",
     "SerializationError",
+    "ServiceUnavailableError",
     "Stream",
     "StreamprocError",
     "TaskTimeoutError",
