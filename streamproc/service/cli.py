@@ -14,9 +14,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ..options import DeviceSpec
 
 #: How long ``serve`` waits for the detached server to listen (it imports torch, starts workers).
 READY_TIMEOUT_S = 120.0
@@ -63,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0 if _wait_gone(pid, STOP_WAIT_S) else _report_still_running(pid)
 
 
-def _devices(text: Optional[str]) -> Optional[list[str]]:
+def _devices(text: Optional[str]) -> Optional[list[DeviceSpec]]:
     return [d.strip() for d in text.split(",") if d.strip()] if text else None
 
 

@@ -93,7 +93,7 @@ class _ClientRun:
                 message = self._receive(conn, address)
                 if isinstance(message, protocol.Output):
                     yield message.output
-                    self._send(protocol.OutputsAcked(1))
+                    self._ack()
                 elif isinstance(message, protocol.PayloadsWanted):
                     for _ in range(message.count):
                         self._credits.release()
@@ -103,7 +103,7 @@ class _ClientRun:
                     return
                 elif isinstance(message, protocol.RunFailed):
                     self._finished = True
-                    error = message.error  # unpickled: the rebuilt exception
+                    error: BaseException = message.error  # type: ignore[assignment]  # unpickled: the rebuilt exception
                     raise error
         finally:
             self.close()
@@ -129,6 +129,14 @@ class _ClientRun:
                 protocol.send(self.conn, message)
         except OSError as exc:
             raise ServiceUnavailableError(f"lost the streamproc service at {self.remote.address} mid-run: {exc}") from None
+
+    def _ack(self) -> None:
+        """Acks one output. A failure is not one yet: the server closes once it has sent ``RunDone``,
+        maybe before this ack of its last output; the next receive tells the end or the loss."""
+        try:
+            self._send(protocol.OutputsAcked(1))
+        except ServiceUnavailableError:
+            pass
 
     def _send_payloads(self) -> None:
         """The sender thread: the source's payloads, one per credit, then ``PayloadsEnd`` (client process)."""

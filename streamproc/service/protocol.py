@@ -45,20 +45,27 @@ REQUEST_KINDS = ("run", "status", "stop")
 
 def local_versions() -> dict[str, str]:
     """The versions a client and a server must share: streamproc, dill and Python (major.minor.micro)."""
+    import importlib
+
     import dill
 
-    from .. import __version__
+    # The package's own version; looked up, not imported (streamproc/__init__ imports the client).
+    version = importlib.import_module("streamproc").__version__
+    python = ".".join(map(str, sys.version_info[:3]))
+    return {"streamproc": version, "dill": dill.__version__, "python": python}
 
-    return {"streamproc": __version__, "dill": dill.__version__, "python": "%d.%d.%d" % sys.version_info[:3]}
 
-
-def version_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> Optional[str]:
-    """A sentence naming every version that differs (None: they agree).
+def version_mismatch(server: dict[str, str], client: dict[str, str]) -> Optional[str]:
+    """A sentence naming every version that differs between server and client (None: they agree).
 
     >>> version_mismatch({"dill": "0.3.8"}, {"dill": "0.3.9"})
-    'dill 0.3.8 here, 0.3.9 on the other side'
+    'dill 0.3.8 on the server, 0.3.9 in the client'
     """
-    differ = [f"{name} {mine[name]} here, {theirs.get(name)} on the other side" for name in mine if theirs.get(name) != mine[name]]
+    differ = [
+        f"{name} {server[name]} on the server, {client.get(name)} in the client"
+        for name in server
+        if client.get(name) != server[name]
+    ]
     return "; ".join(differ) or None
 
 

@@ -26,8 +26,8 @@ import logging
 import queue
 import socket
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import ExceptionWithTraceback
 from ..execution.serialization import dill_loads
