@@ -206,7 +206,8 @@ def test_version_mismatch_is_refused_clearly(server: Server, monkeypatch: pytest
     pool = server.pool()
     real = protocol.local_versions()
     monkeypatch.setattr(protocol, "local_versions", lambda: {**real, "dill": "0.0.1"})
-    with pytest.raises(ServiceUnavailableError, match=r"version mismatch with the server: dill \S+ on the server, 0\.0\.1 in the client"):
+    expected = r"version mismatch with the server: dill \S+ on the server, 0\.0\.1 in the client"
+    with pytest.raises(ServiceUnavailableError, match=expected):
         run_guarded(pool.status, RUN_TIMEOUT_S, "status, other dill")
 
 
@@ -349,7 +350,7 @@ def test_server_killed_mid_run_raises_in_the_client_and_leaves_no_worker(tmp_pat
         assert seen[:1] == [0]
     finally:
         release.set()
-        gone, alive = psutil.wait_procs(processes, timeout=WORKERS_GONE_S)
+        _gone, alive = psutil.wait_procs(processes, timeout=WORKERS_GONE_S)
         own.kill()
     assert alive == [], f"left after the server was killed: {alive}"
 
@@ -374,7 +375,10 @@ def test_stop_lets_the_active_run_finish_then_leaves_nothing(server: Server) -> 
     try:
         run_guarded(lambda: wait_for_condition(lambda: pool.status()["runs_active"] == 1, RUN_TIMEOUT_S),
                     RUN_TIMEOUT_S + 5, "the run to start")
-        stopper = threading.Thread(target=lambda: outputs.append([cli("stop", "--port", str(server.port), env=server.env).returncode]))
+        def stop() -> None:
+            outputs.append([cli("stop", "--port", str(server.port), env=server.env).returncode])
+
+        stopper = threading.Thread(target=stop)
         stopper.start()
         # Stopping: new connections are refused, the run goes on.
         run_guarded(lambda: wait_for_condition(_refuses(server), RUN_TIMEOUT_S), RUN_TIMEOUT_S + 5, "the stop to begin")
@@ -383,7 +387,7 @@ def test_stop_lets_the_active_run_finish_then_leaves_nothing(server: Server) -> 
         run_guarded(runner.join, RUN_TIMEOUT_S, "the run to finish")
     run_guarded(stopper.join, CLI_TIMEOUT_S + 10, "streamproc stop")
     assert sorted(outputs, key=len) == [[0], [x * 10 for x in range(20)]]  # stop's exit status 0, the whole run
-    gone, alive = psutil.wait_procs(processes, timeout=WORKERS_GONE_S)
+    _gone, alive = psutil.wait_procs(processes, timeout=WORKERS_GONE_S)
     assert alive == []
     assert not server.token_path.exists()
 
