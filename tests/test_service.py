@@ -225,6 +225,31 @@ def test_lost_server_address_raises_service_unavailable() -> None:
         run_guarded(lambda: sp.connect(address, token="x"), RUN_TIMEOUT_S, "connect to nothing")
 
 
+def test_write_parquet_and_limit_on_the_service_match_the_simple_backend(server: Server, tmp_path: Path) -> None:
+    pool = server.pool()
+    stream = sp.from_iterable(records(120)).map(text_length).set_processing(task_size=10)
+    paths = {}
+    for name, options in (("simple", {"backend": "simple"}), ("service", {"pool": pool})):
+        out = tmp_path / name
+        run = stream.set_processing(**options)
+        paths[name] = run_guarded(lambda: run.write_parquet(str(out), rows_per_file=50), RUN_TIMEOUT_S, f"write_parquet, {name}")
+    assert [Path(p).name for p in paths["service"]] == [Path(p).name for p in paths["simple"]]
+    assert pq.read_table(tmp_path / "service").equals(pq.read_table(tmp_path / "simple"))
+    assert_same_as_simple(sp.from_iterable(range(1000)).map(times_ten).limit(33), pool=pool)
+
+
+def test_run_stats_have_the_server_workers_and_explain_is_refused(server: Server) -> None:
+    pool = server.pool()
+    stream = sp.from_iterable(range(100)).map(times_ten).set_processing(pool=pool, task_size=10)
+    with sp.collect_stats() as stats:
+        assert run_guarded(stream.to_list, RUN_TIMEOUT_S, "a run with stats") == [x * 10 for x in range(100)]
+    run = stats.runs[0]
+    assert run.records_out == 100 and run.tasks_done == 10
+    assert len(run.workers("cpu")) >= 1
+    with pytest.raises(ValueError, match="explain\\(\\) of a stream on the service"):
+        stream.explain()
+
+
 # -- faults ---------------------------------------------------------------------------------------
 def test_user_error_comes_out_typed_and_the_server_survives(server: Server) -> None:
     pool = server.pool()
