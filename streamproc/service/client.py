@@ -101,13 +101,6 @@ class ServicePool:
             conn.close()
         return int(answer["pid"])
 
-    def process_pool(self) -> None:
-        """Raises: what ``explain()`` asks of a pool (its processes) is the server's, not known here."""
-        raise ValueError(
-            f"explain() of a stream on the service at {self.address} is not supported: its workers are the "
-            f"server's (streamproc status --port {self.address.rpartition(':')[2]} shows them)"
-        )
-
     def open_run(self) -> Connection:
         """An authenticated connection for one run (see :mod:`.client_run`)."""
         return open_connection(self.address, self._token, "run")

@@ -55,6 +55,7 @@ class ServiceBackend(Backend):
     def run(self, plan: Plan, sink: Sink) -> RunHandle:
         remote = plan.options.pool
         assert remote is not None and getattr(remote, "backend_name", None) == "service"
+        _refuse_nested_run(plan)
         stats = RunStats(self.name)
         # What the workers receive: the plan without the pool (and an iterable without its
         # records, see IterableSource.__getstate__), and the sink's finalizer.
@@ -64,6 +65,22 @@ class ServiceBackend(Backend):
         outputs = run.outputs()
         weakref.finalize(outputs, run.close)
         return RunHandle(outputs, stats)
+
+
+def _refuse_nested_run(plan: Plan) -> None:
+    """A ``limit()`` whose inner stream runs on the service too would wait forever (main process).
+
+    The inner run produces the outer run's tasks, and the pool runs one stream at a time: the
+    outer run holds it, the inner one waits for it.
+    """
+    from ..io.limit import LimitSource
+
+    if isinstance(plan.source, LimitSource) and plan.source.inner.options.pool is not None:
+        raise ValueError(
+            "limit() is not supported on a service pool yet: the ops before the limit would run on the pool while "
+            "the run of the ops after it holds the pool (its streams run in turn), each waiting for the other; "
+            "take(n), or a break out of the loop, gives the first n records"
+        )
 
 
 class _ClientRun:
