@@ -186,6 +186,14 @@ def test_status_prints_workers_devices_models_and_runs(server: Server) -> None:
     assert {"models", "runs_served", "runs_active"} <= set(status)
 
 
+def test_a_second_serve_on_a_busy_port_fails_and_leaves_the_first_alone(server: Server) -> None:
+    done = cli("serve", "--cpu-workers", "1", "--port", str(server.port), env=server.env)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{server.port}" in done.stderr
+    assert server.token_path.read_text() == server.token
+    assert status_of(server)["pid"] == server.pid
+
+
 def test_default_token_file_is_0600(server: Server) -> None:
     assert server.token_path.stat().st_mode & 0o777 == 0o600
     old = os.environ.get("XDG_RUNTIME_DIR")

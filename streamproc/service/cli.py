@@ -74,7 +74,7 @@ def _serve_foreground(args: argparse.Namespace) -> int:
     from .client import token_file_of
     from .pool import WorkerPool
     from .server import ServiceServer
-    from .tokens import write_new_token
+    from .tokens import new_token, write_token
 
     for name in ("cpu_workers", "gpu_workers"):
         value = getattr(args, name)
@@ -82,34 +82,41 @@ def _serve_foreground(args: argparse.Namespace) -> int:
             print(f"streamproc serve: --{name.replace('_', '-')} must be >= {1 if name == 'cpu_workers' else 0}", file=sys.stderr)
             return 2
     token_path = token_file_of(args.port, args.token_file)
+    token = new_token()
+    try:
+        server = ServiceServer(args.host, args.port, token, token_path)
+    except OSError as exc:
+        print(f"streamproc serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
     try:
         pool = WorkerPool(
             num_cpu_workers=args.cpu_workers, num_gpu_workers=args.gpu_workers,
             gpu_worker_devices=_devices(args.gpu_devices), process_start_method=args.start_method,
         )
     except ValueError as exc:
+        server.close()
         print(f"streamproc serve: {exc}", file=sys.stderr)
         return 2
-    try:
-        server = ServiceServer(pool, args.host, args.port, write_new_token(token_path), token_path)
-    except BaseException as exc:
-        pool.close()
-        print(f"streamproc serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
+    # Written once the port is ours: a second `serve` on a busy port leaves the first one's token be.
+    write_token(token_path, token)
     server.install_signal_handlers()
     print(f"{READY_LINE_PREFIX} at {server.address}, pid {os.getpid()}, token file {token_path}", flush=True)
     ready_fd = os.environ.pop("STREAMPROC_READY_FD", None)
     if ready_fd is not None:  # the detaching parent waits for this line
         with os.fdopen(int(ready_fd), "w") as ready:
             ready.write(f"{os.getpid()}\n")
-    server.serve_until_stopped()
+    server.serve_until_stopped(pool)
     return 0
 
 
 def _serve_detached(args: argparse.Namespace, argv: Optional[list[str]]) -> int:
     """Starts ``serve --foreground`` detached and returns once it listens (the command's process)."""
     from .client import token_file_of
+    from .tokens import LOOPBACK_HOSTS
 
+    if args.host not in LOOPBACK_HOSTS:
+        print(f"streamproc serve: warning: listening on {args.host}, not only on this machine: anyone who can "
+              f"reach it and has the token can run code here", file=sys.stderr)
     log_path = token_file_of(args.port, args.token_file).with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     read_fd, write_fd = os.pipe()

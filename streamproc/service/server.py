@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import protocol
 from .remote_run import serve_run, shutdown_socket
-from .tokens import remove_token
+from .tokens import LOOPBACK_HOSTS, remove_token
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -43,7 +43,6 @@ logger = logging.getLogger("streamproc.service")
 STOP_GRACE_S = 30.0
 #: After cancelling: how long the cancelled runs get to drain and end.
 CANCEL_JOIN_S = 10.0
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class _ActiveRun:
@@ -57,21 +56,23 @@ class _ActiveRun:
 class ServiceServer:
     """The listener, its connection handlers and the pool they share (server process).
 
+    Binds at once (so that a busy port fails before any worker starts); serves from
+    :meth:`serve_until_stopped`, which takes the pool.
+
     Args:
-        pool: the warm pool (closed by :meth:`serve_until_stopped` at its end).
         host: the address to bind (not loopback: a warning, the token is then all that guards it).
         port: the port (0: any free one, see :attr:`address`).
         token: the key every client must prove it knows.
         token_path: the token's file, removed at the end.
     """
 
-    def __init__(self, pool: WorkerPool, host: str, port: int, token: str, token_path: Optional[Path] = None) -> None:
+    def __init__(self, host: str, port: int, token: str, token_path: Optional[Path] = None) -> None:
         if host not in LOOPBACK_HOSTS:
             warnings.warn(
                 f"streamproc serve: listening on {host}, not only on this machine: anyone who can reach it "
                 f"and has the token can run code here", RuntimeWarning, stacklevel=2,
             )
-        self.pool = pool
+        self.pool: WorkerPool
         self._key = token.encode("ascii")
         self._token = token
         self._token_path = token_path
@@ -88,8 +89,9 @@ class ServiceServer:
         self._started = time.time()
 
     # -- the main thread ---------------------------------------------------------------------
-    def serve_until_stopped(self) -> None:
-        """Accepts connections until a stop; then drains the runs and closes the pool (main thread)."""
+    def serve_until_stopped(self, pool: WorkerPool) -> None:
+        """Accepts connections for ``pool`` until a stop; then drains the runs and closes the pool (main thread)."""
+        self.pool = pool
         heartbeat = threading.Thread(target=self._send_heartbeats, name="streamproc-service-heartbeat", daemon=True)
         heartbeat.start()
         count = 0
@@ -118,6 +120,12 @@ class ServiceServer:
             self.pool.close()
             if self._token_path is not None:
                 remove_token(self._token_path, self._token)
+
+    def close(self) -> None:
+        """Releases the port without serving (main thread; the server did not start)."""
+        self._sock.close()
+        self._wakeup_reader.close()
+        self._wakeup_writer.close()
 
     def stop(self) -> None:
         """Asks the main thread to stop (any thread; a signal handler too). Idempotent."""

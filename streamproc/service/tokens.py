@@ -13,6 +13,8 @@ import secrets
 from pathlib import Path
 from typing import Optional
 
+#: Hosts that are this machine only: ``serve --host`` anything else warns.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: Bytes of randomness in a token (written as hex: twice as many characters).
 TOKEN_BYTES = 32
 
@@ -24,14 +26,18 @@ def default_token_path(port: int) -> Path:
     return base / f"{port}.token"
 
 
-def write_new_token(path: Path) -> str:
-    """Writes a fresh random token to ``path`` (mode 0600, its directory 0700) and returns it.
+def new_token() -> str:
+    """A fresh random token (``secrets.token_hex``)."""
+    return secrets.token_hex(TOKEN_BYTES)
+
+
+def write_token(path: Path, token: str) -> None:
+    """Writes ``token`` to ``path`` (mode 0600, its directory 0700).
 
     The file is created with its mode (never readable by others, not even for an instant) and
     replaces an older token of the same path.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = secrets.token_hex(TOKEN_BYTES)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -39,7 +45,6 @@ def write_new_token(path: Path) -> str:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    return token
 
 
 def read_token(path: Path) -> str:
