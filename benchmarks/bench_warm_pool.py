@@ -29,7 +29,7 @@ Usage::
     python benchmarks/bench_warm_pool.py --start-method spawn  # what every fresh run pays without fork/forkserver
     python benchmarks/bench_warm_pool.py --modes warm service  # the warm paths only
 
-Times are reported, never asserted. See docs/benchmarks.md ("Warm pools") for recorded figures.
+Times are reported, never asserted. See docs/benchmarks.md ("Warm pools and the service") for recorded figures.
 """
 
 from __future__ import annotations

@@ -175,8 +175,32 @@ def test_two_concurrent_clients_get_fresh_run_outputs(server: Server, tmp_path: 
     assert status["runs_done"] >= 2
 
 
+def as_tensor(batch: list[int]) -> Any:
+    import torch
+
+    return torch.tensor([[float(x), 1.0] for x in batch])
+
+
+def as_numbers(batch: list[int], outputs: Any) -> list[float]:
+    return [float(v) for v in outputs[:, 0]]
+
+
+def small_model() -> Any:
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[2.0, 0.0]]))
+        model.bias.fill_(1.0)
+    return model
+
+
 def test_status_prints_workers_devices_models_and_runs(server: Server) -> None:
+    pool = server.pool()
+    stream = sp.from_iterable(range(20)).map_gpu(as_tensor, small_model(), as_numbers, batch_size=8)
+    assert same_as_simple(stream, pool) == [2.0 * x + 1.0 for x in range(20)]
     status = status_of(server)
+    assert [(m["model"], m["parameters"]) for m in status["models"]] == [("Linear", 3)]
     assert status["address"] == server.address
     assert status["pid"] == server.pid
     assert status["cpu_workers"] == 2

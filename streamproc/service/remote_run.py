@@ -192,12 +192,12 @@ def serve_run(
     send_lock: threading.Lock,
     pool: WorkerPool,
     where: str,
-    on_plan: Callable[[Plan], None] = lambda plan: None,
+    on_plan: Callable[[Plan, str], None] = lambda plan, client: None,
 ) -> str:
     """Runs the client's stream on ``pool`` and sends its outputs (server process, handler thread).
 
     Returns how the run ended: ``"done"``, ``"failed"`` (the error went to the client) or
-    ``"cancelled"``. ``on_plan`` sees the plan before it runs (the server notes its models).
+    ``"cancelled"``. ``on_plan`` sees the plan and the client's name before it runs (the server notes its models).
     """
     from ..backends.multiprocessing.backend import MultiprocessingBackend
 
@@ -220,7 +220,7 @@ def serve_run(
                 source=_ClientFedSource(client_plan.source, feed),
                 options=dataclasses.replace(client_plan.options, pool=pool, show_progress=False, show_stats=False),
             )
-            on_plan(plan)
+            on_plan(plan, request.client)
             with MultiprocessingBackend().run(plan, _RelaySink(finalize)) as handle:
                 for output in handle:
                     if not window.reserve():

@@ -82,6 +82,8 @@ class ServiceServer:
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
         self._lock = threading.Lock()
         self._active: dict[int, _ActiveRun] = {}
+        #: Connections not running a stream (in their handshake, a status): shut at stop, not waited for.
+        self._idle: dict[int, Connection] = {}
         self._handlers: list[threading.Thread] = []
         self._models: dict[str, dict[str, Any]] = {}
         self.runs_done = self.runs_failed = self.runs_cancelled = 0
@@ -141,6 +143,10 @@ class ServiceServer:
             signal.signal(signum, lambda *_: self.stop())
 
     def _finish_runs(self) -> None:
+        with self._lock:
+            idle = list(self._idle.values())
+        for conn in idle:  # a silent peer in its handshake must not hold the stop for the grace
+            shutdown_socket(conn)
         deadline = time.monotonic() + STOP_GRACE_S
         for handler in list(self._handlers):
             handler.join(max(0.0, deadline - time.monotonic()))
@@ -156,6 +162,8 @@ class ServiceServer:
     # -- handler threads ---------------------------------------------------------------------
     def _handle(self, conn: Connection) -> None:
         """One connection: authenticate, hello, then a status, a stop or a run (handler thread)."""
+        with self._lock:
+            self._idle[id(conn)] = conn
         try:
             try:
                 # Both ways, as Listener(authkey=...) does: the client proves it has the token,
@@ -189,15 +197,21 @@ class ServiceServer:
         except Exception:  # a broken peer must not take the server down
             logger.exception("streamproc service: a connection failed")
         finally:
+            with self._lock:
+                self._idle.pop(id(conn), None)
             conn.close()
 
     def _run(self, conn: Connection) -> None:
         send_lock = threading.Lock()
         key = id(conn)
         with self._lock:
+            self._idle.pop(key, None)
             self._active[key] = _ActiveRun(conn, send_lock, "a client")
         try:
-            ended = serve_run(conn, send_lock, self.pool, f"the streamproc service at {self.address}", self._note_models)
+            ended = serve_run(
+                conn, send_lock, self.pool, f"the streamproc service at {self.address}",
+                lambda plan, client: self._note_run(key, plan, client),
+            )
         finally:
             with self._lock:
                 self._active.pop(key, None)
@@ -209,10 +223,13 @@ class ServiceServer:
             else:
                 self.runs_cancelled += 1
 
-    def _note_models(self, plan: Plan) -> None:
-        """Records the models of the plan's ``map_gpu`` stages, for status (handler thread)."""
+    def _note_run(self, key: int, plan: Plan, client: str) -> None:
+        """Records who runs ``plan`` and the models of its ``map_gpu`` stages, for status (handler thread)."""
         from ..ops import MapGPU
 
+        with self._lock:
+            if key in self._active:
+                self._active[key].client = client
         stages = [stage for stage in plan.stages if isinstance(stage.op, MapGPU)]
         if not stages:
             return
@@ -258,6 +275,7 @@ class ServiceServer:
                 "worker_pids": pool.worker_pids(),
                 "models": list(self._models.values()),
                 "runs_active": len(self._active),
+                "clients": [run.client for run in self._active.values()],
                 "runs_served": pool.runs_served,
                 "runs_done": self.runs_done,
                 "runs_failed": self.runs_failed,
