@@ -151,10 +151,10 @@ class ProcessingOptions:
     @property
     def effective_backend(self) -> str:
         """The backend to run: simple for one CPU worker and no GPU worker, else multiprocessing."""
-        if self.backend is not None:
-            return self.backend
         if self.pool is not None:  # a WorkerPool's processes, or a service's (sp.connect: "service")
             return str(getattr(self.pool, "backend_name", "multiprocessing"))
+        if self.backend is not None:
+            return self.backend
         if (self.num_cpu_workers or 1) > 1 or self.effective_gpu_workers > 0:
             return "multiprocessing"
         return "simple"

@@ -255,6 +255,9 @@ def test_pool_options_are_refused_with_a_service_pool(server: Server) -> None:
         sp.from_iterable(range(3)).set_processing(pool=pool, num_cpu_workers=2)
     with pytest.raises(ValueError, match="not backend='threads'"):
         sp.from_iterable(range(3)).set_processing(pool=pool, backend="threads")
+    # backend="multiprocessing" is what the server runs: accepted.
+    explicit = sp.from_iterable(range(6)).map(times_ten).set_processing(backend="multiprocessing", pool=pool)
+    assert run_guarded(explicit.to_list, RUN_TIMEOUT_S, "backend= and a service pool") == [x * 10 for x in range(6)]
 
 
 def test_lost_server_address_raises_service_unavailable() -> None:
