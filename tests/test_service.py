@@ -240,6 +240,42 @@ def test_wrong_token_is_refused_and_the_next_client_served(server: Server) -> No
     same_as_simple(sp.from_iterable(range(40)).map(times_ten), pool)
 
 
+class WritesAFileWhenUnpickled:
+    """A pickle that, loaded, creates ``path``: proof that a peer's bytes were unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def test_nothing_is_unpickled_before_authentication(server: Server, tmp_path: Path) -> None:
+    import multiprocessing.connection
+    import pickle
+
+    marker = tmp_path / "unpickled"
+    refused = server.pool().status()["connections_refused"]
+
+    def send_a_pickle_instead_of_the_answer() -> None:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=RUN_TIMEOUT_S)
+        sock.setblocking(True)
+        conn = multiprocessing.connection.Connection(sock.detach())
+        try:
+            conn.recv_bytes()  # the server's challenge
+            conn.send_bytes(pickle.dumps(WritesAFileWhenUnpickled(marker)))
+            with pytest.raises((EOFError, OSError)):
+                conn.recv_bytes()  # the server's "failure", then the end
+                conn.recv_bytes()
+        finally:
+            conn.close()
+
+    run_guarded(send_a_pickle_instead_of_the_answer, RUN_TIMEOUT_S, "an unauthenticated pickle")
+    pool = server.pool()
+    wait_for_condition(lambda: pool.status()["connections_refused"] == refused + 1, RUN_TIMEOUT_S)
+    assert not marker.exists()
+
+
 def test_version_mismatch_is_refused_clearly(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     pool = server.pool()
     real = protocol.local_versions()

@@ -83,6 +83,8 @@ class Hello:
     def from_bytes(cls, data: bytes) -> Hello:
         """Raises ValueError on anything but a well-formed hello."""
         value = json.loads(data.decode())
+        if not isinstance(value, dict):
+            raise ValueError(f"not a streamproc hello: {data[:80]!r}")
         kind, versions = value.get("kind"), value.get("versions")
         if kind not in REQUEST_KINDS or not isinstance(versions, dict):
             raise ValueError(f"not a streamproc hello: {data[:80]!r}")
