@@ -176,22 +176,25 @@ def run_gpu_worker(
         # The control pipe first: a warm pool's StartGPURun was sent before its run's batches.
         for reader in sorted(ready, key=lambda conn: conn is not control):
             if reader is control:
-                control_message = _read_control(control)
-                if isinstance(control_message, StartGPURun):
-                    started, run_settings = _start_gpu_run(control_message, worker, device, caches, status_conn, where)
-                    runners.update(((control_message.run_id, stage), runner) for stage, runner in started.items())
-                    if started and run_settings != settings:  # runs sharing the worker share settings
-                        settings = run_settings
-                        pick_next = _batch_picker(runners, settings)
-                    continue
-                if isinstance(control_message, EndGPURun):
-                    _end_gpu_run(control_message.run_id, runners, uploaded)
-                    continue
-                peer = _take_replacement(control_message, control, worker, senders, peer_alive, open_readers, peer_of)
-                if peer is None:
-                    control = None  # the main process is shutting down: lost peers stay lost
-                else:
-                    lost.discard(peer)
+                # Every message waiting: a run's EndGPURun may come just before the next one's StartGPURun.
+                while control is not None:
+                    control_message = _read_control(control)
+                    if isinstance(control_message, StartGPURun):
+                        started, run_settings = _start_gpu_run(control_message, worker, device, caches, status_conn, where)
+                        runners.update(((control_message.run_id, stage), runner) for stage, runner in started.items())
+                        if started and run_settings != settings:  # runs sharing the worker share settings
+                            settings = run_settings
+                            pick_next = _batch_picker(runners, settings)
+                    elif isinstance(control_message, EndGPURun):
+                        _end_gpu_run(control_message.run_id, runners, uploaded)
+                    else:
+                        peer = _take_replacement(control_message, control, worker, senders, peer_alive, open_readers, peer_of)
+                        if peer is None:
+                            control = None  # the main process is shutting down: lost peers stay lost
+                            break
+                        lost.discard(peer)
+                    if not control.poll():
+                        break
                 continue
             if reader not in peer_alive and reader not in senders:
                 continue  # a dead peer's pipe, closed by the replacement just taken
