@@ -207,8 +207,8 @@ torch = pytest.importorskip("torch")
 
 
 def test_three_concurrent_streams_with_equal_models_load_it_once(tmp_path: Path) -> None:
-    from tests.test_worker_pool import model_stream, moves
     from tests.test_worker_pool import expected as simple_output
+    from tests.test_worker_pool import model_stream, moves
 
     counter = tmp_path / "moves.txt"
     streams = [model_stream(counter, offset) for offset in (0, 100, 200)]

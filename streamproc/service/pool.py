@@ -40,21 +40,16 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Optional, cast
 
 from ..options import DeviceSpec, ProcessingOptions, device_names
 
 if TYPE_CHECKING:
-    from ..backends.multiprocessing.feeder import WorkerSlot
-    from ..backends.multiprocessing.lease import RunInbox
     from ..backends.multiprocessing.pool import ProcessPool, WorkerHandle
-    from ..backends.multiprocessing.run import _Run
     from ..backends.multiprocessing.topology import Topology
-    from ..execution.task import Task
-    from ..gpu.model_cache import ModelSettings
     from ..plan import Plan
+    from .pool_lease import PoolLease
     from .router import Router
 
 #: How long ``close()`` waits for a run of another thread to end before stopping the processes.
@@ -160,7 +155,7 @@ class WorkerPool:
         self._state_lock = threading.Lock()
         #: Guards admission: the active runs, the router, runs waiting to have the workers alone.
         self._cond = threading.Condition()
-        self._active: dict[int, _PoolLease] = {}
+        self._active: dict[int, PoolLease] = {}
         self._exclusive_waiting = 0
         self._router: Optional[Router] = None
         #: Sends on the GPU workers' control pipes (StartGPURun, EndGPURun, a replacement's pipes).
@@ -254,11 +249,13 @@ class WorkerPool:
             raise ValueError("set_processing(pool=...): this WorkerPool is closed")
         return self._processes.current
 
-    def lease(self) -> _PoolLease:
-        """A run's hold on the pool (see :class:`~streamproc.backends.multiprocessing.run.RunLease`)."""
-        return _PoolLease(self)
+    def lease(self) -> PoolLease:
+        """A run's hold on the pool (see :class:`~streamproc.backends.multiprocessing.lease.RunLease`)."""
+        from .pool_lease import PoolLease
 
-    def _admit(self, lease: _PoolLease) -> ProcessPool:
+        return PoolLease(self)
+
+    def _admit(self, lease: PoolLease) -> ProcessPool:
         """Waits until ``lease``'s run may start (see the module docstring); the processes, ready.
 
         Raises:
@@ -293,7 +290,7 @@ class WorkerPool:
                 self._router = Router(processes, self._replace_for_router)
             return processes
 
-    def _may_start(self, lease: _PoolLease, mine: bool) -> bool:
+    def _may_start(self, lease: PoolLease, mine: bool) -> bool:
         """Whether ``lease``'s run may start now (under ``_cond``); ``mine``: this thread has one active."""
         active = list(self._active.values())
         if not active:
@@ -329,7 +326,7 @@ class WorkerPool:
                 pool.replace_cpu_worker(worker.id.index)
         return pool
 
-    def _release(self, lease: _PoolLease) -> None:
+    def _release(self, lease: PoolLease) -> None:
         """``lease``'s run ended: the next may start; the router stops with the last shared run."""
         router = None
         with self._cond:
@@ -342,104 +339,3 @@ class WorkerPool:
 
 def _no_pool() -> None:
     return None
-
-
-class _PoolLease:
-    """One run's hold on a :class:`WorkerPool` (main process). See :class:`RunLease`."""
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
-        self._held = False
-        self.run_id = -1
-        self.thread = threading.get_ident()
-        #: Whether the run has the workers alone (see the module docstring).
-        self.exclusive = True
-        self.uses_gpu = False
-        self.settings: Optional[ModelSettings] = None
-        #: What the router hands the run (shared runs; None: the run reads the pipes itself).
-        self.inbox: Optional[RunInbox] = None
-        #: A CPU worker handle, to address what ``close()`` tells an open shared run.
-        self.worker: Optional[WorkerHandle] = None
-        self._replaces_workers = False
-
-    def begin(self, run: _Run, forwards_bytes: Optional[bytes]) -> None:
-        from ..backends.multiprocessing.lease import RunInbox
-        from ..gpu.model_cache import ModelSettings
-
-        self.run_id = run.run_id
-        self.thread = threading.get_ident()
-        self._replaces_workers = run.replaces_workers
-        self.exclusive = run.writers is not None or run.replaces_workers
-        self.uses_gpu = forwards_bytes is not None and bool(self.pool.gpu_worker_devices)
-        self.settings = ModelSettings.from_options(run.plan.options)
-        if not self.exclusive:
-            self.inbox = RunInbox(run._wake)
-        processes = self.pool._admit(self)
-        self._held = True
-        run.pool = processes
-        self.worker = processes.cpu_workers[0]
-        router = self.pool._router
-        if self.inbox is not None and router is not None:
-            router.add(run.run_id, self.inbox, lambda: _run_pipes(run))
-        if forwards_bytes is not None and processes.gpu_workers:
-            with self.pool._control_lock:
-                processes.begin_gpu_run(run.run_id, forwards_bytes)
-
-    def slot(self, worker: WorkerHandle, first: bytes, last: bytes, encode: Callable[[Task], bytes]) -> WorkerSlot:
-        from ..backends.multiprocessing.feeder import WorkerSlot
-        from ..backends.multiprocessing.lease import SharedConn, SharedWorkerSlot
-
-        if self.inbox is None:
-            return WorkerSlot(worker.task_conn, first, last, encode, self._replaces_workers)
-        conn = SharedConn(worker.task_conn, self.pool._send_locks[worker.id.index])
-        return SharedWorkerSlot(conn, first, last, encode)
-
-    def end(self, run: _Run, broken: bool) -> None:
-        if not self._held:  # the run failed before its turn (serialization, a closed pool)
-            return
-        self._held = False
-        from .drain import drain_run, drain_shared_run
-
-        try:
-            if self.inbox is not None:
-                if not self.pool._closed:
-                    drain_shared_run(run, self.inbox)
-                self._end_gpu_run(run)
-                return
-            needs_restart = drain_run(run, broken)
-            if needs_restart and not self.pool._closed:
-                self.pool._processes.restart()
-            else:
-                self._end_gpu_run(run)
-        except BaseException:
-            if not self.pool._closed and self.inbox is None:
-                self.pool._processes.restart()  # whatever broke, the next run gets fresh processes
-            raise
-        finally:
-            router = self.pool._router
-            if router is not None:
-                router.remove(run.run_id)
-            self.pool.runs_served += 1
-            self.pool._release(self)
-
-    def _end_gpu_run(self, run: _Run) -> None:
-        """Tells the GPU workers that run ``run`` is over (they drop its forwards, keep its models)."""
-        if not self.uses_gpu or self.pool._closed:
-            return
-        from ..backends.multiprocessing.messages import EndGPURun
-        from ..execution.serialization import dumps_message
-
-        data = dumps_message(EndGPURun(run.run_id))
-        with self.pool._control_lock:
-            for handle in run.pool.gpu_workers:
-                if handle.exited or handle.task_conn is None:
-                    continue
-                try:
-                    handle.task_conn.send_bytes(data)
-                except OSError:  # it is gone: the next run's start sees it
-                    pass
-
-
-def _run_pipes(run: _Run) -> tuple[object, ...]:
-    """The run's own descriptors, which a forked replacement must close."""
-    return tuple(conn for conn in (run._wakeup_reader, run._wakeup_writer) if conn is not None)
