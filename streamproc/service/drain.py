@@ -110,7 +110,8 @@ def drain_shared_run(run: _Run, inbox: RunInbox) -> None:
     started = time.monotonic()
     ended_for_feeder = False
     while time.monotonic() - started < DRAIN_TIMEOUT_S:
-        pending = [i for i, assignment in enumerate(run.assigned) if assignment.ended is None]
+        # A worker without a slot was sent nothing (the run failed before its feeders started).
+        pending = [i for i, a in enumerate(run.assigned) if a.ended is None and a.slot is not None]
         if not pending:
             break
         if not ended_for_feeder and time.monotonic() - started >= SOURCE_RETURN_GRACE_S:
@@ -131,7 +132,7 @@ def drain_shared_run(run: _Run, inbox: RunInbox) -> None:
                     run.assigned[worker.id.index].ended = RunEnded(run.run_id, worker.id, [], None)
     else:
         for index, assignment in enumerate(run.assigned):  # past the deadline: killed, the router replaces them
-            if assignment.ended is None:
+            if assignment.ended is None and assignment.slot is not None:
                 run.pool.cpu_workers[index].process.kill()
     _join_feeders(run)
 

@@ -330,6 +330,7 @@ class WorkerPool:
         """``lease``'s run ended: the next may start; the router stops with the last shared run."""
         router = None
         with self._cond:
+            self.runs_served += 1
             self._active.pop(lease.run_id, None)
             if self._router is not None and all(other.exclusive for other in self._active.values()):
                 router, self._router = self._router, None

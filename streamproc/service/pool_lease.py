@@ -97,7 +97,6 @@ class PoolLease:
             router = self.pool._router
             if router is not None:
                 router.remove(run.run_id)
-            self.pool.runs_served += 1
             self.pool._release(self)
 
     def _end_gpu_run(self, run: _Run) -> None:

@@ -137,6 +137,8 @@ def receive_routed(run: _Run, inbox: RunInbox, reorder: ReorderBuffer, timeout: 
         elif isinstance(item, Unreadable):
             if run.held(worker):  # it may be this run's: the runs with a task there fail
                 raise item.error
+        elif isinstance(item, BaseException):  # the pool was closed during the run
+            raise item
         else:
             run._handle(worker, item, reorder)
 
