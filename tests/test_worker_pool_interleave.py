@@ -219,3 +219,17 @@ def test_three_concurrent_streams_with_equal_models_load_it_once(tmp_path: Path)
         assert in_threads(*(on(pool, stream) for stream in streams)) == wanted
         assert moves(counter) == [str(gpu_pid)]
         assert pool.restarts == 0
+
+
+def test_streams_with_other_model_settings_take_turns_and_both_get_their_outputs(tmp_path: Path) -> None:
+    from tests.test_worker_pool import expected as simple_output
+    from tests.test_worker_pool import model_stream
+
+    counter = tmp_path / "moves.txt"
+    streams = [model_stream(counter, offset) for offset in (0, 100)]
+    wanted = [simple_output(stream) for stream in streams]
+    with sp.WorkerPool(num_cpu_workers=2, gpu_worker_devices=["cpu"]) as pool:
+        # Another model_dtype (float32 casts nothing here) is another cache on the device: they take turns.
+        results = in_threads(on(pool, streams[0]), on(pool, streams[1], model_dtype=torch.float32))
+        assert results == wanted
+        assert pool.runs_served == 2 and pool.restarts == 0
