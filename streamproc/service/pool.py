@@ -205,6 +205,9 @@ class WorkerPool:
         acquired = self._lock.acquire(timeout=CLOSE_WAIT_S if holder != threading.get_ident() else 0)
         try:
             self._finalizer()  # _processes.stop(broken=True): idle workers hold nothing worth waiting for
+            from ..execution.shared_weights import close_pool_weights
+
+            close_pool_weights(self)  # the model weight files its runs wrote (no worker maps them now)
         finally:
             if acquired:
                 self._lock.release()
