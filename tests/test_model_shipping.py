@@ -249,7 +249,7 @@ def killed_at(model: Any, at: int, x: int) -> float:
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-@pytest.mark.parametrize("fault", ["error", "killed worker", "consumer stops early"])
+@pytest.mark.parametrize("fault", ["error", "killed worker", "consumer stops early", "ctrl-c"])
 def test_no_weight_file_is_left_on_any_exit_path(method, fault, weights_dir, shipped):
     model = Scaler()
     config = options(method, 2, 0)
@@ -261,6 +261,13 @@ def test_no_weight_file_is_left_on_any_exit_path(method, fault, weights_dir, shi
         stream = sp.from_iterable(range(12)).map(functools.partial(killed_at, model, 5))
         with pytest.raises(WorkerCrashedError, match="SIGKILL"):
             run_guarded(lambda: stream.set_processing(**config).to_list(), RUN_TIMEOUT_S)
+    elif fault == "ctrl-c":  # KeyboardInterrupt reaches the main process while the run is open
+        def interrupted() -> None:
+            for _ in model_stream(model, 0, n=100).set_processing(**config):
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            run_guarded(interrupted, RUN_TIMEOUT_S)
     else:
         def first_two() -> list[Any]:
             iterator = iter(model_stream(model, 0, n=100).set_processing(**config))
