@@ -45,6 +45,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TOPOLOGIES = {"2 CPU workers": (2, 0), "1 CPU + 1 GPU worker": (1, 1)}
+#: Short names for ``--one`` (a whole process per pass, to time from outside).
+TOPOLOGY_ALIASES = {"2cpu": "2 CPU workers", "1cpu1gpu": "1 CPU + 1 GPU worker"}
 METHODS = ("fork", "spawn", "forkserver", "forkserver-up")
 WIDTH = 1024
 
@@ -88,7 +90,7 @@ def one_pass(method: str, topology: str, weights: str, layers: int, records: int
     model = build_model(layers)
     model.load_state_dict(torch.load(weights, weights_only=True))
     load_s = time.perf_counter() - started
-    cpu, gpu = TOPOLOGIES[topology]
+    cpu, gpu = TOPOLOGIES[TOPOLOGY_ALIASES.get(topology, topology)]
     if method == "forkserver-up":  # a long-lived process: the fork server is up before the run
         method = "forkserver"
         sp.from_iterable(range(2)).map(abs).set_processing(backend="multiprocessing", process_start_method=method).to_list()
