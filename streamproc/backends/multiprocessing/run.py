@@ -51,6 +51,7 @@ from ...errors import PipelineShutdownError, SerializationError, add_context_not
 from ...execution.dispatch import TaskDispatcher
 from ...execution.reorder import ReorderBuffer
 from ...execution.serialization import dumps_message, dumps_plan, dumps_worker_plan, loads_message
+from ...execution.shared_weights import WeightShipper, pool_weight_shipper
 from ...execution.split import split_plan
 from ...execution.task import TaskOutput, iter_selected_payloads
 from ...execution.timing import timed_payloads
@@ -124,6 +125,7 @@ class _Run(RecoveryMixin):
         # A dead worker's part files are lost with it: no retries when the workers write.
         self.replaces_workers = self.retries.enabled and self.writers is None
         self.reorder = ReorderBuffer(self.deterministic, hold_tasks=self.replaces_workers)
+        self.weights: Optional[WeightShipper] = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def outputs(self) -> Generator[TaskOutput, None, None]:
@@ -141,11 +143,20 @@ class _Run(RecoveryMixin):
         # Serialize first: an unpicklable callable fails here, before any process exists.
         cpu_plan, forwards = split_plan(self.plan) if self.pool.topology.gpu_devices else (self.plan, {})
         log_levels = capture_log_levels()
-        plan_bytes = dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers)
+        # Models' weights travel once, beside the plans (NOTE [ streamproc weights shipping ]):
+        # inherited by workers forked after this, else written once (a warm pool: once per pool).
+        warm_pool = getattr(self.lease, "pool", None)
+        self.weights = WeightShipper() if warm_pool is None else pool_weight_shipper(warm_pool)
+        forks_now = self.lease is None  # a warm pool's processes exist already
+        plan_bytes = dumps_worker_plan(
+            self.plan, cpu_plan, self.finalize, self.writers,
+            weights=self.weights, inherit=forks_now and self.pool.cpu_start_method == "fork",
+        )
         start = StartRun(self.run_id, plan_bytes, log_levels, per_task_stats=self.replaces_workers)
         options = self.plan.options
         gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels, ModelSettings.from_options(options))
-        forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
+        inherit_gpu = forks_now and self.pool.gpu_start_method == "fork"
+        forwards_bytes = dumps_plan(gpu_setup, self.plan, self.weights, inherit_gpu) if forwards else None
         if self.lease is None:
             self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
         # Created after the workers: no child inherits it (a replacement is told to close it).
@@ -405,7 +416,11 @@ class _Run(RecoveryMixin):
         if broken:
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
         stuck = self._join_feeders()
-        self.pool.shutdown(broken=broken or stuck)
+        try:
+            self.pool.shutdown(broken=broken or stuck)
+        finally:
+            if self.weights is not None:  # the workers are gone (a warm pool's weights stay: see above)
+                self.weights.close()
         # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
         for report in self.pool.final_reports:
             self._add_worker_stats(report)
