@@ -1,0 +1,128 @@
+"""Joining a Ray cluster and sizing the actors of a run for it (main process).
+
+``ray_address=None`` joins the cluster this process's ``ray.init`` already joined, else starts
+a local one sized to :func:`~streamproc.backends.multiprocessing.cpu_budget.cpu_count`; Ray
+shuts it down when the interpreter exits (design.md section 5), so later runs reuse it.
+``"auto"`` or an address joins that cluster, and stays joined for later runs. streamproc never
+calls ``ray.shutdown()``: a cluster the user started (or joined) is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Optional
+
+from ...options import DeviceSpec
+
+if TYPE_CHECKING:
+    from ...plan import Plan
+
+#: What the ImportError says when Ray is not installed.
+INSTALL_HINT = "pip install 'streamproc[ray]'"
+
+
+def import_ray(what: str = "backend='ray'") -> ModuleType:
+    """The ``ray`` module, or an ImportError naming the pip command (main process or actor)."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(f"{what} needs Ray, which is not installed: {INSTALL_HINT}") from exc
+    return ray
+
+
+def join_cluster(address: Optional[str]) -> ModuleType:
+    """Connects this process to a cluster (see the module docstring); returns ``ray``.
+
+    Raises:
+        ImportError: Ray is not installed.
+        ConnectionError: (Ray's) no cluster answers at ``address``.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    if address is None:
+        from ..multiprocessing.cpu_budget import cpu_count
+
+        # "local": a new cluster, even where a `ray start` one is running (ray.init() would join that one).
+        ray.init(address="local", num_cpus=cpu_count(), logging_level="warning")
+    else:
+        ray.init(address=address, logging_level="warning")
+    return ray
+
+
+@dataclass(frozen=True)
+class ActorSizing:
+    """Resources of each actor of a run, and the devices its GPU workers run ``forward`` on.
+
+    ``cpus_per_cpu_worker``: 1, or less when the cluster has fewer CPUs than CPU workers
+    (oversubscribed, as the multiprocessing backend allows, rather than actors that never
+    start). ``gpus_per_gpu_worker``: 1, a fraction when there are more GPU workers than GPUs,
+    0 when every GPU worker runs on ``"cpu"`` in a cluster without GPUs. ``gpu_devices``:
+    per GPU worker, the device inside its actor (None: the actor's GPU when it sees one, else
+    the CPU; ``"cpu"`` as asked, for tests on logical GPUs).
+    """
+
+    num_cpu_workers: int
+    cpus_per_cpu_worker: float
+    gpu_devices: tuple[Optional[str], ...]
+    gpus_per_gpu_worker: float
+
+
+def size_actors(plan: Plan, cluster_cpus: float, cluster_gpus: float) -> ActorSizing:
+    """How many actors of each kind, with what resources (pure; main process).
+
+    The cluster's resources, not this machine's, decide: a driver without a GPU may ask for
+    GPU workers on the cluster (design.md section 5).
+
+    >>> from streamproc.plan import build_plan
+    >>> import streamproc as sp
+    >>> plan = build_plan(sp.from_iterable([]).set_processing(backend="ray", num_cpu_workers=4))
+    >>> size_actors(plan, cluster_cpus=2, cluster_gpus=0)
+    ActorSizing(num_cpu_workers=4, cpus_per_cpu_worker=0.5, gpu_devices=(), gpus_per_gpu_worker=0.0)
+
+    Raises:
+        ValueError: a device group (model parallel is not available on Ray yet), or GPU
+            workers on CUDA in a cluster without GPUs (they would never start).
+    """
+    options = plan.options
+    num_cpu = options.num_cpu_workers or max(1, int(cluster_cpus))
+    cpus_each = min(1.0, cluster_cpus / num_cpu) if cluster_cpus > 0 else 0.0
+    devices = _gpu_worker_devices(plan)
+    if not devices:
+        return ActorSizing(num_cpu, _round_down(cpus_each), (), 0.0)
+    if cluster_gpus <= 0:
+        if any(device != "cpu" for device in devices):
+            raise ValueError(
+                f"backend='ray' with {len(devices)} GPU worker(s) (gpu_worker_devices={options.gpu_worker_devices}) "
+                "needs GPUs in the Ray cluster, which has none (ray.cluster_resources() has no 'GPU'): start the "
+                "cluster with GPUs, or use gpu_worker_devices=['cpu'] to run forward on the CPU"
+            )
+        return ActorSizing(num_cpu, _round_down(cpus_each), devices, 0.0)
+    return ActorSizing(num_cpu, _round_down(cpus_each), devices, _round_down(min(1.0, cluster_gpus / len(devices))))
+
+
+def _round_down(fraction: float) -> float:
+    # Ray accepts resource amounts to 4 decimals; rounding up could ask for more than there is.
+    return math.floor(fraction * 10_000) / 10_000
+
+
+def _gpu_worker_devices(plan: Plan) -> tuple[Optional[str], ...]:
+    """The device of each GPU worker (none without a ``map_gpu`` stage or GPU workers)."""
+    options = plan.options
+    count = options.effective_gpu_workers
+    if not plan.has_gpu_stage or count == 0:
+        return ()
+    specs: tuple[DeviceSpec, ...] = options.gpu_worker_devices or ()
+    devices: list[Optional[str]] = []
+    for i in range(count):
+        spec = specs[i % len(specs)] if specs else None
+        if isinstance(spec, tuple):
+            raise ValueError(
+                f"gpu_worker_devices={options.gpu_worker_devices}: a device group (one GPU worker over several "
+                "devices) is not available with backend='ray' yet; use backend='multiprocessing'"
+            )
+        # On a cluster Ray assigns each actor its GPU(s): "cuda:3" cannot name one of them.
+        devices.append("cpu" if spec == "cpu" else None)
+    return tuple(devices)
