@@ -97,7 +97,6 @@ class CPUWorker:
         task: Task = loads_message(task_bytes)
         outputs: list[TaskOutput] = []
         error: Optional[ExceptionWithTraceback] = None
-        self.clock.stats.tasks += 1
         try:
             self.clock.busy(self._run, task, outputs)
         except BaseException as exc:
@@ -109,7 +108,7 @@ class CPUWorker:
             return dumps_message(result)
         except Exception as exc:  # an output that cannot be pickled: say so, as an error that can
             where = f"{self.name}, task {task.task_key}"
-            failure = SerializationError(f"an output of task {task.task_key} cannot be pickled to send it back from {where}: {exc}")
+            failure = SerializationError(f"an output of {where} cannot be pickled to send it back to the driver: {exc}")
             return dumps_message(TaskResult(task.index, (), ExceptionWithTraceback(failure, where)))
 
     def _run(self, task: Task, outputs: list[TaskOutput]) -> None:

@@ -139,8 +139,8 @@ class _RayRun:
 
     def _start(self) -> None:
         ray, plan, options = self.ray, self.plan, self.plan.options
-        resources = ray.cluster_resources()
-        sizing = size_actors(plan, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)))
+        free, total = ray.available_resources(), ray.cluster_resources()
+        sizing = size_actors(plan, float(free.get("CPU", 0)), float(total.get("GPU", 0)))
         # Serialize first: an unpicklable callable fails here, before any actor exists.
         cpu_plan, forwards = split_plan(plan) if sizing.gpu_devices else (plan, {})
         plan_bytes = dumps_worker_plan(plan, cpu_plan, self.finalize, self.writers)
