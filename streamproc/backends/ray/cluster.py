@@ -59,8 +59,9 @@ class ActorSizing:
     ``cpus_per_cpu_worker``: 1, or less when the cluster has fewer *free* CPUs than CPU
     workers, down to 0 (oversubscribed, as the multiprocessing backend allows, rather than
     actors that never start: the inner run of a ``limit`` starts its actors while the outer
-    run's hold the CPUs, and another job may hold them too). ``gpus_per_gpu_worker``: 1, a fraction when there are more GPU workers than GPUs,
-    0 when every GPU worker runs on ``"cpu"`` in a cluster without GPUs. ``gpu_devices``:
+    run's hold the CPUs, and another job may hold them too). ``gpus_per_gpu_worker``: 1, a
+    fraction when there are more GPU workers than GPUs, 0 when every GPU worker runs on
+    ``"cpu"`` in a cluster without GPUs. ``gpu_devices``:
     per GPU worker, the device inside its actor (None: the actor's GPU when it sees one, else
     the CPU; ``"cpu"`` as asked, for tests on logical GPUs).
     """
