@@ -82,7 +82,7 @@ def size_actors(plan: Plan, free_cpus: float, cluster_gpus: float) -> ActorSizin
 
     >>> from streamproc.plan import build_plan
     >>> import streamproc as sp
-    >>> plan = build_plan(sp.from_iterable([]).set_processing(backend="ray", num_cpu_workers=4))
+    >>> plan = build_plan(sp.from_iterable([]).set_processing(num_cpu_workers=4))
     >>> size_actors(plan, free_cpus=2, cluster_gpus=0)
     ActorSizing(num_cpu_workers=4, cpus_per_cpu_worker=0.5, gpu_devices=(), gpus_per_gpu_worker=0.0)
 
