@@ -34,7 +34,7 @@ def test_to_ray_dataset_round_trip() -> None:
 
 
 def test_from_ray_dataset_refuses_other_objects() -> None:
-    with pytest.raises(TypeError, match="needs a ray.data.Dataset, got list"):
+    with pytest.raises(TypeError, match=r"needs a ray\.data\.Dataset, got list"):
         sp.from_ray_dataset([1, 2])
 
 
