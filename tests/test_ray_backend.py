@@ -73,7 +73,7 @@ def test_gpu_worker_actors_on_logical_gpus_same_as_simple() -> None:
 
     stats = run(run_with_stats, "map_gpu on Ray GPU actors")
     processes = stats.runs[-1].processes
-    gpus = [p for name, p in processes.items() if name.startswith("ray gpu worker")]
+    gpus = [p for name, p in processes.items() if name.startswith("gpu worker")]
     assert len(gpus) == 2 and all(p.batches > 0 for p in gpus), processes
     assert sum(p.batches for p in gpus) == 600 // 100 * 7  # 7 batches of <= 16 per 100-record task
 
@@ -85,8 +85,8 @@ def test_stats_have_one_entry_per_cpu_actor() -> None:
         return stats
 
     run_stats = run(run_with_stats, "stats on Ray").runs[-1]
-    cpus = {name: p for name, p in run_stats.processes.items() if name.startswith("ray cpu worker")}
-    assert sorted(cpus) == ["ray cpu worker 0", "ray cpu worker 1"]
+    cpus = {name: p for name, p in run_stats.processes.items() if p.kind == "cpu"}
+    assert sorted(cpus) == ["cpu worker 0", "cpu worker 1"]
     assert sum(p.tasks for p in cpus.values()) == 30
     assert run_stats.tasks_done == 30 and run_stats.records_out == 3000
 

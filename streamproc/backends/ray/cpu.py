@@ -69,7 +69,8 @@ class CPUWorker:
         faulthandler.enable()
         self.worker = WorkerId("cpu", index)
         self.name = f"ray {self.worker}"
-        self.clock = WorkerClock(self.name, "cpu")
+        # Stats and stage rows know workers by their WorkerId name ("cpu worker 0"), on every backend.
+        self.clock = WorkerClock(str(self.worker), "cpu")
         self.load_error: Any = None
         self.writer: Any = None
         try:
@@ -78,7 +79,7 @@ class CPUWorker:
             make_runner = (lambda stage: RayForwardRunner(gpus, gpu_places, gpu_cycle, stage.index)) if gpus else None
             # Without GPU workers, forward runs here on the CPU: CPU workers never touch CUDA.
             self.ctx = ExecutionContext(
-                self.name, device="cpu", autocast=options.autocast, torch_threads=options.forward_threads,
+                str(self.worker), device="cpu", autocast=options.autocast, torch_threads=options.forward_threads,
                 make_forward_runner=make_runner, kind="cpu", index=index,
             )
             # deterministic=False write_parquet: this actor writes whole part groups into their files.

@@ -87,7 +87,7 @@ class GPUWorker:
         from ..multiprocessing.worker_stats import WorkerClock
 
         self.name = f"ray gpu worker {index}"
-        self.clock = WorkerClock(self.name, "gpu")
+        self.clock = WorkerClock(str(WorkerId("gpu", index)), "gpu")  # the name stats know it by
         self.runners: dict[int, DeviceForward] = {}
         self.load_error: Any = None
         try:

@@ -217,6 +217,9 @@ class _RayRun:
                 dispatch.released = reorder.next_task
             self._submit_allowed()
             if not self.pending:
+                for output in reorder.pop_ready():  # a source error just recorded raises here
+                    self._records_out += output.count
+                    yield output
                 if dispatch.no_new_tasks and not dispatch.reruns_waiting:
                     return
                 raise PipelineShutdownError("the Ray run has tasks left but none in flight (a bug of the dispatch)")
@@ -245,7 +248,7 @@ class _RayRun:
             except Exception as exc:  # the user's source raised: task ``index`` fails in its place
                 add_context_note(exc, f"streamproc: raised while producing task {index} in the main process")
                 self.reorder.add_error(index, exc)
-                dispatch.stop_after(index)
+                dispatch.stop_after(index - 1)  # task ``index`` was never handed out
                 return
             task = Task(index, payload, self.run_id, None if key == index else key)
             self._submit(worker, _InFlight(worker, self.cpu[worker].generation, task))
