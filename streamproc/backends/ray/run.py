@@ -20,7 +20,8 @@ NOTE [ streamproc ray shutdown ]
     Every exit path (the end, a user error, an actor crash, the consumer breaking out of the
     loop, ``close()``/garbage collection of the iterator, KeyboardInterrupt, which reaches
     the driver inside a bounded ``ray.wait``) goes through :meth:`_RayRun.shutdown`, which is
-    idempotent (a lock and a flag). It kills every actor this run created (``ray.kill``, no
+    idempotent (a lock and a flag). It closes the source's task generator (a ``limit``'s inner
+    run stops its own actors there), kills every actor this run created (``ray.kill``, no
     restart: tasks still running are not needed), drops the plan's object, then waits up to
     ``SHUTDOWN_WAIT_S`` for the actors' names to leave the cluster, so that the next run finds
     their resources free. It never calls ``ray.shutdown()``: the cluster (the user's, or the
@@ -334,6 +335,13 @@ class _RayRun:
         ray = self.ray
         self.pending.clear()
         self._plan_ref = None
+        # A source holding resources (a limit's inner run, with its own actors) releases them now.
+        close = getattr(self.payloads, "close", None)
+        if close is not None:
+            try:
+                close()
+            except ValueError:  # "generator already executing": garbage collection ran this inside it
+                pass
         if not self.created or not ray.is_initialized():  # ray.shutdown() came first: the actors died with it
             return
         for actor in self.created:
