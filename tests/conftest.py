@@ -10,10 +10,8 @@ import psutil
 import pytest
 
 from tests.hang_guard import describe_process, worker_processes
+from tests.ray_cluster import ray_session  # noqa: F401  (the Ray session cluster: imports Ray only when used)
 from tests.utils import BACKEND_CONFIGS, RAY_CONFIGS, config_id
-
-if any(config in RAY_CONFIGS for config in BACKEND_CONFIGS):
-    from tests.ray_cluster import ray_session  # noqa: F401  (the session cluster of the ray configurations)
 
 #: How long a test's processes and threads may take to go away after it ends. Backends join
 #: their workers with timeouts before returning; this only absorbs the last reaping steps.

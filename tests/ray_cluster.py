@@ -1,5 +1,8 @@
 """The Ray test cluster: one per session, outside this process's tree (no test here).
 
+Imports no Ray until a fixture or function runs: tests/conftest.py registers the fixture
+``ray_session`` (once, for every module) in every env, Ray-free ones included.
+
 ``ray start --head`` starts the cluster's processes and exits, so they are not descendants
 of pytest: the leak check of ``tests/conftest.py`` still sees every process a test leaves
 behind, and Ray's own (GCS, raylet, idle workers) are not blamed on the test. The session
@@ -38,9 +41,6 @@ POLL_S = 0.05
 #: The environment of every Ray process the tests start: no usage stats, no token (a private test cluster).
 RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1", "RAY_AUTH_MODE": "disabled"}
 
-ray = pytest.importorskip("ray")
-
-
 def _ray_binary() -> str:
     return os.path.join(os.path.dirname(sys.executable), "ray")
 
@@ -74,6 +74,8 @@ def kill_processes(procs: list[psutil.Process]) -> None:
 
 def streamproc_actors() -> list[str]:
     """Names of the live actors streamproc started (any namespace)."""
+    import ray
+
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("streamproc-"))
 
 
@@ -90,6 +92,7 @@ def wait_until_no_streamproc_actor() -> list[str]:
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
     """A 2-CPU, 2-logical-GPU cluster started with ``ray start``; this process joined as a driver."""
+    ray = pytest.importorskip("ray")
     os.environ.update(RAY_TEST_ENV)
     # Short: Ray's unix socket paths live under it (108 bytes at most).
     temp_dir = tempfile.mkdtemp(prefix="spray-", dir="/tmp")
@@ -121,6 +124,8 @@ def _address_of(temp_dir: str) -> str:
 
 def reconnect(address: str) -> None:
     """Joins the cluster at ``address`` again (after a test that used another one)."""
+    import ray
+
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address=address, logging_level="warning", log_to_driver=False)

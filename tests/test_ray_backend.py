@@ -16,12 +16,13 @@ import pytest
 import streamproc as sp
 from streamproc.errors import RemoteTraceback
 from tests.hang_guard import run_guarded
-from tests.ray_cluster import ray_session, wait_until_no_streamproc_actor  # noqa: F401  (fixture)
+from tests.ray_cluster import wait_until_no_streamproc_actor
 from tests.ray_fakes import kill_in_forward
 from tests.retry_fakes import CrashAt, keep_records, plus_one_tensor, to_tensor
 from tests.utils import UserError, assert_same_as_simple, double, fn_raises, is_odd
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+pytest.importorskip("ray")
 
 #: Every run of these tests ends well within this (actor start-up is seconds on a loaded machine).
 RUN_TIMEOUT_S = 120.0

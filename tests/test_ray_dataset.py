@@ -9,7 +9,7 @@ import pytest
 
 import streamproc as sp
 from tests.hang_guard import run_guarded
-from tests.ray_cluster import ray_session, wait_until_no_streamproc_actor  # noqa: F401  (fixture)
+from tests.ray_cluster import wait_until_no_streamproc_actor
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 

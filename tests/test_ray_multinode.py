@@ -15,7 +15,7 @@ import pytest
 
 import streamproc as sp
 from tests.hang_guard import run_guarded
-from tests.ray_cluster import OBJECT_STORE_BYTES, ray_session, reconnect, wait_until_no_streamproc_actor  # noqa: F401
+from tests.ray_cluster import OBJECT_STORE_BYTES, reconnect, wait_until_no_streamproc_actor
 from tests.ray_fakes import tag_with_node
 
 pytestmark = [pytest.mark.ray]
@@ -27,7 +27,7 @@ NODE_CPUS = 1
 
 
 @pytest.fixture
-def two_nodes(ray_session: Any) -> Iterator[Any]:  # noqa: F811
+def two_nodes(ray_session: Any) -> Iterator[Any]:
     """A head and a worker raylet of one CPU each; this process their driver (then the session cluster again)."""
     from ray.cluster_utils import Cluster
 

@@ -22,7 +22,17 @@ class _DatasetRows:
         self.dataset = dataset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.dataset.iter_rows())
+        # Ray Data's streaming executor gives blocks in any order unless told to keep it: the
+        # option is per process (this one, the driver), so it is set for this iteration only.
+        import ray
+
+        options = ray.data.DataContext.get_current().execution_options
+        kept = options.preserve_order
+        options.preserve_order = True
+        try:
+            yield from self.dataset.iter_rows()
+        finally:
+            options.preserve_order = kept
 
     def __repr__(self) -> str:
         return f"ray.data.Dataset({self.dataset.schema()})"
