@@ -299,8 +299,11 @@ class _RayRun:
         if flight.attempt >= self.max_task_retries:
             where = place or f"ray cpu worker {flight.worker} (a replacement)"
             retried = f" after {flight.attempt} retries" if flight.attempt else ""
+            same_actor = (flight.worker, flight.generation)
+            held = sorted([flight.task.task_key] + [f.task.task_key for f in self.pending.values() if (f.worker, f.generation) == same_actor])
             raise WorkerCrashedError(
-                f"{where} died while running task {flight.task.task_key}{retried}: {_first_line(exc)}"
+                f"{where} died holding task(s) {', '.join(map(str, held))}{retried} (one running, the others queued): "
+                f"{_first_line(exc)}"
             ) from None
         if actor.generation == flight.generation:  # the first of its tasks to report the death
             assert self._sizing is not None
