@@ -300,7 +300,8 @@ class _RayRun:
             where = place or f"ray cpu worker {flight.worker} (a replacement)"
             retried = f" after {flight.attempt} retries" if flight.attempt else ""
             same_actor = (flight.worker, flight.generation)
-            held = sorted([flight.task.task_key] + [f.task.task_key for f in self.pending.values() if (f.worker, f.generation) == same_actor])
+            queued = [f.task.task_key for f in self.pending.values() if (f.worker, f.generation) == same_actor]
+            held = sorted([flight.task.task_key, *queued])
             raise WorkerCrashedError(
                 f"{where} died holding task(s) {', '.join(map(str, held))}{retried} (one running, the others queued): "
                 f"{_first_line(exc)}"
