@@ -22,11 +22,10 @@ class _DatasetRows:
         self.dataset = dataset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Ray Data's streaming executor gives blocks in any order unless told to keep it: the
-        # option is per process (this one, the driver), so it is set for this iteration only.
-        import ray
-
-        options = ray.data.DataContext.get_current().execution_options
+        # Ray Data's streaming executor gives blocks in any order unless told to keep it. A
+        # dataset runs with the context it holds (a copy made when it was created), so the
+        # option is set there, for this iteration only.
+        options = self.dataset.context.execution_options
         kept = options.preserve_order
         options.preserve_order = True
         try:
