@@ -13,6 +13,9 @@ Five workloads, each timed side by side in one run, with 2 CPU workers everywher
    ``text``, 4 files of 5 row groups each, generated once per run in a temporary directory)
    against a single-process pyarrow loop (``ParquetFile.iter_batches`` -> ``to_pylist`` -> map
    -> ``Table.from_pylist`` -> ``ParquetWriter``). Target: speedup >= 1.0 (no slower).
+   streamproc runs with the default layout (one part: one worker writes it) and with 10
+   parts (``task_size`` = a row group, 2 tasks per part); HF datasets (``map(num_proc=2)``
+   then ``to_parquet``) runs too when it can be imported.
 4. Peak memory of the whole process tree (main process + workers) for 2M against 200k dict
    records (~200-char text, generator source, a streaming sink that keeps nothing). Each run
    is a fresh child process; this process samples the tree every 20 ms and sums VmRSS (the
@@ -133,6 +136,12 @@ def cpu_bound(x: int, iters: int) -> int:
 def add_length(record: dict[str, Any]) -> dict[str, Any]:
     record["n_chars"] = len(record["text"])
     return record
+
+
+def add_length_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """``add_length`` over an HF datasets batch (columns of lists)."""
+    batch["n_chars"] = [len(text) for text in batch["text"]]
+    return batch
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -506,6 +515,15 @@ def check_parquet_output(out: Path, rows: int) -> Callable[[Any], Optional[str]]
     return check
 
 
+def hf_datasets_version() -> Optional[str]:
+    """The installed HF ``datasets`` version, None when it cannot be imported."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    return str(datasets.__version__)
+
+
 def workload_parquet(sizes: Sizes, eds: Optional[str], tmp: Path) -> list[Row]:
     n = sizes.parquet_rows
     src = tmp / "parquet-in"
@@ -525,10 +543,30 @@ def workload_parquet(sizes: Sizes, eds: Optional[str], tmp: Path) -> list[Row]:
         shutil.rmtree(out, ignore_errors=True)
         return out
 
-    def run_sp(det: bool) -> None:
+    # Several parts: a task is one row group (task_size = its rows, so that rows_per_file
+    # counts rows), 2 tasks per part. Workers write whole parts, so the default layout (one
+    # part of rows_per_file=1M) leaves all the work to one worker.
+    per_file = -(-n // sizes.parquet_files)
+    group_rows = -(-per_file // sizes.parquet_row_groups_per_file)
+    parts_layout = {"task_size": group_rows, "rows_per_file": 2 * group_rows}
+
+    def run_sp(det: bool, parts: bool = False) -> None:
         stream = sp.read_parquet(str(src)).map(add_length)
-        stream = stream.set_processing(backend="multiprocessing", num_cpu_workers=NUM_WORKERS, deterministic=det)
-        stream.write_parquet(fresh_out(), overwrite=True)
+        extra = {"task_size": parts_layout["task_size"]} if parts else {}
+        stream = stream.set_processing(backend="multiprocessing", num_cpu_workers=NUM_WORKERS, deterministic=det, **extra)
+        stream.write_parquet(fresh_out(), overwrite=True, **({"rows_per_file": parts_layout["rows_per_file"]} if parts else {}))
+
+    def run_hf() -> None:
+        import datasets
+
+        datasets.disable_caching()
+        cache = tmp / "hf-cache"
+        shutil.rmtree(cache, ignore_errors=True)  # no run reuses another's prepared dataset
+        dataset = datasets.Dataset.from_parquet([str(p) for p in paths], cache_dir=str(cache), keep_in_memory=True)
+        # Batched: HF's fast path (one record at a time took 107-147 s for 1M rows here).
+        dataset = dataset.map(add_length_batch, batched=True, num_proc=NUM_WORKERS)  # caching off: temporary files
+        fresh_out().mkdir(parents=True)
+        dataset.to_parquet(str(out / "part-00000.parquet"))
 
     def run_eds() -> None:
         import edsnlp
@@ -539,6 +577,14 @@ def workload_parquet(sizes: Sizes, eds: Optional[str], tmp: Path) -> list[Row]:
 
     sides = [Side("1 process: pyarrow iter_batches loop", lambda: pyarrow_loop(paths, fresh_out()), check, n)]
     sides += [Side(f"streamproc mp, deterministic={det}", lambda det=det: run_sp(det), check, n) for det in (True, False)]
+    parts = n // parts_layout["rows_per_file"]
+    sides += [
+        Side(f"streamproc mp, deterministic={det}, {parts} parts", lambda det=det: run_sp(det, True), check, n)
+        for det in (True, False)
+    ]
+    hf = hf_datasets_version()
+    if hf:
+        sides.append(Side(f"HF datasets {hf} map(batched, num_proc={NUM_WORKERS}) + to_parquet", run_hf, check, n))
     if eds:
         sides.append(Side(f"edsnlp {eds} mp, work_unit=fragment, 65,536 rows/file", run_eds, check, n))
     log(f"[3] parquet read -> map -> write, {n:,} rows")

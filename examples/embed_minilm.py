@@ -123,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         sp.read_parquet(args.data, columns=["id", "text"])
         .map(clean)
         .filter(has_tokens)
-        .map_gpu(prepare_batch, model, postprocess, batch_size=args.batch_size, batch_by=subword_estimate)
+        # sort_by: each task's documents are batched in length order (outputs in input order),
+        # so a batch pads to a length close to its records' own (docs/tuning.md).
+        .map_gpu(
+            prepare_batch, model, postprocess,
+            batch_size=args.batch_size, batch_by=subword_estimate, sort_by=subword_estimate,
+        )
         .set_processing(
             backend=args.backend, num_cpu_workers=args.workers, gpu_worker_devices=[args.device] if args.device else None
         )

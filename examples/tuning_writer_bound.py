@@ -3,8 +3,8 @@
 Run ``python examples/tuning_writer_bound.py`` (CPU only, a few seconds). Two CPU workers
 build records and turn them into JSON text; the main process gzips it into one
 ``.jsonl.gz`` file, in order. The report shows the main process writing most of the time and
-says "use deterministic=False or write in workers". ``--fixed`` does what it says: parquet
-part files written by the workers themselves (``write_parquet`` with ``deterministic=False``).
+says to write with ``write_parquet`` or ``write_sql``, which write in the CPU workers. ``--fixed``
+does what it says: parquet part files written by the workers themselves (``write_parquet``).
 See docs/tuning.md.
 """
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--fixed", action="store_true", help="write parquet in the workers instead")
     args = parser.parse_args()
     stream = sp.from_iterable(range(args.records)).map(make_record).set_processing(
-        backend="multiprocessing", num_cpu_workers=args.workers, deterministic=not args.fixed
+        backend="multiprocessing", num_cpu_workers=args.workers
     )
     with tempfile.TemporaryDirectory() as tmp, sp.collect_stats() as stats:
         if args.fixed:

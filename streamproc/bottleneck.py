@@ -6,8 +6,8 @@ limiting resource and one thing to change:
 1. GPU workers idle (busy fraction under ``GPU_STARVED_BELOW``): they wait for batches, the
    CPU side is too slow -> add CPU workers or sort by length (less padding per batch).
    GPU workers busy (over ``GPU_SATURATED_ABOVE``) -> add GPU workers (or autocast).
-2. The main process writes (sink time over ``MAIN_WRITES_ABOVE`` of the run) -> use
-   deterministic=False or write in workers (``write_parquet`` then writes in the workers).
+2. The main process writes (sink time over ``MAIN_WRITES_ABOVE`` of the run) -> write in the
+   workers: ``write_parquet`` and ``write_sql`` do on the multiprocessing backend.
 3. Head-of-line blocking (reorder wait over ``REORDER_WAIT_ABOVE``, while the workers idle
    more than ``WORKERS_IDLE_ABOVE``) -> deterministic=False or a smaller task_size.
 4. One task long against the run (``STRAGGLER_ABOVE``, several workers), and alone (the
@@ -106,9 +106,12 @@ def find_bottleneck(stats: RunStats) -> Bottleneck:
     if wall > 0 and main.sink_seconds / wall > MAIN_WRITES_ABOVE:
         share = main.sink_seconds / wall
         if stats.backend == "simple":
-            advice = "use backend='multiprocessing' with deterministic=False so that workers write"
+            advice = "use backend='multiprocessing' with write_parquet or write_sql, which then write in the workers"
         else:
-            advice = "use deterministic=False or write in workers (write_parquet with deterministic=False)"
+            advice = (
+                "write with write_parquet or write_sql, which write in the CPU workers (unless max_task_retries or "
+                "task_timeout is set); write_jsonl and the in-memory sinks write in the main process"
+            )
         return Bottleneck("main process", None, share, f"main process writes {_percent(share)} of the time: {advice}")
     # Waiting for an earlier task only limits the run if the workers idle meanwhile (the
     # window is full): with every worker busy, the wait is just the workers' compute time.

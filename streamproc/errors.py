@@ -62,6 +62,15 @@ class ResumeMismatchError(StreamprocError):
     """``resume=True`` over output written by a different input or task layout (says what changed)."""
 
 
+class AuthenticationError(StreamprocError):
+    """A service connection presented a wrong or missing token (raised in the client; the server
+    refuses the peer before it unpickles anything)."""
+
+
+class ServiceUnavailableError(StreamprocError):
+    """The streamproc service cannot be reached, stopped, or was lost mid-run (names the address)."""
+
+
 class RemoteTraceback(Exception):
     """Holds the formatted traceback of an exception raised in another process.
 

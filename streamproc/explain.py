@@ -12,9 +12,11 @@ fails here too, with the same error. The source's size comes from metadata only
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .ops import BatchedOp, MapGPU, Op, callable_name
+from .gpu.placement import describe_device_spec
+from .ops import BatchedOp, MapGPU, Op, WorkerClass, callable_name
+from .options import DeviceSpec, device_names
 from .plan import Plan, Stage
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ class _Placement:
     workers: list[str]
     #: Each CPU worker's dispatch cycle of GPU workers (empty without GPU workers).
     cycles: tuple[tuple[int, ...], ...] = ()
+    #: The device groups forward runs on (model parallel), each once, in worker order.
+    groups: tuple[tuple[str, ...], ...] = ()
 
 
 def explain(stream: Stream) -> str:
@@ -69,6 +73,8 @@ def explain(stream: Stream) -> str:
     lines.append("stages")
     for stage in plan.stages:
         lines += _stage_lines(stage, placement)
+        if isinstance(stage.op, MapGPU):
+            lines += _split_lines(stage.op, placement.groups)
     lines.append(f"sink     {_sink_text(plan, placement)}")
     lines.append(f"workers  {placement.workers[0]}")
     lines += [f"         {line}" for line in placement.workers[1:]]
@@ -85,6 +91,8 @@ def _placement(plan: Plan) -> _Placement:
     if backend == "multiprocessing":
         return _multiprocessing_placement(plan)
     device = _in_process_device(plan)
+    spec = plan.options.gpu_worker_devices[0] if plan.has_gpu_stage and plan.options.gpu_worker_devices else None
+    groups = (spec,) if isinstance(spec, tuple) else ()
     if backend == "threads":
         from .backends.multiprocessing.cpu_budget import default_num_cpu_workers
 
@@ -93,11 +101,12 @@ def _placement(plan: Plan) -> _Placement:
         return _Placement(
             backend, "worker thread", f"worker thread, on {device}", "worker thread",
             [f"{threads} worker thread(s) in the main process (streamproc-thread-0..{threads - 1}{counted})"],
+            groups=groups,
         )
     if backend == "simple":
         return _Placement(
             backend, "main process", f"main process, on {device}", "main process",
-            ["none: every task runs in the calling thread, in order"],
+            ["none: every task runs in the calling thread, in order"], groups=groups,
         )
     worker = f"{backend} worker"
     return _Placement(backend, worker, worker, worker, [f"resolved by the {backend!r} backend"])
@@ -109,7 +118,7 @@ def _in_process_device(plan: Plan) -> str:
         return "-"
     devices = plan.options.gpu_worker_devices
     if devices:
-        return devices[0]
+        return describe_device_spec(devices[0]) + (" (model parallel)" if isinstance(devices[0], tuple) else "")
     from .gpu.device import default_device
 
     return default_device()
@@ -130,14 +139,47 @@ def _multiprocessing_placement(plan: Plan) -> _Placement:
     if gpu_devices:
         forward = f"GPU worker, on {_device_list(gpu_devices)}"
         workers.append(f"{len(gpu_devices)} GPU worker process(es) (start method {pool.gpu_start_method!r}):")
-        workers += [f"  gpu worker {index} on {device}" for index, device in enumerate(gpu_devices)]
+        workers += [
+            f"  gpu worker {index} on {describe_device_spec(spec)}" + (" (model parallel)" if isinstance(spec, tuple) else "")
+            for index, spec in enumerate(gpu_devices)
+        ]
     else:
         forward = "CPU worker, on cpu (no GPU worker)" if plan.has_gpu_stage else "-"
-    return _Placement("multiprocessing", "CPU worker", forward, "CPU worker", workers, topology.cycles if gpu_devices else ())
+    groups = tuple(dict.fromkeys(spec for spec in gpu_devices if isinstance(spec, tuple)))
+    cycles = topology.cycles if gpu_devices else ()
+    return _Placement("multiprocessing", "CPU worker", forward, "CPU worker", workers, cycles, groups)
 
 
-def _device_list(devices: tuple[str, ...]) -> str:
-    return ", ".join(dict.fromkeys(devices))  # in order, each once
+def _device_list(devices: tuple[DeviceSpec, ...]) -> str:
+    return ", ".join(dict.fromkeys(device_names(devices)))  # in order, each once
+
+
+def _split_lines(op: MapGPU, groups: tuple[tuple[str, ...], ...]) -> list[str]:
+    """How forward's models would be split over each device group (computed here, nothing moved)."""
+    lines = []
+    for group in groups:
+        where = f"         split over {describe_device_spec(group)}: "
+        if op.place is not None:
+            lines.append(where + f"by place={callable_name(op.place)}, in the worker")
+        elif isinstance(op.forward, WorkerClass):
+            lines.append(where + "by block sizes, once the forward class is built in the worker")
+        else:
+            lines += [where + text for text in _planned_splits(op.forward, group)]
+    return lines
+
+
+def _planned_splits(forward: Any, group: tuple[str, ...]) -> list[str]:
+    from .gpu.models import find_modules
+    from .gpu.partition import outermost, plan_placement
+
+    texts = []
+    for module in outermost(find_modules(forward)):
+        planned = plan_placement(module, group)
+        if planned is None:
+            texts.append(f"{type(module).__name__} whole on {group[0]} (no Sequential/ModuleList layer stack)")
+        else:
+            texts.append(f"{planned.model}: {planned.describe()}")
+    return texts
 
 
 def _source_lines(plan: Plan, placement: _Placement) -> list[str]:

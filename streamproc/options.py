@@ -11,10 +11,13 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .batching import BatchBy, BatchSize, validate_batch_by
 from .execution.error_policy import ON_ERROR_CHOICES
+
+if TYPE_CHECKING:
+    from .service.pool import WorkerPool
 
 BACKENDS = ("simple", "threads", "multiprocessing", "ray")
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -28,6 +31,8 @@ _BYTE_UNITS = {
     "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 MODEL_DTYPES = ("float16", "bfloat16", "float32")
+#: What a :class:`~streamproc.WorkerPool` decides for the streams it runs (refused with ``pool=``).
+POOL_OWNED_OPTIONS = ("num_cpu_workers", "num_gpu_workers", "gpu_worker_devices", "process_start_method")
 
 #: One GPU worker's devices: a device name, or a group of names (model parallel: one worker
 #: owns the group and the model is split across it).
@@ -56,6 +61,9 @@ class ProcessingOptions:
     (weights cast once on the device: a torch dtype or its name; None: as loaded). An entry of
     ``gpu_worker_devices`` may be a tuple of devices: one GPU worker owning them all.
 
+    Pools (design.md section 5): ``pool``, a :class:`~streamproc.WorkerPool` whose warm
+    processes run the stream (the multiprocessing backend); it owns :data:`POOL_OWNED_OPTIONS`.
+
     ``ray_address`` (``backend="ray"``): None joins the cluster ``ray.init`` already joined,
     else starts a local one (it lives until the interpreter exits); ``"auto"`` or an address
     (``"10.0.0.1:6379"``, ``"ray://head:10001"``) joins that cluster.
@@ -83,13 +91,32 @@ class ProcessingOptions:
     gpu_memory_budget: Optional[int] = None
     model_dtype: Any = None
     ray_address: Optional[str] = None
+    pool: Optional[WorkerPool] = None
 
     def updated(self, **changes: Any) -> ProcessingOptions:
         """Returns a copy with ``changes`` validated and applied."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"set_processing() got unknown option(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **{k: _VALIDATORS[k](v) for k, v in changes.items()})
+        updated = dataclasses.replace(self, **{k: _VALIDATORS[k](v) for k, v in changes.items()})
+        updated._check_pool()
+        return updated
+
+    def _check_pool(self) -> None:
+        """With ``pool=``: the options the pool owns are refused, and so is a backend other than multiprocessing."""
+        if self.pool is None:
+            return
+        owned = [name for name in POOL_OWNED_OPTIONS if getattr(self, name) is not None]
+        if owned:
+            raise ValueError(
+                f"set_processing(pool=...): {', '.join(owned)} belong(s) to the WorkerPool, which sets them "
+                f"(WorkerPool({owned[0]}=...)); leave {'them' if len(owned) > 1 else 'it'} unset with pool="
+            )
+        if self.backend not in (None, "multiprocessing"):
+            raise ValueError(
+                f"set_processing(pool=...) runs the stream on the pool's worker processes (backend 'multiprocessing'), "
+                f"not backend={self.backend!r}: drop backend= or the pool"
+            )
 
     def check_combination(self) -> None:
         """Raises ``ValueError`` for options that are valid alone but not together (at run time:
@@ -131,6 +158,8 @@ class ProcessingOptions:
         """The backend to run: simple for one CPU worker and no GPU worker, else multiprocessing."""
         if self.backend is not None:
             return self.backend
+        if self.pool is not None:
+            return "multiprocessing"
         if (self.num_cpu_workers or 1) > 1 or self.effective_gpu_workers > 0:
             return "multiprocessing"
         return "simple"
@@ -321,6 +350,16 @@ def _check_shard(value: Any) -> Any:
     raise ValueError(f"shard must be None, 'auto' or (rank, world_size) with 0 <= rank < world_size, got {value!r}")
 
 
+def _check_pool(value: Any) -> Optional[WorkerPool]:
+    if value is None:
+        return None
+    # A class attribute, not an isinstance check: importing the pool here would make a cycle
+    # (the pool imports the backend, which imports these options).
+    if not getattr(type(value), "is_streamproc_pool", False):
+        raise ValueError(f"pool must be a streamproc.WorkerPool or None, got {type(value).__name__}: {value!r:.80}")
+    return value
+
+
 _VALIDATORS = {
     "backend": _check_backend,
     "num_cpu_workers": _check_count("num_cpu_workers", 1),
@@ -344,4 +383,5 @@ _VALIDATORS = {
     "gpu_memory_budget": lambda v: parse_byte_size("gpu_memory_budget", v),
     "model_dtype": _check_model_dtype,
     "ray_address": _check_ray_address,
+    "pool": _check_pool,
 }

@@ -1,9 +1,12 @@
 """Run statistics: what a run measured, per stage and per process, and how they add up.
 
-:class:`TaskStats` is measured where a task runs (see :mod:`streamproc.execution.timing`) and
-travels with the task's last output; :class:`ProcessStats` is measured by each process of
-the run (the main process, CPU workers, GPU workers, worker threads) and reaches the main
-process at the run's end. :class:`RunStats` merges them in the main process: the run handle
+:class:`TaskStats` is measured where tasks run (see :mod:`streamproc.execution.timing`),
+summed there over the tasks of a process or thread and handed to the main process now and
+then (on a task's last output, at most every ``timing.STATS_SEND_INTERVAL_S``, and at the
+run's end), or with each task's last output where a task's own figures are needed.
+:class:`ProcessStats` is measured by each process of the run (the main process, CPU workers,
+GPU workers, worker threads) and reaches the main process at the run's end.
+:class:`RunStats` merges them in the main process: the run handle
 (:class:`streamproc.backends.base.RunHandle`) fills it, :mod:`streamproc.stats_report` prints
 it and :mod:`streamproc.bottleneck` reads a hint out of it.
 
@@ -95,12 +98,16 @@ StageRow = Any
 
 @dataclass
 class TaskStats:
-    """What one task's execution measured (``TaskOutput.stats`` of its last chunk).
+    """What the tasks one process or thread ran measured: one task, or several summed.
 
-    ``where`` is the process or thread that ran it (``ExecutionContext.where``); ``seconds``
-    its busy time there (the stages, forward as seen there, and ``finalize``); ``stages`` a
-    :data:`StageRow` for the source read (index 0) and each stage: plain tuples, so that a
-    task's stats cost little to build and to pickle (one travels per task). Nothing of it
+    ``where`` is the process or thread that ran them (``ExecutionContext.where``); ``seconds``
+    their busy time there (the stages, forward as seen there, and ``finalize``); ``stages`` a
+    :data:`StageRow` for the source read (index 0) and each stage: plain tuples, so that
+    they cost little to build and to pickle. ``tasks`` is how many tasks the figures sum
+    (1: the stats of one task, on its last output); ``longest``/``second_longest`` are the
+    busy seconds of the two longest of them (with ``tasks == 1``: ``seconds`` and 0). A
+    process that runs many tasks sums them where it runs and sends one of these now and then
+    (see :class:`streamproc.execution.timing.StageTimer`), not one per task. Nothing of it
     lives in a global.
     """
 
@@ -109,9 +116,22 @@ class TaskStats:
     stages: list[StageRow] = field(default_factory=list)
     finalize_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    tasks: int = 1
+    longest: float = 0.0
+    second_longest: float = 0.0
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return TaskStats, (self.where, self.seconds, self.stages, self.finalize_seconds, self.extra)
+        return TaskStats, (
+            self.where, self.seconds, self.stages, self.finalize_seconds, self.extra, self.tasks, self.longest,
+            self.second_longest,
+        )
+
+    @property
+    def longest_two(self) -> tuple[float, float]:
+        """The busy seconds of the two longest tasks these figures sum (0.0 where fewer)."""
+        if self.tasks == 1:
+            return max(self.seconds, self.longest), 0.0
+        return self.longest, self.second_longest
 
     def stage_stats(self) -> list[StageStats]:
         """``stages`` as :class:`StageStats` objects."""
@@ -131,7 +151,10 @@ class ProcessStats:
 
     GPU workers: ``h2d_seconds`` (host-to-device copy, as issued from the host),
     ``forward_seconds`` and ``d2h_seconds`` (outputs back to the host), ``idle_seconds``
-    waiting for a batch, ``batches``. Main process: ``source_seconds`` (iterating the source
+    waiting for a batch, ``batches``; ``swaps`` and ``swap_seconds``: under
+    ``gpu_memory_budget``, model loads that first moved other models off the device, and the
+    seconds those moves took (also for the process or threads that run forward themselves: the
+    simple and threads backends count them in the main process's entry). Main process: ``source_seconds`` (iterating the source
     for tasks), ``reorder_wait_seconds`` (deterministic runs: waiting while finished outputs
     are held behind an unfinished earlier task), ``sink_seconds`` (the sink's writes).
     """
@@ -149,6 +172,8 @@ class ProcessStats:
     d2h_seconds: float = 0.0
     idle_seconds: float = 0.0
     batches: int = 0
+    swaps: int = 0
+    swap_seconds: float = 0.0
     source_seconds: float = 0.0
     reorder_wait_seconds: float = 0.0
     sink_seconds: float = 0.0
@@ -219,17 +244,22 @@ class RunStats:
         return self.processes["main process"]
 
     def add_task(self, task: TaskStats) -> None:
-        """Takes one finished task's stats (main process; stage counters are merged when read)."""
+        """Takes the stats of one finished task, or of several summed where they ran (main process).
+
+        Stage counters are merged when read; the task count, busy seconds and the two longest
+        tasks are taken at once.
+        """
         self._pending.append(task)
         if len(self._pending) >= 256:  # bounded memory: merge in batches
             _ = self.stages
         self.task_seconds += task.seconds
-        if task.seconds > self.max_task_seconds:
-            self.max_task_seconds, self.second_task_seconds = task.seconds, self.max_task_seconds
-        elif task.seconds > self.second_task_seconds:
-            self.second_task_seconds = task.seconds
+        for seconds in task.longest_two:
+            if seconds > self.max_task_seconds:
+                self.max_task_seconds, self.second_task_seconds = seconds, self.max_task_seconds
+            elif seconds > self.second_task_seconds:
+                self.second_task_seconds = seconds
         process = self.process(task.where)
-        process.tasks += 1
+        process.tasks += task.tasks
         if process.kind != "cpu":  # a CPU worker measures its own busy time (RunEnded), tasks or not
             process.busy_seconds += task.seconds
 

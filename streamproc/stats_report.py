@@ -84,6 +84,9 @@ def _detail_lines(stats: RunStats) -> list[str]:
             f"device-to-host {gpu.d2h_seconds:.2f} s, idle {gpu.idle_seconds:.2f} s, {gpu.batches:,} batches, "
             f"busy {gpu.busy_fraction * 100:.0f}% of {gpu.wall_seconds - gpu.startup_seconds:.2f} s after start-up"
         )
+    for process in stats.processes.values():
+        if process.swaps:
+            lines.append(f"{process.name}: {process.swaps:,} model swaps, {process.swap_seconds:.2f} s swapping")
     for stage in stats.stage_rows():
         if stage.padded_tokens:
             waste = 1 - stage.real_tokens / stage.padded_tokens

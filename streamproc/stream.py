@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 from .batching import BatchBy, BatchSize, BatchSizeLike, validate_batch_by
+from .execution.sorting import SortBy, validate_sort_by
 from .io.base import Source
 from .io.limit import LimitSource, check_count
 from .ops import Filter, Flatten, Map, MapBatches, MapGPU, Op, map_gpu_kwargs, per_worker
@@ -112,6 +113,7 @@ class Stream:
         batch_size: Optional[BatchSizeLike] = None,
         batch_by: BatchBy = None,
         fn_kwargs: Optional[dict[str, Any]] = None,
+        sort_by: SortBy = None,
     ) -> Stream:
         """Applies ``fn(list_of_records) -> iterable_of_records`` to batches (CPU worker).
 
@@ -121,6 +123,8 @@ class Stream:
         ``fn`` may return more or fewer records than it received. Batches never span two tasks
         (see ``set_processing(task_size=...)``), so the last batch of a task may be smaller.
         Without ``batch_size`` the ``set_processing`` default applies (128 records).
+        ``sort_by`` (a field or ``record -> key``) batches each task's records in ascending key
+        order, outputs back in input order; ``fn`` must then return one record per input.
 
         >>> import streamproc as sp
         >>> sp.from_iterable(range(5)).map_batches(lambda b: [sum(b)], batch_size=2).to_list()
@@ -129,7 +133,8 @@ class Stream:
         _check_callable(fn, "map_batches", "fn")
         fn = per_worker(fn, fn_kwargs, "map_batches", "fn", self._next_stage())
         size = None if batch_size is None else BatchSize.parse(batch_size)
-        return self._with_op(MapBatches(fn, batch_size=size, batch_by=validate_batch_by(batch_by)))
+        by = validate_batch_by(batch_by)
+        return self._with_op(MapBatches(fn, batch_size=size, batch_by=by, sort_by=validate_sort_by(sort_by, "map_batches")))
 
     def map_gpu(
         self,
@@ -139,6 +144,8 @@ class Stream:
         batch_size: Optional[BatchSizeLike] = None,
         batch_by: BatchBy = None,
         fn_kwargs: Optional[dict[str, dict[str, Any]]] = None,
+        place: Optional[Callable[[Any, list[Any]], Any]] = None,
+        sort_by: SortBy = None,
     ) -> Stream:
         """A deep-learning stage: batch, prepare on CPU, ``forward`` on a device, postprocess on CPU.
 
@@ -159,6 +166,9 @@ class Stream:
         modules are moved to the device. ``fn_kwargs`` is a dict *by role* of constructor
         kwargs, e.g. ``fn_kwargs={"forward": {"model_name": "bert-base"}}``, so that it reads
         the same when several of the three are classes.
+        ``place(module, devices)`` replaces the engine's placement of each model on the forward
+        process's devices (a device group: model parallel; see :mod:`streamproc.gpu.placement`).
+        ``sort_by``: as for :meth:`map_batches` (e.g. the token count, so padding wastes little).
 
         >>> import streamproc as sp, torch
         >>> sp.from_iterable([1.0, 2.0]).map_gpu(torch.tensor, lambda t: t * 2).to_list()
@@ -166,8 +176,9 @@ class Stream:
         """
         _check_callable(prepare_batch, "map_gpu", "prepare_batch")
         _check_callable(forward, "map_gpu", "forward")
-        if postprocess is not None:
-            _check_callable(postprocess, "map_gpu", "postprocess")
+        for param, value in (("postprocess", postprocess), ("place", place)):
+            if value is not None:
+                _check_callable(value, "map_gpu", param)
         by_role = map_gpu_kwargs(fn_kwargs, {"prepare_batch": prepare_batch, "forward": forward, "postprocess": postprocess})
         stage = self._next_stage()
         prepare_batch = per_worker(prepare_batch, by_role["prepare_batch"], "map_gpu", "prepare_batch", stage)
@@ -175,7 +186,9 @@ class Stream:
         if postprocess is not None:
             postprocess = per_worker(postprocess, by_role["postprocess"], "map_gpu", "postprocess", stage)
         size = None if batch_size is None else BatchSize.parse(batch_size)
-        return self._with_op(MapGPU(prepare_batch, forward, postprocess, batch_size=size, batch_by=validate_batch_by(batch_by)))
+        by, key = validate_batch_by(batch_by), validate_sort_by(sort_by, "map_gpu")
+        op = MapGPU(prepare_batch, forward, postprocess, batch_size=size, batch_by=by, place=place, sort_by=key)
+        return self._with_op(op)
 
     def set_processing(self, **options: Any) -> Stream:
         """Returns this stream with processing options changed (validated now).
@@ -248,29 +261,14 @@ class Stream:
         """Runs the stream and writes dict records to part files ``path/part-<first task>.parquet``.
 
         Part layout: with ``G = max(1, rows_per_file // task_size)``, part ``g`` holds the
-        outputs of tasks ``[g*G, (g+1)*G)`` in task order and is named by its first task
-        (``part-000000.parquet``, ``part-000976.parquet``, ...), whatever the backend, the
-        number of workers or the timing. ``rows_per_file`` is therefore a target: a part holds
-        ``G * task_size`` source records' outputs (more rows after a ``flatten``, fewer after
-        a ``filter``). A parquet source has one task per row group: a part then holds the
-        outputs of ``G`` row groups. A group without output rows has no file. Row groups hold
-        ``row_group_size`` rows. Records are converted to Arrow where they are produced (a CPU
-        worker with the multiprocessing backend); the main process writes the parts, unless
-        ``deterministic=False`` on a backend that can write in its workers (multiprocessing):
-        then each CPU worker writes whole parts (one part group per dispatch) and the main
-        process only records them. Backends that cannot write in workers write in task order.
-
-        Each part appears under its final name only when complete, and counts once the
-        manifest (``_streamproc_manifest.json``, per rank ``_streamproc_manifest.<r>-of-<w>.json``)
-        lists it. ``resume=True`` completes an interrupted write (an error, Ctrl-C, SIGTERM,
-        a killed process): committed parts are skipped without reading their input (parquet
-        row groups; an iterable is re-iterated and their records discarded), uncommitted files
-        are removed, and the result is the uninterrupted run's directory; a missing or empty
-        directory just runs. SIGTERM during the write commits the complete parts and exits
-        with status 143. ``filesystem`` (a pyarrow or fsspec filesystem) writes through it.
-        ``schema`` (a ``pyarrow.Schema``) fixes the column types; otherwise they are unified
-        across tasks (a field null at first takes its later type; a field appearing later is
-        added) and every part gets the final schema. See docs/long-jobs.md.
+        outputs of tasks ``[g*G, (g+1)*G)`` in task order, named by its first task, whatever the
+        backend, the number of workers or the timing (a parquet source: ``G`` row groups per
+        part). Records become Arrow where they are produced; on multiprocessing the CPU workers
+        write whole parts when every worker has one, else the main process writes (docs/api.md
+        says exactly when). A part counts once the manifest (``_streamproc_manifest.json``)
+        lists it; ``resume=True`` completes an interrupted write (error, Ctrl-C, SIGTERM, kill)
+        into the uninterrupted run's directory. ``schema`` fixes the column types, else they are
+        unified across tasks. See docs/long-jobs.md.
 
         Returns:
             The paths of this rank's part files, in task order (committed earlier ones too).
@@ -300,6 +298,23 @@ class Stream:
 
         written: str = run_into(build_plan(self), JsonlSink(path, overwrite))
         return written
+
+    def write_sql(self, con: Any, table: str, if_exists: str = "fail", schema: Any = None, resume: bool = False) -> int:
+        """Runs the stream and writes dict records into ``table``, one transaction per task.
+
+        ``con``: a path or ``sqlite:///`` URL (sqlite3), or any SQLAlchemy URL (extra ``sql``);
+        never a live connection: each process that writes (the CPU workers with multiprocessing,
+        else the main process) opens its own. ``if_exists`` ("fail", "append", "replace") is
+        applied once, before the run; the table is created from ``schema`` (``{column: "SQL
+        type"}`` or a ``pyarrow.Schema``), else from the first committed task's records.
+        ``resume=True`` records each task in ``_streamproc_tasks`` in its transaction; a rerun
+        skips committed tasks (exactly once) and refuses a changed input or task layout
+        (``ResumeMismatchError``). Row order in the table is not meaningful. Returns the rows
+        written (with ``resume``, earlier runs' too). See :mod:`streamproc.io.sql_sink`.
+        """
+        from .io.sql_sink import write_sql
+
+        return write_sql(build_plan(self), con, table, if_exists, schema, resume)
 
     # -- everyday API: limit, take, count, Arrow, Hugging Face --------------------------------
     def limit(self, n: int) -> Stream:

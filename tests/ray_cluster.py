@@ -89,6 +89,30 @@ def wait_until_no_streamproc_actor() -> list[str]:
     return left
 
 
+def wait_until_only_warm_actors() -> list[str]:
+    """Waits (deadline loop) until every live streamproc actor is a warm one kept for the next run
+    (``streamproc.backends.ray.actor_pool``); returns the others (empty: none)."""
+    from streamproc.backends.ray.actor_pool import warm_actor_names
+
+    def others() -> list[str]:
+        return sorted(set(streamproc_actors()) - set(warm_actor_names()))
+
+    deadline = time.monotonic() + ACTORS_GONE_TIMEOUT_S
+    left = others()
+    while left and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        left = others()
+    return left
+
+
+def assert_no_actor_kept() -> None:
+    """After a run that did not complete: no warm actor kept, and no streamproc actor alive."""
+    from streamproc.backends.ray.actor_pool import warm_actor_names
+
+    assert warm_actor_names() == []
+    assert wait_until_no_streamproc_actor() == []
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
     """A 2-CPU, 2-logical-GPU cluster started with ``ray start``; this process joined as a driver."""

@@ -135,8 +135,9 @@ def _stats(backend: str = "multiprocessing", wall: float = 10.0, **main: float) 
 def test_a_main_process_that_writes_most_of_the_time_is_the_bottleneck() -> None:
     bottleneck = find_bottleneck(_stats(sink_seconds=8.0))
     assert bottleneck == Bottleneck(
-        "main process", None, 0.8, "main process writes 80% of the time: use deterministic=False or write in workers "
-        "(write_parquet with deterministic=False)",
+        "main process", None, 0.8, "main process writes 80% of the time: write with write_parquet or write_sql, which "
+        "write in the CPU workers (unless max_task_retries or task_timeout is set); write_jsonl and the in-memory sinks "
+        "write in the main process",
     )
 
 

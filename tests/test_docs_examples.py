@@ -12,3 +12,14 @@ def test_api_reference_examples_run() -> None:
     result = doctest.testfile(str(DOCS / "api.md"), module_relative=False, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.attempted > 40, result
     assert result.failed == 0, result
+
+
+def test_sql_page_examples_run(tmp_path) -> None:
+    import os
+
+    import streamproc as sp
+
+    globs = {"os": os, "sp": sp, "tmp": str(tmp_path)}
+    result = doctest.testfile(str(DOCS / "sql.md"), module_relative=False, optionflags=doctest.ELLIPSIS, globs=globs)
+    assert result.attempted >= 5, result
+    assert result.failed == 0, result

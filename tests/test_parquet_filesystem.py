@@ -94,12 +94,15 @@ def test_a_part_the_manifest_does_not_list_does_not_count(memory_root):
     assert _memory_snapshot(fs, root) == expected
 
 
-def test_workers_cannot_write_to_a_memory_filesystem(memory_root):
+def test_a_memory_filesystem_is_written_by_the_main_process_also_unordered(memory_root):
+    # No worker process can reach a memory filesystem: the main process writes, in task order.
     fs, root = memory_root
-    stream = sp.from_iterable(_records()).set_processing(backend="multiprocessing", num_cpu_workers=2, deterministic=False)
-    with pytest.raises(ValueError, match="memory filesystem lives in one process"):
-        stream.write_parquet(root, filesystem=fs)
-    assert not fs.exists(root)
+    options = {"backend": "multiprocessing", "num_cpu_workers": 2, "deterministic": False, "task_size": 10}
+    stream = sp.from_iterable(_records()).map(doubled).set_processing(**options)
+    reference = sp.from_iterable(_records()).map(doubled).set_processing(task_size=10)
+    run_guarded(lambda: reference.write_parquet(f"{root}/reference", filesystem=fs, **LAYOUT), GUARD_S, "reference")
+    run_guarded(lambda: stream.write_parquet(f"{root}/out", filesystem=fs, **LAYOUT), GUARD_S, "unordered")
+    assert _memory_snapshot(fs, f"{root}/out") == _memory_snapshot(fs, f"{root}/reference")
 
 
 @pytest.mark.parametrize("make_fs", [pafs.LocalFileSystem, lambda: fsspec.filesystem("file")], ids=["pyarrow", "fsspec"])

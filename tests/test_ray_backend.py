@@ -14,9 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 import streamproc as sp
+from streamproc.backends.ray.actor_pool import release_warm_actors, warm_actor_names
 from streamproc.errors import RemoteTraceback
 from tests.hang_guard import run_guarded
-from tests.ray_cluster import wait_until_no_streamproc_actor
+from tests.ray_cluster import (
+    assert_no_actor_kept,
+    streamproc_actors,
+    wait_until_no_streamproc_actor,
+    wait_until_only_warm_actors,
+)
 from tests.ray_fakes import kill_in_forward
 from tests.retry_fakes import CrashAt, keep_records, plus_one_tensor, to_tensor
 from tests.utils import UserError, assert_same_as_simple, double, fn_raises, is_odd
@@ -35,9 +41,10 @@ def run(fn: Any, what: str) -> Any:
 
 @pytest.fixture(autouse=True)
 def no_actor_left_behind() -> Any:
-    """Every test ends with no streamproc actor alive on the cluster (whatever its exit path)."""
+    """Every test ends with no streamproc actor alive on the cluster but the warm ones kept by a
+    completed run (whatever its exit path; the fault tests check that none is kept)."""
     yield
-    assert wait_until_no_streamproc_actor() == []
+    assert wait_until_only_warm_actors() == []
 
 
 def numbers(n: int = 3000) -> sp.Stream:
@@ -97,6 +104,25 @@ def test_limit_same_as_simple() -> None:
     run(lambda: assert_same_as_simple(stream, **RAY), "limit on Ray")
 
 
+def test_a_completed_run_keeps_its_cpu_actors_warm_for_the_next_one() -> None:
+    release_warm_actors()
+    stream = numbers().map(lambda x: os.getpid())
+    first = set(run(lambda: stream.set_processing(**RAY).to_list(), "a first run on Ray"))
+    kept = warm_actor_names()
+    assert len(kept) == 2 and wait_until_only_warm_actors() == [] and sorted(streamproc_actors()) == sorted(kept)
+    second = set(run(lambda: stream.set_processing(**RAY).to_list(), "the same sizing again"))
+    assert second == first and len(first) == 2  # the same two actor processes ran both runs
+    assert warm_actor_names() == kept
+    # Another number of CPU workers: the warm set is killed, the new run's actors are kept instead.
+    assert run(lambda: numbers().map(double).set_processing(backend="ray", num_cpu_workers=1).to_list(), "1 actor") == [
+        2 * x for x in range(3000)
+    ]
+    assert len(warm_actor_names()) == 1 and not set(kept) & set(warm_actor_names())
+    assert wait_until_only_warm_actors() == []
+    assert release_warm_actors() == 1
+    assert wait_until_no_streamproc_actor() == []
+
+
 # -- faults ------------------------------------------------------------------------------------
 
 
@@ -110,6 +136,7 @@ def test_user_error_keeps_its_type_and_the_actor_traceback() -> None:
     assert "raise self.exc" in str(exc.__cause__) and "ray cpu worker" in str(exc.__cause__)
     notes = getattr(exc, "__notes__", [])
     assert any("task 12 reads items 1200 to 1299" in note for note in notes), notes
+    assert_no_actor_kept()  # the run took the warm actors (if any) and killed them
 
 
 def test_outputs_before_a_failed_task_come_out_first() -> None:
@@ -122,6 +149,7 @@ def test_outputs_before_a_failed_task_come_out_first() -> None:
     with pytest.raises(UserError):
         run(consume, "outputs before an error on Ray")
     assert outputs == list(range(1200))
+    assert_no_actor_kept()  # the run took the warm actors (if any) and killed them
 
 
 def test_killed_actor_raises_worker_crashed_error_naming_actor_and_node(tmp_path: Any) -> None:
@@ -130,6 +158,7 @@ def test_killed_actor_raises_worker_crashed_error_naming_actor_and_node(tmp_path
         run(stream.to_list, "killed actor on Ray")
     message = str(info.value)
     assert "ray cpu worker" in message and "node " in message and "15" in message.split("holding task(s)")[1], message
+    assert_no_actor_kept()  # the run took the warm actors (if any) and killed them
 
 
 def test_killed_actor_task_is_rerun_with_max_task_retries(tmp_path: Any) -> None:
@@ -156,6 +185,7 @@ def test_early_break_kills_the_actors() -> None:
         return taken
 
     assert run(take_two, "early break on Ray") == [0, 2]
+    assert_no_actor_kept()  # the run took the warm actors (if any) and killed them
 
 
 def test_garbage_collected_iterator_kills_the_actors() -> None:
@@ -167,6 +197,7 @@ def test_garbage_collected_iterator_kills_the_actors() -> None:
         return first
 
     assert run(first_then_drop, "GC on Ray") == 0
+    assert_no_actor_kept()  # the run took the warm actors (if any) and killed them
 
 
 def test_keyboard_interrupt_in_the_consumer_kills_the_actors() -> None:
@@ -176,6 +207,7 @@ def test_keyboard_interrupt_in_the_consumer_kills_the_actors() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         run(interrupted, "KeyboardInterrupt on Ray")
+    assert_no_actor_kept()  # the run took the warm actors (if any) and killed them
 
 
 def test_on_error_skip_same_as_other_backends() -> None:

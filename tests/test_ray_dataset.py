@@ -9,7 +9,7 @@ import pytest
 
 import streamproc as sp
 from tests.hang_guard import run_guarded
-from tests.ray_cluster import wait_until_no_streamproc_actor
+from tests.ray_cluster import wait_until_only_warm_actors
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
@@ -23,7 +23,7 @@ def test_from_ray_dataset_streams_its_rows_in_order_on_every_backend() -> None:
     assert stream.to_list() == [2 * i for i in range(500)]  # rerunnable: each run iterates the dataset anew
     out = run_guarded(lambda: stream.set_processing(backend="ray", num_cpu_workers=2).to_list(), RUN_TIMEOUT_S, "ray")
     assert out == [2 * i for i in range(500)]
-    assert wait_until_no_streamproc_actor() == []
+    assert wait_until_only_warm_actors() == []
 
 
 def test_to_ray_dataset_round_trip() -> None:

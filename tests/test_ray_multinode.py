@@ -15,7 +15,7 @@ import pytest
 
 import streamproc as sp
 from tests.hang_guard import run_guarded
-from tests.ray_cluster import OBJECT_STORE_BYTES, reconnect, wait_until_no_streamproc_actor
+from tests.ray_cluster import OBJECT_STORE_BYTES, reconnect, wait_until_only_warm_actors
 from tests.ray_fakes import tag_with_node
 
 pytestmark = [pytest.mark.ray]
@@ -41,7 +41,7 @@ def two_nodes(ray_session: Any) -> Iterator[Any]:
         ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         yield cluster
-        assert wait_until_no_streamproc_actor() == []
+        assert wait_until_only_warm_actors() == []
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -52,30 +52,28 @@ def plan_of(**options: Any) -> Any:
     return build_plan(stream.set_processing(**options))
 
 
-def test_sizing_oversubscribes_instead_of_waiting_for_cpus() -> None:
-    assert size_actors(plan_of(num_cpu_workers=2), free_cpus=8, cluster_gpus=0).cpus_per_cpu_worker == 1.0
-    assert size_actors(plan_of(num_cpu_workers=3), free_cpus=2, cluster_gpus=0).cpus_per_cpu_worker == 0.6666
-    assert size_actors(plan_of(num_cpu_workers=2), free_cpus=0, cluster_gpus=0).cpus_per_cpu_worker == 0.0
-    assert size_actors(plan_of(), free_cpus=6, cluster_gpus=0).num_cpu_workers == 6  # default: the free CPUs
+def test_sizing_cpu_workers_default_to_the_cluster_cpus() -> None:
+    assert size_actors(plan_of(num_cpu_workers=3), cluster_cpus=2, cluster_gpus=0).num_cpu_workers == 3
+    assert size_actors(plan_of(), cluster_cpus=6, cluster_gpus=0).num_cpu_workers == 6  # default: the cluster's CPUs
 
 
 def test_sizing_gpu_workers() -> None:
-    sizing = size_actors(plan_of(gpu=True, num_cpu_workers=2, num_gpu_workers=4), free_cpus=2, cluster_gpus=2)
-    assert sizing == ActorSizing(2, 1.0, (None, None, None, None), 0.5)
-    on_cpu = size_actors(plan_of(gpu=True, num_cpu_workers=1, gpu_worker_devices=["cpu"]), free_cpus=2, cluster_gpus=0)
+    sizing = size_actors(plan_of(gpu=True, num_cpu_workers=2, num_gpu_workers=4), cluster_cpus=2, cluster_gpus=2)
+    assert sizing == ActorSizing(2, (None, None, None, None), 0.5)
+    on_cpu = size_actors(plan_of(gpu=True, num_cpu_workers=1, gpu_worker_devices=["cpu"]), cluster_cpus=2, cluster_gpus=0)
     assert on_cpu.gpu_devices == ("cpu",) and on_cpu.gpus_per_gpu_worker == 0.0
     # No map_gpu stage: no GPU worker actor, whatever the options say.
-    assert size_actors(plan_of(num_gpu_workers=2), free_cpus=2, cluster_gpus=2).gpu_devices == ()
+    assert size_actors(plan_of(num_gpu_workers=2), cluster_cpus=2, cluster_gpus=2).gpu_devices == ()
 
 
 def test_gpu_workers_on_cuda_without_cluster_gpus_are_refused() -> None:
     with pytest.raises(ValueError, match="needs GPUs in the Ray cluster"):
-        size_actors(plan_of(gpu=True, num_gpu_workers=1), free_cpus=2, cluster_gpus=0)
+        size_actors(plan_of(gpu=True, num_gpu_workers=1), cluster_cpus=2, cluster_gpus=0)
 
 
 def test_device_groups_are_refused_on_ray() -> None:
     with pytest.raises(ValueError, match="device group"):
-        size_actors(plan_of(gpu=True, gpu_worker_devices=[("cpu", "cpu")]), free_cpus=2, cluster_gpus=2)
+        size_actors(plan_of(gpu=True, gpu_worker_devices=[("cpu", "cpu")]), cluster_cpus=2, cluster_gpus=2)
 
 
 def test_task_timeout_is_refused_at_run_start() -> None:

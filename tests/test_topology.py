@@ -187,6 +187,56 @@ def test_cuda_device_count_defaults_to_what_torch_sees(no_warnings, monkeypatch)
     assert resolve_gpu_devices(gpu_plan()) == []
 
 
+# -- device groups (model parallel: one GPU worker owns several devices) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"gpu_worker_devices": [("cuda:0", "cuda:1")]}, [("cuda:0", "cuda:1")]),
+        ({"gpu_worker_devices": [("cuda:0", "cuda:1")], "num_gpu_workers": 2}, [("cuda:0", "cuda:1")] * 2),
+        ({"gpu_worker_devices": ["cuda:0", ("cuda:1", "cuda:2")], "num_gpu_workers": 3},
+         ["cuda:0", ("cuda:1", "cuda:2"), "cuda:0"]),
+        ({"gpu_worker_devices": [("cpu", "cpu")]}, [("cpu", "cpu")]),
+    ],
+    ids=["one-group", "group-cycled", "mixed-cycled", "cpu-twice"],
+)
+def test_a_device_group_is_one_gpu_worker(no_warnings, options, expected):
+    assert resolve_gpu_devices(gpu_plan(**options), cuda_device_count=3) == expected
+
+
+@pytest.mark.parametrize(
+    ("group", "match"),
+    [
+        (("cuda:0", "cuda:3"), r"gpu_worker_devices: 'cuda:3' does not exist here: 3 CUDA devices are visible"),
+        (("cpu", "mps"), r"gpu_worker_devices: 'mps' is not available here"),
+        (("cuda:1", "cuda:1"), r"the group \('cuda:1', 'cuda:1'\) names cuda:1 twice: a group splits a model over distinct"),
+        (("cuda", "cuda:0"), r"names cuda:0 twice.*only 'cpu' may repeat"),
+    ],
+    ids=["unknown-cuda", "no-mps", "cuda-twice", "cuda-is-cuda0"],
+)
+def test_each_device_of_a_group_is_checked(monkeypatch, group, match):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match=match):
+        resolve_gpu_devices(gpu_plan(gpu_worker_devices=[group]), cuda_device_count=3, mps_available=False)
+
+
+def test_build_topology_counts_a_group_as_one_worker():
+    topology = build_topology(3, [("cuda:0", "cuda:1"), "cuda:2"])
+    assert topology.gpu_devices == (("cuda:0", "cuda:1"), "cuda:2")
+    assert topology.cycles == tuple(tuple(get_dispatch_schedule(cpu, 3, 2)) for cpu in range(3))
+
+
+def test_a_group_of_cuda_devices_is_never_forked(monkeypatch):
+    from streamproc.backends.multiprocessing.backend import pool_for
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    pool = pool_for(gpu_plan(gpu_worker_devices=[("cuda:0", "cuda:1")], num_cpu_workers=1))
+    assert pool.topology.gpu_devices == (("cuda:0", "cuda:1"),)
+    assert pool.gpu_start_method != "fork"
+
+
 # -- build_topology, channels, peers_of_gpu --------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 It is the reference: every other backend's deterministic output must equal its output.
 ``forward`` of ``map_gpu`` stages runs here too, on the first of ``gpu_worker_devices`` if
-given, else on CUDA when available, else on the CPU.
+given (a device group: the model split over its devices, in this process), else on CUDA when
+available, else on the CPU.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING
 from ..errors import add_context_note
 from ..execution.context import ExecutionContext
 from ..execution.task import Task, TaskOutput, iter_selected_payloads, run_task
-from ..execution.timing import timed_payloads
-from ..gpu.availability import check_devices_exist
+from ..execution.timing import StageTimer, timed_payloads
+from ..gpu.availability import check_device_specs
+from ..gpu.model_cache import ModelSettings
 from ..plan import Plan
 from ..stats import RunStats
 from .base import Backend, RunHandle
@@ -28,7 +30,8 @@ def forward_context(plan: Plan, where: str) -> ExecutionContext:
     options = plan.options
     devices = options.gpu_worker_devices
     return ExecutionContext(
-        where, device=devices[0] if devices else None, autocast=options.autocast, torch_threads=options.forward_threads
+        where, device=devices[0] if devices else None, autocast=options.autocast, torch_threads=options.forward_threads,
+        models=ModelSettings.from_options(options),
     )
 
 
@@ -50,10 +53,10 @@ def refuse_task_timeout(plan: Plan, backend: str) -> None:
 
 
 def check_forward_device(plan: Plan) -> None:
-    """Raises ``ValueError`` now if ``forward`` would run on a device this machine lacks."""
+    """Raises ``ValueError`` now if ``forward`` would run on a device (of a group) this machine lacks."""
     devices = plan.options.gpu_worker_devices
     if plan.has_gpu_stage and devices:
-        check_devices_exist(devices[:1])
+        check_device_specs(devices[:1])
 
 
 class SimpleBackend(Backend):
@@ -71,12 +74,19 @@ class SimpleBackend(Backend):
     def _outputs(self, plan: Plan, sink: Sink, stats: RunStats) -> Generator[TaskOutput, None, None]:
         ctx = forward_context(plan, "main process")
         finalize = sink.finalizer()
+        timer = StageTimer(plan, ctx)  # sums the tasks' stage figures: nothing built per task
         task_index, key = 0, 0
         try:
             for key, payload in timed_payloads(iter_selected_payloads(plan), stats.main):
-                yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize)
+                yield from run_task(plan, Task(task_index, payload, key=key), ctx, finalize, timer)
                 task_index += 1
                 key += 1  # a failure of the source is while producing the next task
         except Exception as exc:
             add_context_note(exc, f"streamproc: while running task {key} in the main process (simple backend)")
             raise
+        finally:
+            if ctx.local_forwards is not None:  # swaps under gpu_memory_budget
+                ctx.local_forwards.add_swap_stats(stats.main)
+        rest = timer.take()
+        if rest is not None:
+            stats.add_task(rest)

@@ -37,8 +37,9 @@ from ..execution.context import ExecutionContext
 from ..execution.dispatch import SourceFailed, TaskDispatcher
 from ..execution.reorder import ReorderBuffer
 from ..execution.task import ChunkFinalizer, Task, TaskOutput, iter_selected_payloads, run_task
-from ..execution.timing import timed_payloads
+from ..execution.timing import StageTimer, timed_payloads
 from ..gpu.forward import set_torch_threads, shared_forward_runners
+from ..gpu.model_cache import ModelSettings
 from ..ops import stage_running_in
 from ..plan import Plan
 from ..stats import ProcessStats, RunStats
@@ -94,7 +95,9 @@ class _ThreadRun:
         payloads = timed_payloads(iter_selected_payloads(plan), stats.main)  # a generator: reads nothing yet
         self.dispatcher = TaskDispatcher(payloads, num_threads, MAX_TASKS_IN_FLIGHT_PER_THREAD, window)
         self.results: queue.Queue[_Message] = queue.Queue(RESULT_QUEUE_CHUNKS_PER_THREAD * num_threads)
-        self.forward_runners = shared_forward_runners(plan.options.gpu_worker_devices, plan.options.autocast)
+        self.forward_runners = shared_forward_runners(
+            plan.options.gpu_worker_devices, plan.options.autocast, ModelSettings.from_options(plan.options)
+        )
         self.stopping = threading.Event()
         #: The task each thread runs (None: between tasks, or reading the source).
         self.running: list[Optional[int]] = [None] * num_threads
@@ -102,6 +105,8 @@ class _ThreadRun:
             threading.Thread(target=self._work, args=(i,), name=f"streamproc-thread-{i}", daemon=True) for i in range(num_threads)
         ]
         self.thread_stats = [ProcessStats(f"thread {thread.name}", "thread") for thread in self.threads]
+        #: Each thread's stage timer (made by the thread): its figures are added at shutdown.
+        self.timers: list[Optional[StageTimer]] = [None] * num_threads
         self._started = time.perf_counter()
         self._shutdown_lock = threading.Lock()
         self._is_shut_down = False
@@ -167,6 +172,7 @@ class _ThreadRun:
             # worker process unpickles): a source may cache a file handle that one thread at a
             # time can use (ParquetSource keeps its last ParquetFile open).
             plan = dataclasses.replace(self.plan, source=copy.copy(self.plan.source))
+            timer = self.timers[worker] = StageTimer(plan, ctx)
             own = self.thread_stats[worker]
             while True:
                 waited = time.perf_counter()
@@ -182,7 +188,7 @@ class _ThreadRun:
                     break
                 self.running[worker] = task.index
                 try:
-                    self._run_task(plan, task, ctx, name)
+                    self._run_task(plan, task, ctx, name, timer)
                 finally:
                     self.running[worker] = None
                     self.dispatcher.task_finished(worker)
@@ -191,8 +197,8 @@ class _ThreadRun:
         finally:
             self._put(_ThreadExited(error))
 
-    def _run_task(self, plan: Plan, task: Task, ctx: ExecutionContext, name: str) -> None:
-        outputs = cast(Generator[TaskOutput, None, None], run_task(plan, task, ctx, self.finalize))
+    def _run_task(self, plan: Plan, task: Task, ctx: ExecutionContext, name: str, timer: StageTimer) -> None:
+        outputs = cast(Generator[TaskOutput, None, None], run_task(plan, task, ctx, self.finalize, timer))
         own = self.thread_stats[self.threads.index(threading.current_thread())]
         try:
             for output in outputs:
@@ -246,9 +252,14 @@ class _ThreadRun:
             self.results.get_nowait()
         self._restore_torch_threads()
         wall = time.perf_counter() - self._started
-        for own in self.thread_stats:
+        for own, timer, thread in zip(self.thread_stats, self.timers, self.threads):
             own.wall_seconds = wall
             self.stats.add_process(own)
+            # What the thread's tasks measured since its last output with stats (not a thread left running).
+            rest = timer.take() if timer is not None and not thread.is_alive() else None
+            if rest is not None:
+                self.stats.add_task(rest)
+        self.forward_runners.add_swap_stats(self.stats.main)  # swaps under gpu_memory_budget
 
 
 class ThreadsBackend(Backend):

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 from .worker_info import BASE_SEED, WorkerInfo, WorkerKind, task_seed
 
 if TYPE_CHECKING:
+    from ..gpu.forward import LocalForwardRunners
+    from ..gpu.model_cache import ModelSettings
+    from ..gpu.placement import DeviceSpec
     from ..ops import WorkerClass
     from ..plan import Plan, Stage
     from .error_policy import ErrorPolicy
@@ -46,7 +49,8 @@ class ExecutionContext:
         where: names the process in error messages, e.g. ``"main process"`` or ``"cpu worker 2"``.
         make_forward_runner: builds the runner for a ``map_gpu`` stage; by default forward runs
             in this process (see :class:`streamproc.gpu.LocalForwardRunner`).
-        device: where an in-process forward runs (None: CUDA when available, else the CPU).
+        device: where an in-process forward runs (None: CUDA when available, else the CPU); a
+            group of devices splits the models over them (:mod:`streamproc.gpu.placement`).
         autocast: the ``set_processing(autocast=...)`` value.
         torch_threads: torch's intra-op thread count while ``forward`` runs here (None: leave it).
         kind: the kind of worker this context serves, for :func:`streamproc.get_worker_info`
@@ -55,18 +59,20 @@ class ExecutionContext:
         forward_here: with ``make_forward_runner``, whether the runners it makes run forward in
             this process, on ``device`` (the threads backend's shared runners) rather than
             sending batches elsewhere (GPU workers); for :attr:`WorkerInfo.device`.
+        models: ``gpu_memory_budget`` and ``model_dtype`` for forward run in this process.
     """
 
     def __init__(
         self,
         where: str = "main process",
         make_forward_runner: Optional[ForwardRunnerFactory] = None,
-        device: Optional[str] = None,
+        device: Optional[DeviceSpec] = None,
         autocast: Any = None,
         torch_threads: Optional[int] = None,
         kind: WorkerKind = "main",
         index: int = 0,
         forward_here: bool = False,
+        models: Optional[ModelSettings] = None,
     ) -> None:
         self.where = where
         self.device = device
@@ -80,6 +86,9 @@ class ExecutionContext:
         self.index = index
         self._forward_here = forward_here or make_forward_runner is None
         self._resolved_device: Optional[tuple[Optional[str]]] = None
+        self.models = models
+        #: The in-process runners' factory and model cache, made at the first ``map_gpu`` stage.
+        self.local_forwards: Optional[LocalForwardRunners] = None
 
     def instance(self, stage: Stage, role: str, spec: WorkerClass) -> Callable[..., Any]:
         """The instance of ``spec``'s class for ``role`` of ``stage``, constructed on first use.
@@ -107,8 +116,9 @@ class ExecutionContext:
             device: Optional[str] = None
             if plan.has_gpu_stage and self._forward_here:
                 from ..gpu.device import default_device
+                from ..gpu.placement import first_device
 
-                device = self.device or default_device()
+                device = first_device(self.device) if self.device else default_device()
             self._resolved_device = (device,)
         return self._resolved_device[0]
 
@@ -119,11 +129,10 @@ class ExecutionContext:
             if self._make_forward_runner is not None:
                 runner = self._make_forward_runner(stage)
             else:
-                from ..gpu import DeviceForward, LocalForwardRunner
+                if self.local_forwards is None:
+                    from ..gpu.forward import LocalForwardRunners
 
-                op: Any = stage.op
-                runner = LocalForwardRunner(
-                    DeviceForward(op.forward, self.device, self.autocast, stage.name, op.batch_size, self.torch_threads)
-                )  # a forward class (WorkerClass) is constructed by DeviceForward.start, here
+                    self.local_forwards = LocalForwardRunners(self.device, self.autocast, self.torch_threads, self.models)
+                runner = self.local_forwards(stage)
             self._runners[stage.index] = runner
         return runner

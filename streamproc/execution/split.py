@@ -17,12 +17,13 @@ from ..plan import Plan, Stage
 
 @dataclass(frozen=True)
 class ForwardStage:
-    """What a GPU worker needs of one ``map_gpu`` stage: its index, name, forward and batch size."""
+    """What a GPU worker needs of one ``map_gpu`` stage: its index, name, forward, batch size and ``place`` hook."""
 
     index: int
     name: str
     forward: Any
     batch_size: Any
+    place: Any = None
 
 
 def _forward_runs_on_gpu_workers(batch: Any) -> Any:
@@ -41,7 +42,7 @@ def split_plan(plan: Plan) -> tuple[Plan, dict[int, ForwardStage]]:
         op = stage.op
         if isinstance(op, MapGPU):
             assert isinstance(op, BatchedOp)
-            forwards[stage.index] = ForwardStage(stage.index, stage.name, op.forward, op.batch_size)
-            stage = Stage(stage.index, stage.name, dataclasses.replace(op, forward=_forward_runs_on_gpu_workers))
+            forwards[stage.index] = ForwardStage(stage.index, stage.name, op.forward, op.batch_size, op.place)
+            stage = Stage(stage.index, stage.name, dataclasses.replace(op, forward=_forward_runs_on_gpu_workers, place=None))
         cpu_stages.append(stage)
     return dataclasses.replace(plan, stages=tuple(cpu_stages)), forwards

@@ -8,7 +8,7 @@ and no thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -16,8 +16,8 @@ from ..errors import add_context_note
 from ..ops import _tagged
 from ..stats import TaskStats
 from .error_policy import RECORDS_IN_KEY, ErrorPolicy, make_policy
-from .timing import TaskTimer, timed_finalize
-from .worker_info import running_as
+from .timing import StageTimer, timed_finalize
+from .worker_info import TaskInfo, reset_current, set_current
 
 if TYPE_CHECKING:
     from ..plan import Plan
@@ -55,7 +55,9 @@ class TaskOutput:
 
     ``chunk`` is a list of ``count`` records, or what the sink's ``finalize`` made of them
     where the task ran (an Arrow table, JSON text, nothing for a sink that wrote them there).
-    A task's chunks come in order; ``last`` marks its final one, which carries ``stats``.
+    A task's chunks come in order; ``last`` marks its final one, which may carry ``stats``:
+    the task's own (:func:`run_task` without a timer), or the sums of the tasks its process
+    ran since it last sent them (see :class:`~streamproc.execution.timing.StageTimer`).
     A task with no output yields one ``TaskOutput`` with ``chunk=None`` and ``count=0``.
     ``task_key`` is the task's key in the whole stream (see :class:`Task`; None: the index).
     ``errors`` are the records the error policy dropped in this chunk (dead-letter rows).
@@ -77,22 +79,25 @@ def iter_task_records(
     plan: Plan,
     payload: Any,
     ctx: ExecutionContext,
-    timer: Optional[TaskTimer] = None,
+    timer: Optional[StageTimer] = None,
 ) -> Iterator[list[Any]]:
     """Streams the output records of one task, in lists (source read included).
 
-    With a ``timer``, the source and every stage are timed once per chunk (see
-    :mod:`.timing`), the source's records counted; the stages then see the timer's context,
-    whose forward runners are timed.
+    The source's chunks and every stage's output run inside a generator that tags an error
+    with the stage it came from (:func:`~streamproc.ops._tagged`); with a ``timer``, the same
+    generator times and counts them once per chunk (see :mod:`.timing`), and the stages see
+    the timer's context, whose forward runners are timed.
     """
-    chunks: Iterator[list[Any]] = _tagged(plan.source.read_task_chunks(payload, plan.chunk_size), "the source")
-    if timer is not None:
-        chunks = timer.wrap(chunks)
-        ctx = timer.ctx
-    for stage in plan.stages:
-        chunks = stage.op.apply(chunks, ctx, stage)
-        if timer is not None:
-            chunks = timer.wrap(chunks)
+    source = plan.source.read_task_chunks(payload, plan.chunk_size)
+    if timer is None:
+        chunks: Iterator[list[Any]] = _tagged(source, "the source")
+        for stage in plan.stages:
+            chunks = _tagged(stage.op.apply(chunks, ctx, stage), stage.name)
+        return chunks
+    chunks = timer.wrap(source, 0, "the source")
+    ctx = timer.ctx
+    for layer, stage in enumerate(plan.stages, 1):
+        chunks = timer.wrap(stage.op.apply(chunks, ctx, stage), layer, stage.name)
     return chunks
 
 
@@ -101,8 +106,8 @@ def iter_task_chunks(
     payload: Any,
     ctx: ExecutionContext,
     finalize: Optional[ChunkFinalizer] = None,
-    timer: Optional[TaskTimer] = None,
-) -> Iterator[tuple[Any, int]]:
+    timer: Optional[StageTimer] = None,
+) -> Generator[tuple[Any, int], None, None]:
     """Runs one task and yields ``(chunk, record_count)`` pairs.
 
     Small output lists (after a filter, or per batch) are merged until they hold at least
@@ -126,41 +131,76 @@ def iter_task_chunks(
         yield (finalize(pending) if finalize is not None else pending), len(pending)
 
 
-def run_task(plan: Plan, task: Task, ctx: ExecutionContext, finalize: Optional[ChunkFinalizer] = None) -> Iterator[TaskOutput]:
+def run_task(
+    plan: Plan,
+    task: Task,
+    ctx: ExecutionContext,
+    finalize: Optional[ChunkFinalizer] = None,
+    timer: Optional[StageTimer] = None,
+) -> Iterator[TaskOutput]:
     """Runs ``task`` and yields its :class:`TaskOutput` chunks, the last one with ``last=True``.
 
     One chunk is held back so that the last can be marked; an exception propagates after
-    the chunks completed before it (marked ``last=False``) were yielded. The last chunk
-    carries the task's :class:`~streamproc.stats.TaskStats` (stage times, measured here);
-    every chunk the number of source records read since the previous one (progress).
+    the chunks completed before it (marked ``last=False``) were yielded. Every chunk carries
+    the number of source records read since the previous one (progress).
+
+    Stats: the stages are timed by ``timer``, the :class:`StageTimer` of the process or
+    thread running the task, which sums its tasks' figures; the last chunk carries them when
+    they are due (:meth:`StageTimer.take_if_due`). Without a timer, the task gets its own and
+    its last chunk always carries the task's :class:`~streamproc.stats.TaskStats`.
 
     With ``on_error`` other than ``"raise"``, the task's :class:`ErrorPolicy` is
     ``ctx.error_policy`` while it runs; each chunk carries the errors recorded until it was
-    yielded, and the last one ``stats.extra["records_in"]`` (records the source produced) with
-    a fractional ``max_errors``. While its ops run, ``sp.get_worker_info()`` gives the context's
-    worker and the task's seed (:mod:`.worker_info`).
+    yielded, and, with a fractional ``max_errors``, the last one carries the task's own stats
+    with ``stats.extra["records_in"]`` (records the source produced). While its ops run,
+    ``sp.get_worker_info()`` gives the context's worker and the task's seed (:mod:`.worker_info`).
     """
     policy = ctx.error_policy = make_policy(plan.options, plan.source, task.payload, task.task_key)
-    timer = TaskTimer(plan, ctx)
+    own_stats = timer is None or (policy is not None and policy.counts_records)
+    if own_stats:
+        timer = StageTimer(plan, ctx)
+    assert timer is not None
+    timer.begin_task()
     previous: Optional[tuple[Any, int]] = None
-    info = ctx.worker_info(plan, task.task_key)
+    info = TaskInfo(ctx.worker_info, plan, task.task_key)
+    chunks = iter_task_chunks(plan, task.payload, ctx, finalize, timer)
+    # The info is current while the task's code runs (inside the loop's next()), never while
+    # an output is handed on; a ``for`` loop: the chunks' end raises no StopIteration here.
+    token, current = set_current(info), True
     try:
-        for chunk, count in running_as(iter_task_chunks(plan, task.payload, ctx, finalize, timer), info):
+        for chunk, count in chunks:
+            reset_current(token)
+            current = False
             if previous is not None:
                 yield _output(task, previous, policy, False, timer.take_source_records())
             previous = (chunk, count)
-    except GeneratorExit:  # the consumer closed us: nothing more may be yielded
+            token, current = set_current(info), True
+    except GeneratorExit:  # the consumer closed us (at a yield): nothing more may be yielded
+        token = set_current(info)  # the ops' clean-up may run user code
+        try:
+            chunks.close()
+        finally:
+            reset_current(token)
         raise
     except BaseException as exc:
+        if current:  # raised inside the task's code
+            reset_current(token)
         if isinstance(exc, Exception):
             add_context_note(exc, task_location_note(plan, task))
         if previous is not None:
             yield _output(task, previous, policy, False, timer.take_source_records())
         raise
-    stats = timer.stats()
-    if policy is not None and policy.counts_records and stats is not None:
-        stats.extra[RECORDS_IN_KEY] = timer.source_records
-    yield _output(task, previous if previous is not None else (None, 0), policy, True, timer.take_source_records(), stats)
+    reset_current(token)
+    source_records = timer.take_source_records()
+    timer.end_task()
+    if own_stats:
+        records_in = timer.task_source_records
+        stats = timer.take()
+        if policy is not None and policy.counts_records and stats is not None:
+            stats.extra[RECORDS_IN_KEY] = records_in
+    else:
+        stats = timer.take_if_due()
+    yield _output(task, previous if previous is not None else (None, 0), policy, True, source_records, stats)
 
 
 def _output(

@@ -11,9 +11,12 @@ GPU worker. No global mutable state beyond the context variable.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, Optional, TypeVar
+from typing import TYPE_CHECKING, Literal, Optional, TypeVar, Union
+
+if TYPE_CHECKING:
+    from ..plan import Plan
 
 T = TypeVar("T")
 
@@ -27,7 +30,9 @@ BASE_SEED = 0x5EED
 
 _MASK64 = (1 << 64) - 1
 
-_current: contextvars.ContextVar[Optional[WorkerInfo]] = contextvars.ContextVar("streamproc_worker_info", default=None)
+_current: contextvars.ContextVar[Optional[Union[WorkerInfo, TaskInfo]]] = contextvars.ContextVar(
+    "streamproc_worker_info", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,8 @@ class WorkerInfo:
             GPU worker, which serves batches of tasks and does not know the plan's shard).
         device: the device ``forward`` runs on in this process (``"cpu"``, ``"cuda:0"``...), or
             None where forward does not run here (a CPU worker that sends batches to GPU
-            workers, or a stream without ``map_gpu``).
+            workers, or a stream without ``map_gpu``). A worker owning a device group (model
+            parallel) reports the group's first device, where its inputs arrive.
         seed: a 63-bit seed derived from the current task's key (its number in the whole
             stream, :attr:`~streamproc.execution.task.Task.task_key`) and a base seed: the same
             task gets the same seed on any backend and any worker count. None in a GPU worker,
@@ -55,6 +61,42 @@ class WorkerInfo:
     device: Optional[str]
     seed: Optional[int]
     task_key: Optional[int] = None
+
+
+class TaskInfo:
+    """The :class:`WorkerInfo` of one task, built on first use: ``make(plan, task_key)``.
+
+    Runs where the task runs; ``make`` is the context's
+    :meth:`~streamproc.execution.context.ExecutionContext.worker_info`.
+    """
+
+    __slots__ = ("_info", "_make", "_plan", "_task_key")
+
+    def __init__(self, make: Callable[[Plan, int], WorkerInfo], plan: Plan, task_key: int) -> None:
+        self._make = make
+        self._plan = plan
+        self._task_key = task_key
+        self._info: Optional[WorkerInfo] = None
+
+    def resolve(self) -> WorkerInfo:
+        info = self._info
+        if info is None:
+            info = self._info = self._make(self._plan, self._task_key)
+        return info
+
+
+#: What the context variable holds: a process's info (GPU worker), or a task's, built on first use.
+CurrentInfo = Union[WorkerInfo, TaskInfo]
+
+
+def set_current(info: CurrentInfo) -> contextvars.Token[Optional[CurrentInfo]]:
+    """Makes ``info`` current (until :func:`reset_current` of the token returned)."""
+    return _current.set(info)
+
+
+def reset_current(token: contextvars.Token[Optional[CurrentInfo]]) -> None:
+    """Restores what was current before the :func:`set_current` that returned ``token``."""
+    _current.reset(token)
 
 
 def task_seed(task_key: int, base_seed: int = BASE_SEED) -> int:
@@ -86,6 +128,8 @@ def get_worker_info() -> WorkerInfo:
             iterating over a stream's outputs).
     """
     info = _current.get()
+    if isinstance(info, TaskInfo):
+        return info.resolve()
     if info is None:
         raise RuntimeError(
             "sp.get_worker_info() is only valid inside a running op (a map, filter, map_batches or "
@@ -96,10 +140,11 @@ def get_worker_info() -> WorkerInfo:
 
 def current_worker_info() -> Optional[WorkerInfo]:
     """The current info, or None outside a running op (for streamproc's own code)."""
-    return _current.get()
+    info = _current.get()
+    return info.resolve() if isinstance(info, TaskInfo) else info
 
 
-def running_as(it: Iterator[T], info: WorkerInfo) -> Iterator[T]:
+def running_as(it: Iterator[T], info: CurrentInfo) -> Iterator[T]:
     """Yields from ``it`` with ``info`` current during each of its ``next()`` calls (not between).
 
     Two context-variable operations per item (a task's chunk): never per record. Closing this

@@ -1,7 +1,8 @@
 """Whether the devices a stream asks for exist on this machine (main process, before anything starts).
 
 torch is imported only when a CUDA or MPS device is named: a "cpu" device never imports it.
-Every backend that runs ``forward`` checks its devices here, before any worker starts.
+Every backend that runs ``forward`` checks its devices here, before any worker starts
+(:func:`check_device_specs` for ``gpu_worker_devices`` entries, device groups included).
 """
 
 from __future__ import annotations
@@ -9,6 +10,38 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from typing import Optional
+
+from ..options import DeviceSpec, device_names
+
+
+def check_device_specs(
+    specs: Sequence[DeviceSpec], cuda_device_count: Optional[int] = None, mps_available: Optional[bool] = None
+) -> None:
+    """Raises ``ValueError`` naming ``gpu_worker_devices`` if a device, or a device of a group, is bad here.
+
+    Each device of a group must exist (see :func:`check_devices_exist`), and a group must not
+    name a device twice (``"cuda"`` is ``"cuda:0"``), except ``"cpu"``: ``("cpu", "cpu")``
+    stands in for two devices in tests and on machines without accelerators.
+
+    >>> check_device_specs(["cpu", ("cpu", "cpu"), ("cuda:0", "cuda:1")], cuda_device_count=2)
+    >>> check_device_specs([("cuda", "cuda:0")], cuda_device_count=2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: gpu_worker_devices: the group ('cuda', 'cuda:0') names cuda:0 twice...
+    """
+    for spec in specs:
+        if isinstance(spec, str):
+            continue
+        seen: set[str] = set()
+        for device in spec:
+            name = "cuda:0" if device == "cuda" else device
+            if name in seen and name != "cpu":
+                raise ValueError(
+                    f"gpu_worker_devices: the group {spec!r} names {name} twice: a group splits a model over distinct "
+                    "devices; only 'cpu' may repeat (a stand-in for several devices, e.g. in tests)"
+                )
+            seen.add(name)
+    check_devices_exist(device_names(tuple(specs)), cuda_device_count, mps_available)
 
 
 def check_devices_exist(

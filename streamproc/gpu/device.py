@@ -25,21 +25,22 @@ def default_device() -> str:
     return torchrun_local_device() or "cuda"
 
 
-def map_tensors(obj: Any, fn: Callable[[Any], Any]) -> Any:
-    """Applies ``fn`` to every tensor (numpy arrays become tensors first) in a dict/list/tuple nesting."""
+def map_tensors(obj: Any, fn: Callable[[Any], Any], from_numpy: bool = True) -> Any:
+    """Applies ``fn`` to every tensor in a dict/list/tuple nesting; numpy arrays become tensors
+    first unless ``from_numpy=False`` (then they, like every other leaf, are left as they are)."""
     import numpy as np
     import torch
 
-    if isinstance(obj, np.ndarray) and obj.dtype != object:
+    if from_numpy and isinstance(obj, np.ndarray) and obj.dtype != object:
         obj = torch.from_numpy(obj)
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
+        return {k: map_tensors(v, fn, from_numpy) for k, v in obj.items()}
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(map_tensors(v, fn) for v in obj))
+        return type(obj)(*(map_tensors(v, fn, from_numpy) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(v, fn) for v in obj)
+        return type(obj)(map_tensors(v, fn, from_numpy) for v in obj)
     return obj
 
 

@@ -83,11 +83,25 @@ class Source(ABC):
         a source over files returns their paths, sizes and layout."""
         return None
 
+    def check_stable_order(self, what: str) -> None:
+        """Raises ``ValueError`` if a rerun may see the records in another order, which ``what``
+        (``"write_parquet(resume=True)"``: it skips tasks by number) cannot allow (main process).
+        The default accepts: files and in-memory data keep their order; ``read_sql`` refuses a
+        query without an ``ORDER BY``."""
+        return None
+
     def num_records(self) -> Optional[int]:
         """How many records the source holds, if it knows without reading them (main process);
         None: unknown. Progress uses it as its total; override where it is cheap (a length, file
         metadata)."""
         return None
+
+    def num_tasks(self, task_size: int) -> Optional[int]:
+        """How many tasks of ``task_size`` records it gives, if known without reading (main
+        process); None: unknown. Sources whose tasks are not ``task_size`` records (parquet row
+        groups) override it."""
+        records = self.num_records()
+        return None if records is None else -(-records // task_size)
 
     @abstractmethod
     def describe(self) -> str:

@@ -192,6 +192,10 @@ class ParquetSource(ChunkedSource):
         footer raises here the ``CorruptInputError`` that listing the tasks would raise."""
         return sum(sum(self._read_footer(path).row_group_rows) for path in self.files)
 
+    def num_tasks(self, task_size: int) -> int:
+        """One task per row group, counted from the footers (main process)."""
+        return sum(len(self._read_footer(path).row_group_rows) for path in self.files)
+
     def describe(self) -> str:
         cols = f", columns={self.columns}" if self.columns is not None else ""
         return f"read_parquet({self.path_text!r}{cols}: {len(self.files)} file(s))"

@@ -11,7 +11,8 @@ rank's files in the output directory (its manifest, and the parts of the groups 
 * :meth:`ParquetOutput.start` clears what is not committed (``overwrite``: every file of this
   rank; ``resume``: in-progress files and part files the manifest does not list);
 * parts are written either here (:meth:`write`, outputs in task order) or in the CPU workers
-  (:mod:`.worker_parts`; :meth:`record` takes their manifest entries);
+  (:mod:`.worker_parts`; :meth:`record` takes their manifest entries, in task order when
+  ``deterministic``);
 * :meth:`commit` gives every part the run's final schema (rewriting, row group by row group,
   the parts written before a field got its type) and lists the part files in task order.
 
@@ -103,11 +104,7 @@ class ParquetOutput:
         self.selection = dataclasses.replace(selection, tasks_per_group=group_size)
         self.settings = PartSettings(self.directory, group_size, self.row_group_size, schema=self.user_schema)
         self.manifest_name = manifest_name(selection.rank, selection.world_size)
-        if in_workers and self.directory.is_per_process():
-            raise ValueError(
-                "write_parquet: a memory filesystem lives in one process: with deterministic=False the "
-                "CPU workers write the parts; use deterministic=True (the main process writes) or a shared filesystem"
-            )
+        assert not (in_workers and self.directory.is_per_process()), "a memory filesystem is written by the main process"
         kind = self.directory.kind()
         if kind == "file":
             raise FileExistsError(f"write_parquet: {self.directory.describe()!r} is a file; give a directory path")
@@ -115,6 +112,8 @@ class ParquetOutput:
             "task_size": plan.task_size, "rows_per_file": self.rows_per_file, "row_group_size": self.row_group_size,
             "tasks_per_group": group_size, "rank": selection.rank, "world_size": selection.world_size,
         }
+        if self.resume:
+            plan.source.check_stable_order("write_parquet(resume=True)")
         fingerprint = plan.source.fingerprint()
         names = self.directory.names()
         existing = load_manifest(self.directory, self.manifest_name) if self.resume else None
@@ -244,15 +243,22 @@ class ParquetOutput:
         return [self.directory.join(name) for name in self.manifest.part_files()]
 
     def abort(self) -> None:
-        """Drops the part in progress and the workers' in-progress files (committed parts stay)."""
+        """Drops the part in progress, the workers' in-progress files and the parts they completed
+        that the manifest does not list (committed parts stay).
+
+        Runs after the backend stopped every worker. A part a worker completed after the part
+        that failed (or whose entry had not reached the manifest) is not committed: dropping it
+        leaves the committed parts only, as the simple backend would (``start`` of a resume
+        would drop it too)."""
         part, self._part = self._part, None
         try:
             if part is not None:
                 part.abort()
         finally:
+            committed = set(self.manifest.part_files()) if self.manifest is not None else set()
             for name in self.directory.names():
                 parsed = parse_part_name(name)
-                if parsed is not None and parsed[1] and self._owns(name):
+                if parsed is not None and (parsed[1] or name not in committed) and self._owns(name):
                     self.directory.delete(name)
 
     def worker_writers(self) -> WorkerParquetSink:

@@ -40,7 +40,6 @@ from .error_ledger import dead_letter_mode_of, open_error_ledger, output_dir_of,
 if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..execution.task import ChunkFinalizer, TaskOutput
-    from ..options import ProcessingOptions
     from ..plan import Plan
     from ..stats import RunStats
 
@@ -56,7 +55,7 @@ class WorkerWriters(Protocol):
     def open_in_worker(self, worker_index: int) -> Any:
         """The writer of worker ``worker_index`` (runs in that worker).
 
-        The writer's ``run_group(plan, task, ctx)`` runs each dispatched task there, yielding
+        The writer's ``run_group(plan, task, ctx, timer)`` runs each dispatched task there, yielding
         its ``TaskOutput``s (what travels back), ``close() -> (paths, rows)`` completes it,
         ``abort()`` drops it.
         """
@@ -76,8 +75,8 @@ class Sink(ABC):
         """A picklable ``records -> chunk`` function run where each task runs (None: lists)."""
         return None
 
-    def wants_workers(self, options: ProcessingOptions) -> bool:
-        """Whether this sink would write inside the workers with these options, if the backend can."""
+    def wants_workers(self, plan: Plan) -> bool:
+        """Whether this sink would write inside the workers for this plan, if the backend can."""
         return False
 
     def worker_writers(self) -> WorkerWriters:
@@ -122,10 +121,17 @@ class _RecordsSink(Sink):
         raise AssertionError("iteration reads outputs from the run handle")
 
 
+def _default_cpu_workers(plan: Plan) -> int:
+    """The CPU worker count the multiprocessing backend would start for ``plan`` (main process)."""
+    from ..backends.multiprocessing.cpu_budget import default_num_cpu_workers
+
+    return default_num_cpu_workers(plan.options.effective_gpu_workers)
+
+
 def _backend_for(plan: Plan, sink: Sink) -> Backend:
     """The plan's backend, with ``sink.in_workers`` decided from its capabilities."""
     backend = get_backend(plan.options.effective_backend)
-    sink.in_workers = sink.wants_workers(plan.options) and backend.capabilities.writes_in_workers
+    sink.in_workers = sink.wants_workers(plan) and backend.capabilities.writes_in_workers
     return backend
 
 
@@ -225,10 +231,13 @@ class JsonlSink(Sink):
 class ParquetSink(Sink):
     """``write_parquet``: records become Arrow tables where produced, parts follow the part layout.
 
-    The main process writes the parts (outputs in task order) unless ``deterministic=False`` on
-    a backend that can write in its workers: then each CPU worker writes whole parts and only
-    their manifest entries come back. See :mod:`.parquet_writer` for the directory, the
-    manifest and resume. :meth:`prepare` must run (main process) before :func:`run_into`.
+    On a backend that can write in its workers (multiprocessing), each CPU worker writes whole
+    parts and only their manifest entries come back, in task order when ``deterministic``
+    (:mod:`.worker_parts`). The main process writes the parts (outputs in task order) on the
+    other backends and, with ``deterministic=True``, when the run replaces dead workers
+    (``max_task_retries``, ``task_timeout``) or the filesystem lives in one process. See
+    :mod:`.parquet_writer` for the directory, the manifest and resume. :meth:`prepare` must run
+    (main process) before :func:`run_into`.
     """
 
     def __init__(
@@ -244,6 +253,7 @@ class ParquetSink(Sink):
         from .parquet_writer import ParquetOutput
 
         self.output = ParquetOutput(path, overwrite, resume, schema, rows_per_file, row_group_size, filesystem)
+        self._enough_groups: Optional[bool] = None  # see _a_part_group_per_worker
         self.schema = schema
         self.dead_letter_mode = "resume" if resume else "overwrite" if overwrite else "new"
 
@@ -256,10 +266,37 @@ class ParquetSink(Sink):
         """
         import dataclasses
 
-        capable = get_backend(plan.options.effective_backend).capabilities.writes_in_workers
-        if not capable and not plan.options.deterministic:
+        in_workers = self.wants_workers(plan) and get_backend(plan.options.effective_backend).capabilities.writes_in_workers
+        if not in_workers and not plan.options.deterministic:
             plan = dataclasses.replace(plan, options=plan.options.updated(deterministic=True))
-        return self.output.prepare(plan, in_workers=self.wants_workers(plan.options) and capable)
+        return self.output.prepare(plan, in_workers=in_workers)
+
+    def _a_part_group_per_worker(self, plan: Plan) -> bool:
+        """Whether the run has at least one part group for each CPU worker (main process).
+
+        A worker writes whole parts (G consecutive tasks), so with fewer groups than workers
+        the others would sit idle: the workers then send their outputs to the main process,
+        which writes. A source whose size is unknown (a generator, jsonl, a query) counts as
+        too small: the main process writing is never slower than one worker computing everything.
+        """
+        if self._enough_groups is None:  # once per write: counting a parquet source's tasks reads its footers
+            self._enough_groups = self._count_part_groups_per_worker(plan)
+        return self._enough_groups
+
+    def _count_part_groups_per_worker(self, plan: Plan) -> bool:
+        from .parquet_parts import tasks_per_group
+
+        tasks = plan.source.num_tasks(plan.task_size)
+        if tasks is None:
+            return False
+        selection = plan.task_selection
+        world_size = selection.world_size if selection is not None else 1
+        groups = -(-tasks // tasks_per_group(self.output.rows_per_file, plan.task_size))
+        workers = plan.options.num_cpu_workers
+        if workers is None:
+            pool = getattr(plan.options, "pool", None)
+            workers = pool.num_cpu_workers if pool is not None else _default_cpu_workers(plan)
+        return -(-groups // world_size) >= workers
 
     def run(self, plan: Plan) -> list[str]:
         """Runs the prepared ``plan`` into the output (main process); a complete output runs nothing."""
@@ -274,9 +311,17 @@ class ParquetSink(Sink):
 
         return ArrowTableFinalizer(self.schema)
 
-    def wants_workers(self, options: ProcessingOptions) -> bool:
-        # Deterministic output keeps the simple backend's part layout: the main process writes.
-        return not options.deterministic
+    def wants_workers(self, plan: Plan) -> bool:
+        # The main process writes when a worker per part group would leave workers idle, and
+        # when the filesystem lives in one process (fsspec ``memory``): no worker can reach it.
+        if self.output.directory.is_per_process() or not self._a_part_group_per_worker(plan):
+            return False
+        if not plan.options.deterministic:
+            return True  # a dead worker's part is lost: such a run never replaces workers (retries.py)
+        # Deterministic: the workers' parts are the simple backend's, committed in order. A run
+        # that replaces dead workers reruns single tasks, which have no part to go to: the main
+        # process writes.
+        return plan.options.max_task_retries == 0 and plan.options.task_timeout is None
 
     def worker_writers(self) -> WorkerWriters:
         return self.output.worker_writers()

@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
+from urllib.parse import quote as url_quote
+
+from ..errors import StreamprocError
 
 #: Seconds a sqlite3 statement waits for a lock held by another connection before failing.
 SQLITE_LOCK_TIMEOUT_S = 10.0
@@ -26,6 +29,42 @@ SQLITE_LOCK_TIMEOUT_S = 10.0
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 _PASSWORD_RE = re.compile(r"^([^:/]+://[^:@/]*:)[^@/]*@")
 SQL_EXTRA_HINT = "pip install 'streamproc[sql]' (SQLAlchemy and psycopg)"
+#: Characters of a query shown in error messages (the start is kept).
+QUERY_TEXT_CHARS = 200
+
+
+class SqlQueryError(StreamprocError, ValueError):
+    """A statement failed in the database (unknown table or column, syntax, type mismatch...).
+
+    The message names the statement (cut to ``QUERY_TEXT_CHARS``) and the database URL with
+    its password hidden; the driver's own error is the ``__cause__``.
+    """
+
+
+class SqlConnectionError(StreamprocError, ConnectionError):
+    """The database cannot be opened (server unreachable, authentication refused...); the
+    message names the URL with its password hidden, the driver's error is the ``__cause__``."""
+
+
+def short_query(sql: str) -> str:
+    """``sql`` on one line, cut to ``QUERY_TEXT_CHARS`` characters, for messages."""
+    text = " ".join(sql.split())
+    return text if len(text) <= QUERY_TEXT_CHARS else text[: QUERY_TEXT_CHARS - 3] + "..."
+
+
+def driver_message(exc: BaseException) -> str:
+    """The database's own words for ``exc``: SQLAlchemy's wrapper minus its ``[SQL: ...]``
+    and background-link lines (the message that wraps it names the statement already)."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig if orig is not None else exc).__name__}: {driver_text(exc)}"
+
+
+def driver_text(exc: BaseException) -> str:
+    """The first line of the database's own message for ``exc`` (SQLAlchemy wraps the DB-API
+    exception in ``exc.orig``); "" when it has none."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 @dataclass(frozen=True)
@@ -54,7 +93,8 @@ class SqlTarget:
 
 
 def sql_target(con: Any, parameter: str = "con") -> SqlTarget:
-    """The :class:`SqlTarget` of ``con``: a path (str or ``os.PathLike``) or a URL string.
+    """The :class:`SqlTarget` of ``con``: a path (str or ``os.PathLike``), a URL string or a
+    ``sqlalchemy.engine.URL``.
 
     A relative path is made absolute here, in the main process, so that workers open the same
     file whatever their working directory.
@@ -65,6 +105,8 @@ def sql_target(con: Any, parameter: str = "con") -> SqlTarget:
     """
     if isinstance(con, os.PathLike):
         con = os.fspath(con)
+    elif type(con).__name__ == "URL" and hasattr(con, "render_as_string"):  # a sqlalchemy.engine.URL
+        con = con.render_as_string(hide_password=False)
     if not isinstance(con, str) or not con:
         raise ValueError(
             f"{parameter} must be a database path or URL (e.g. 'out.db', 'sqlite:///out.db', "
@@ -86,9 +128,17 @@ class SqlConnection:
     Autocommit outside :meth:`transaction`: each statement is its own transaction unless run
     inside ``with connection.transaction():``, which commits at its end or rolls back on an
     exception.
+
+    ``read_only=True`` (what ``read_sql`` opens): a SQLite file is opened with ``mode=ro``, so a
+    missing file is an error instead of a new empty database, and a statement that writes
+    fails; a PostgreSQL connection runs its transactions ``READ ONLY``.
+
+    Raises:
+        ImportError: a URL other than SQLite without SQLAlchemy installed (names the pip command).
+        SqlConnectionError: the database cannot be opened.
     """
 
-    def __init__(self, target: SqlTarget) -> None:
+    def __init__(self, target: SqlTarget, read_only: bool = False) -> None:
         self.target = target
         self.dialect = target.dialect
         self._sqlite: Any = None
@@ -99,15 +149,35 @@ class SqlConnection:
         if path is not None:
             import sqlite3
 
+            database, uri = path, False
+            if read_only and path != ":memory:":
+                database, uri = f"file:{url_quote(path)}?mode=ro", True
             # isolation_level=None: no implicit BEGIN; transaction() issues its own.
-            self._sqlite = sqlite3.connect(path, timeout=SQLITE_LOCK_TIMEOUT_S, isolation_level=None)
+            # check_same_thread=False: a source's generator may be closed (and so its connection)
+            # by another thread than the feeder thread that advanced it; one thread uses it at a time.
+            try:
+                self._sqlite = sqlite3.connect(
+                    database, timeout=SQLITE_LOCK_TIMEOUT_S, isolation_level=None, uri=uri, check_same_thread=False
+                )
+            except sqlite3.Error as exc:
+                raise SqlConnectionError(f"cannot open the SQLite database {target}: {driver_message(exc)}") from exc
         else:
             try:
                 import sqlalchemy
             except ImportError as exc:
                 raise ImportError(f"{target}: a {self.dialect} database needs SQLAlchemy: {SQL_EXTRA_HINT}") from exc
-            self._engine = sqlalchemy.create_engine(target.url)
-            self._sqlalchemy = self._engine.connect()
+            try:
+                self._engine = sqlalchemy.create_engine(target.url)
+                connection = self._engine.connect()
+            except ImportError as exc:  # the dialect's driver (psycopg...) is missing
+                raise ImportError(f"{target}: the database driver is missing ({exc}): {SQL_EXTRA_HINT}") from exc
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                if self._engine is not None:
+                    self._engine.dispose()
+                raise SqlConnectionError(f"cannot connect to {target}: {driver_message(exc)}") from exc
+            if read_only and self.dialect == "postgresql":
+                connection = connection.execution_options(postgresql_readonly=True)
+            self._sqlalchemy = connection
 
     def execute(self, sql: str, params: Optional[Mapping[str, Any]] = None) -> list[dict[str, Any]]:
         """Runs one statement with named parameters; the rows it returns, as dicts ([] if none)."""
@@ -133,12 +203,18 @@ class SqlConnection:
 
     def iterate(
         self, sql: str, params: Optional[Mapping[str, Any]] = None, batch_rows: int = 1024
-    ) -> Iterator[list[dict[str, Any]]]:
+    ) -> Generator[list[dict[str, Any]], None, None]:
         """The rows of a query, ``batch_rows`` at a time, without holding them all (server-side
-        cursors where the driver has them)."""
+        cursors where the driver has them).
+
+        Raises:
+            SqlQueryError: the statement returns no rows (it is not a query).
+        """
         if self._sqlite is not None:
             cursor = self._sqlite.execute(sql, dict(params or {}))
-            names = [column[0] for column in cursor.description or ()]
+            if cursor.description is None:
+                raise self._not_a_query(sql)
+            names = [column[0] for column in cursor.description]
             while True:
                 rows = cursor.fetchmany(batch_rows)
                 if not rows:
@@ -149,6 +225,8 @@ class SqlConnection:
         result = self._sqlalchemy.execution_options(stream_results=True, max_row_buffer=batch_rows).execute(
             sqlalchemy.text(sql), dict(params or {})
         )
+        if not result.returns_rows:
+            raise self._not_a_query(sql)
         for partition in result.mappings().partitions(batch_rows):
             yield [dict(row) for row in partition]
 
@@ -172,12 +250,17 @@ class SqlConnection:
         finally:
             self._in_transaction = False
 
-    def table_exists(self, table: str) -> bool:
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """The exception types the driver raises for a failed statement (to re-raise them as
+        :class:`SqlQueryError`): ``sqlite3.Error``, or SQLAlchemy's ``SQLAlchemyError``."""
         if self._sqlite is not None:
-            return bool(self.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name", {"name": table}))
+            import sqlite3
+
+            return (sqlite3.Error,)
         import sqlalchemy
 
-        return bool(sqlalchemy.inspect(self._sqlalchemy).has_table(table))
+        return (sqlalchemy.exc.SQLAlchemyError,)
 
     def quote(self, identifier: str) -> str:
         """``identifier`` quoted for this dialect (a table or column name from the user)."""
@@ -200,6 +283,9 @@ class SqlConnection:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _not_a_query(self, sql: str) -> SqlQueryError:
+        return SqlQueryError(f"the statement {short_query(sql)!r} on {self.target} returns no rows: it is not a query")
+
     def _run_sqlalchemy(self, sql: str, params: Any) -> Any:
         import sqlalchemy
 
@@ -209,6 +295,6 @@ class SqlConnection:
             return self._sqlalchemy.execute(sqlalchemy.text(sql), params)
 
 
-def connect(target: SqlTarget) -> SqlConnection:
-    """Opens a :class:`SqlConnection` (in the calling process)."""
-    return SqlConnection(target)
+def connect(target: SqlTarget, read_only: bool = False) -> SqlConnection:
+    """Opens a :class:`SqlConnection` (in the calling process); see its ``read_only``."""
+    return SqlConnection(target, read_only=read_only)

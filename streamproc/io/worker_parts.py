@@ -1,16 +1,42 @@
-"""``write_parquet`` done by the CPU workers (multiprocessing, ``deterministic=False``).
+"""``write_parquet`` done by the CPU workers (multiprocessing, ``deterministic`` True or False).
 
-The dispatch unit is a whole part group: the main process hands each worker a
+Design. The dispatch unit is a whole part group: the main process hands each worker a
 :class:`TaskGroup` (the ``G`` consecutive tasks of one part, :func:`group_payloads`), and the
 worker runs them task by task (batches never span tasks), writing their rows into that part's
-file, which it completes and moves to its final name. Only counts, dead-letter rows and, with
-the group's last output, the part's manifest entry (:class:`~.manifest.PartEntry`) go back:
-the main process records the commit in the manifest and never holds the data. The files are
-those the main-process writer makes (same names, same rows in the same order), whichever
-worker wrote them.
+file with the same :class:`~.parquet_parts.PartFileWriter` the main process uses, which it
+completes and moves to its final name. Only counts, dead-letter rows and, with the group's
+last output, the part's manifest entry (:class:`~.manifest.PartEntry`) go back: the main
+process records the commit in the manifest and never holds the data.
+
+Why the files equal the simple backend's, part for part, whichever worker wrote them: a
+part's content is a function of its tasks' outputs in task order only, and one worker runs
+all of them in that order through the same writer: same name (the first task key), same rows
+in the same order, same row groups (the writer cuts them from the rows it was given, and
+restarts the file with a wider schema as the main process's writer does), same schema per
+part. Schema unification *across* parts is not done here: each entry carries its part's
+schema, and the main process, at the end of the run, unifies them in group order and rewrites
+the parts whose schema is narrower (:meth:`.parquet_writer.ParquetOutput.commit`), exactly as
+after a main-process write.
+
+"Committed in order": the commit point of a part is its manifest entry, not its file. With
+``deterministic=True`` the entries travel with the group's last output through the reorder
+buffer, so the main process records them in group order and the manifest always lists a
+prefix of the run's groups, as the simple backend's does; a part a worker completed ahead of
+an earlier one is a file the manifest does not list yet. If the run fails, the sink's abort
+(after every worker stopped) deletes such files, so the directory holds the committed prefix;
+a crash of the main process leaves them to the next resume, whose start deletes them. With
+``deterministic=False`` entries are recorded as they arrive (the manifest may then have gaps;
+resume reruns exactly the missing groups either way).
+
+Dead workers: a run that replaces them (``max_task_retries``, ``task_timeout``) reruns single
+tasks or records, which have no part to go to; so with ``deterministic=True`` such a run
+writes in the main process (:meth:`.sinks.ParquetSink.wants_workers`), and with
+``deterministic=False`` it writes here and never replaces a worker (see :mod:`streamproc.backends.multiprocessing.retries`).
 
 Cost of that choice: parallelism is across parts, so a run with fewer parts than workers
-leaves workers idle, and an in-memory source sends a part's records in one message.
+leaves workers idle (the default ``rows_per_file`` of 1M makes one part of a 1M-row input:
+one worker then does all the work), and an in-memory source sends a part's records in one
+message.
 """
 
 from __future__ import annotations
@@ -27,6 +53,7 @@ from .write_schema import ArrowTableFinalizer
 
 if TYPE_CHECKING:
     from ..execution.context import ExecutionContext
+    from ..execution.timing import StageTimer
     from ..plan import Plan
 
 
@@ -90,8 +117,13 @@ class WorkerPartWriter:
         """The chunk finalizer of tasks run outside a group: records -> Arrow table."""
         return self.finalize(records)
 
-    def run_group(self, plan: Plan, task: Task, ctx: ExecutionContext) -> Iterator[TaskOutput]:
+    def run_group(
+        self, plan: Plan, task: Task, ctx: ExecutionContext, timer: Optional[StageTimer] = None
+    ) -> Iterator[TaskOutput]:
         """Runs the tasks of ``task.payload`` (a :class:`TaskGroup`) in order into their part file.
+
+        ``timer``: the worker's :class:`~streamproc.execution.timing.StageTimer`, which sums the
+        tasks' stage figures (None: each task's stats travel with its last output).
 
         Yields their outputs without the rows (``chunk=()``), all with ``task_index`` =
         ``task.index`` and ``last=False`` but the group's final one, whose ``chunk`` is the
@@ -107,7 +139,7 @@ class WorkerPartWriter:
         try:
             for position, (key, payload) in enumerate(group.tasks):
                 closing = position == len(group.tasks) - 1
-                for output in run_task(plan, Task(task.index, payload, task.run_id, key), ctx, self.finalize):
+                for output in run_task(plan, Task(task.index, payload, task.run_id, key), ctx, self.finalize, timer):
                     if output.chunk is not None:
                         part.write(output.chunk, _where(plan, key, payload))
                     stripped = dataclasses.replace(output, chunk=(), last=output.last and closing)

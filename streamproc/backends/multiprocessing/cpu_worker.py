@@ -22,6 +22,9 @@ from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.context import ExecutionContext
 from ...execution.serialization import dill_loads, dumps_message, loads_message
 from ...execution.task import Task, run_task
+from ...execution.timing import StageTimer
+from ...gpu.forward import phased
+from ...gpu.model_cache import ModelSettings
 from .crash_isolation import run_isolated
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
 from .log_forwarding import apply_log_levels, forward_worker_logs
@@ -59,17 +62,21 @@ class _ResultSender:
         except Exception as exc:
             data = dumps_message(self._unpicklable(message, exc))
         watchdog = self.watchdog
+        if watchdog is None:  # the connection's own lock serialises this with log records
+            self._send_bytes(data)
+            return
         with self._lock:
-            if watchdog is not None:
-                watchdog.sending = True  # waiting for the main process to read is not being stuck
+            watchdog.sending = True  # waiting for the main process to read is not being stuck
             try:
-                if self.clock is not None:  # a full pipe blocks here: backpressure from the main process
-                    self.clock.timed("output_blocked_seconds", self.conn.send_bytes, data)
-                else:
-                    self.conn.send_bytes(data)
+                self._send_bytes(data)
             finally:
-                if watchdog is not None:
-                    watchdog.sending = False
+                watchdog.sending = False
+
+    def _send_bytes(self, data: bytes) -> None:
+        if self.clock is not None:  # a full pipe blocks here: backpressure from the main process
+            self.clock.blocked_sending(self.conn.send_bytes, data)
+        else:
+            self.conn.send_bytes(data)
 
     def _unpicklable(self, message: Any, exc: Exception) -> Any:
         task = getattr(message, "task_index", None)
@@ -89,17 +96,21 @@ class _RunState:
         self.run_id = start.run_id
         self.plan, finalize, writers = dill_loads(start.plan_bytes)
         options = self.plan.options
-        make_runner = (lambda stage: RemoteForwardRunner(client, stage.index)) if client is not None else None
+        models = ModelSettings.from_options(options)
+        make_runner = (lambda stage: phased(RemoteForwardRunner(client, stage.index), models)) if client is not None else None
         # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
         # never initialise CUDA (see design.md section 3).
         self.ctx = ExecutionContext(
             str(worker), device="cpu", autocast=options.autocast, torch_threads=options.forward_threads,
-            make_forward_runner=make_runner, kind="cpu", index=worker.index,
+            make_forward_runner=make_runner, kind="cpu", index=worker.index, models=models,
         )
-        # A run that writes in workers (write_parquet with deterministic=False) writes here:
+        # A run that writes in workers (write_parquet, see io/worker_parts.py) writes here:
         # the writer runs each task (a part group) into its file, and only counts go back.
         self.writer = writers.open_in_worker(worker.index) if writers is not None else None
         self.finalize = finalize
+        # The run's stage figures are summed here and sent now and then (RunEnded: the rest),
+        # unless the main process needs each task's own (see StartRun.per_task_stats).
+        self.timer = None if start.per_task_stats else StageTimer(self.plan, self.ctx)
 
     def end(self) -> tuple[list[str], Optional[int]]:
         """Completes this worker's part files (if any): their paths and rows (None: it wrote none)."""
@@ -146,7 +157,7 @@ def run_cpu_worker(
     try:
         sender.send(WorkerStarted(worker))
         while True:
-            message = loads_message(clock.timed("input_wait_seconds", task_conn.recv_bytes))
+            message = loads_message(clock.waiting_for_input(task_conn.recv_bytes))
             if isinstance(message, (Task, IsolatedTask)):
                 task = message.task if isinstance(message, IsolatedTask) else message
                 assert run is not None and task.run_id == run.run_id, f"task of run {task.run_id} outside it"
@@ -189,7 +200,11 @@ def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId, clock: Wor
     except Exception as exc:
         sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
         return
-    sender.send(RunEnded(run.run_id, worker, paths, rows, clock.run_stats()))
+    stats = clock.run_stats()
+    if run.ctx.local_forwards is not None:  # forward ran here (no GPU workers): its swaps
+        run.ctx.local_forwards.add_swap_stats(stats)
+    tasks = run.timer.take() if run.timer is not None else None
+    sender.send(RunEnded(run.run_id, worker, paths, rows, stats, tasks))
 
 
 def _run_task(run: _RunState, message: Task | IsolatedTask, sender: _ResultSender, worker: WorkerId) -> None:
@@ -204,9 +219,9 @@ def _run_task(run: _RunState, message: Task | IsolatedTask, sender: _ResultSende
         else:
             # A run that writes in workers gets whole part groups (never retried: see retries.py).
             if run.writer is not None:
-                outputs = run.writer.run_group(run.plan, task, run.ctx)
+                outputs = run.writer.run_group(run.plan, task, run.ctx, run.timer)
             else:
-                outputs = run_task(run.plan, task, run.ctx, run.finalize)
+                outputs = run_task(run.plan, task, run.ctx, run.finalize, run.timer)
             for output in outputs:
                 sender.send(TaskChunk(run.run_id, output))
     except BaseException as exc:

@@ -11,7 +11,11 @@ worker waits for ``PeerReplaced`` and serves the replacement's pipes, and ends o
 peer is lost or the control pipe closes.
 
 Reading every ready request before computing one means the next batch's host-to-device copy
-(on a side CUDA stream, from pinned memory) overlaps the current forward.
+(on a side CUDA stream, from pinned memory) overlaps the current forward. The stages' models
+share one :class:`~streamproc.gpu.model_cache.ModelCache`; under ``gpu_memory_budget`` the
+worker computes first the uploaded batches whose models are on the device
+(:class:`~streamproc.gpu.swap_schedule.RoundSchedule`, which states the bounds on swaps and
+waits); without one, the oldest batch first.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.serialization import dill_loads, dumps_message, loads_message
+from ...gpu.placement import DeviceSpec, describe_device_spec, first_device
 from .log_forwarding import apply_log_levels, forward_worker_logs
 from .messages import (
     ForwardFailed,
@@ -37,6 +42,7 @@ from .messages import (
     ForwardResult,
     NoMoreBatches,
     PeerReplaced,
+    StartGPURun,
     WorkerDone,
     WorkerFailed,
     WorkerId,
@@ -44,6 +50,10 @@ from .messages import (
 )
 from .worker_runtime import PARENT_CHECK_INTERVAL_S, as_crash, start_worker_process
 from .worker_stats import WorkerClock
+
+if TYPE_CHECKING:
+    from ...gpu import DeviceForward, ModelCache
+    from ...gpu.model_cache import ModelSettings
 
 
 class _PeerSender:
@@ -86,8 +96,8 @@ class _PeerSender:
 
 def run_gpu_worker(
     index: int,
-    device: str,
-    forwards_bytes: bytes,
+    device: DeviceSpec,
+    forwards_bytes: Optional[bytes],
     channels: list[tuple[int, Any, Any, Any]],
     status_conn: Any,
     alive_conn: Any,
@@ -98,10 +108,14 @@ def run_gpu_worker(
     """Entry point of process ``streamproc-gpu-<index>``; see the module docstring.
 
     Args:
-        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads[, log levels])``,
-            ``forwards`` mapping a stage index to its :class:`~streamproc.execution.split.ForwardStage`;
-            the main process's log levels (:mod:`.log_forwarding`) may be left out (pools that
-            tests start by hand).
+        device: the worker's device, or its group of devices (model parallel; see
+            :mod:`streamproc.gpu.placement`).
+        forwards_bytes: dill bytes of ``(forwards, autocast, torch_threads[, log levels[,
+            model settings]])``, ``forwards`` mapping a stage index to its
+            :class:`~streamproc.execution.split.ForwardStage`; the main process's log levels
+            (:mod:`.log_forwarding`) and the :class:`~streamproc.gpu.model_cache.ModelSettings`
+            may be left out (pools that tests start by hand). None (a warm pool): no stage
+            yet; each run's come in a ``StartGPURun`` on ``control``.
         channels: ``(cpu worker index, batch pipe reader, output pipe writer, the peer's
             liveness pipe reader)`` per peer.
         status_conn: ``WorkerStarted``, then ``WorkerDone`` at a normal end; a start-up failure
@@ -111,33 +125,28 @@ def run_gpu_worker(
             see EOF on the read end when this process ends.
         inherited: see :func:`.worker_runtime.start_worker_process`.
         control: main -> this worker (a socket pair): ``PeerReplaced`` and the new peer's
-            descriptors; None when dead peers are not replaced.
+            descriptors, and on a warm pool ``StartGPURun``; None when dead peers are not replaced.
     """
     worker = WorkerId("gpu", index)
     start_worker_process(worker, parent_pid, inherited)
     clock = WorkerClock(str(worker), "gpu")
     status_conn = forward_worker_logs(worker, status_conn)
     status_conn.send_bytes(dumps_message(WorkerStarted(worker)))
+    where = f"{worker} ({describe_device_spec(device)})"
     try:
         from ...execution.worker_info import WorkerInfo, set_process_info
-        from ...gpu import DeviceForward
 
-        set_process_info(WorkerInfo("gpu", index, 0, device, None))  # sp.get_worker_info() in forward
-        stages, autocast, torch_threads, *log_levels = dill_loads(forwards_bytes)
-        apply_log_levels(log_levels[0] if log_levels else ())
-        runners = {
-            stage_index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
-            for stage_index, stage in stages.items()
-        }
-        for runner in runners.values():
-            runner.start()
+        set_process_info(WorkerInfo("gpu", index, 0, first_device(device), None))  # sp.get_worker_info() in forward
+        # Model caches outlive runs on a warm pool: one per ModelSettings (budget, dtype).
+        caches: dict[Any, ModelCache] = {}
+        runners, settings = _load_forwards(forwards_bytes, device, caches) if forwards_bytes is not None else ({}, None)
         clock.loaded()  # spawn, imports, models moved to the device
     except BaseException as exc:
         # sys.exit() in a model's __setstate__ or .to(): re-raised as is in the main process,
         # it would exit the user's program (same as the CPU worker's start-up).
         error = as_crash(exc, worker, "while starting")
         status_conn.send_bytes(
-            dumps_message(WorkerFailed(worker, ExceptionWithTraceback(error, f"{worker} ({device}), at start-up")))
+            dumps_message(WorkerFailed(worker, ExceptionWithTraceback(error, f"{where}, at start-up")))
         )
         sys.exit(1)
 
@@ -149,7 +158,7 @@ def run_gpu_worker(
     peer_of = {reader: peer for peer, reader, _, _ in channels}
     lost: set[int] = set()  # peers that died, until replaced
     uploaded: collections.deque[tuple[_PeerSender, ForwardRequest, Any]] = collections.deque()
-    where = f"{worker} ({device})"
+    pick_next = _batch_picker(runners, settings)
     while open_readers or uploaded or (lost and control is not None):
         timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
         watched = [*open_readers, *(alive for alive, reader in peer_alive.items() if reader in open_readers)]
@@ -157,14 +166,22 @@ def run_gpu_worker(
         ready: list[Any] = multiprocessing.connection.wait([*watched, *([control] if control else [])], timeout=timeout)
         if not uploaded:  # nothing to compute: idle, waiting for a batch
             clock.stats.idle_seconds += time.perf_counter() - waited
-        for reader in ready:
+        # The control pipe first: a warm pool's StartGPURun was sent before its run's batches.
+        for reader in sorted(ready, key=lambda conn: conn is not control):
             if reader is control:
-                peer = _take_replacement(control, worker, senders, peer_alive, open_readers, peer_of)
+                control_message = _read_control(control)
+                if isinstance(control_message, StartGPURun):
+                    runners, settings = _start_gpu_run(control_message, worker, device, caches, status_conn, where)
+                    pick_next = _batch_picker(runners, settings)
+                    continue
+                peer = _take_replacement(control_message, control, worker, senders, peer_alive, open_readers, peer_of)
                 if peer is None:
                     control = None  # the main process is shutting down: lost peers stay lost
                 else:
                     lost.discard(peer)
                 continue
+            if reader not in peer_alive and reader not in senders:
+                continue  # a dead peer's pipe, closed by the replacement just taken
             if reader in peer_alive:
                 batches = peer_alive[reader]
                 if batches in open_readers and not batches.poll():
@@ -180,7 +197,11 @@ def run_gpu_worker(
             if isinstance(message, NoMoreBatches):
                 open_readers.remove(reader)
                 continue
-            runner = runners[message.stage]
+            runner = runners.get(message.stage)
+            if runner is None:  # its run's StartGPURun failed to load (the run reports it)
+                error = RuntimeError(f"{where} has no forward for stage {message.stage}: the stream's models failed to load")
+                senders[reader].queue.put(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, where)))
+                continue
             try:
                 uploaded.append((senders[reader], message, runner.upload(message.batch)))
             except Exception as exc:
@@ -188,7 +209,7 @@ def run_gpu_worker(
                     ForwardFailed(message.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}"))
                 )
         if uploaded:
-            sender, request, batch = uploaded.popleft()
+            sender, request, batch = pick_next(uploaded)
             runner = runners[request.stage]
             try:
                 sender.queue.put(ForwardResult(request.batch_id, runner.compute(batch)))
@@ -209,10 +230,108 @@ def run_gpu_worker(
         stats.d2h_seconds += runner.d2h_seconds
         stats.batches += runner.batches
     stats.busy_seconds = stats.h2d_seconds + stats.forward_seconds + stats.d2h_seconds
+    cache = next(iter(runners.values())).cache if runners else None
+    if cache is not None:
+        stats.swaps, stats.swap_seconds = cache.swaps, cache.swap_seconds
     status_conn.send_bytes(dumps_message(WorkerDone(worker, stats)))
 
 
+def _load_forwards(
+    forwards_bytes: bytes, device: DeviceSpec, caches: dict[Any, ModelCache]
+) -> tuple[dict[int, DeviceForward], Optional[ModelSettings]]:
+    """The started runners of a run's ``map_gpu`` stages (GPU worker), from ``forwards_bytes``."""
+    stages, autocast, torch_threads, *rest = dill_loads(forwards_bytes)
+    apply_log_levels(rest[0] if rest else ())
+    settings = rest[1] if len(rest) > 1 else None
+    if settings not in caches:
+        from ...gpu import ModelCache
+
+        caches[settings] = ModelCache(first_device(device), settings)
+    return _device_forwards(stages, device, autocast, torch_threads, settings, caches[settings]), settings
+
+
+def _start_gpu_run(
+    start: StartGPURun, worker: WorkerId, device: DeviceSpec, caches: dict[Any, ModelCache], status_conn: Any, where: str
+) -> tuple[dict[int, DeviceForward], Optional[ModelSettings]]:
+    """A warm pool's next run (GPU worker): its runners, its models through the kept caches.
+
+    A failure to load (the user's ``__setstate__`` or ``.to()`` raising) ends the run, not the
+    worker: it goes to the main process as ``WorkerFailed`` and the run's batches are answered
+    with ``ForwardFailed``; the worker waits for the next run.
+    """
+    try:
+        return _load_forwards(start.forwards_bytes, device, caches)
+    except Exception as exc:
+        failed = WorkerFailed(worker, ExceptionWithTraceback(exc, f"{where}, loading run {start.run_id}"))
+        status_conn.send_bytes(dumps_message(failed))
+        return {}, None
+
+
+def _device_forwards(
+    stages: dict[int, Any],
+    device: DeviceSpec,
+    autocast: Any,
+    torch_threads: Optional[int],
+    settings: Optional[ModelSettings],
+    cache: Optional[ModelCache] = None,
+) -> dict[int, DeviceForward]:
+    """One started :class:`DeviceForward` per stage, all on ``device``, sharing one model cache
+    (a device group: its first device; models split across the group are not cached).
+
+    Stages start in index order, each moving its models to the device while they fit the
+    budget (all of them without one); a stage whose models alone exceed it raises ValueError.
+    """
+    from ...gpu import DeviceForward, ModelCache
+
+    if cache is None:
+        cache = ModelCache(first_device(device), settings)
+    runners = {
+        stage_index: DeviceForward(
+            stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads, stage.place, cache
+        )
+        for stage_index, stage in stages.items()
+    }
+    for runner in runners.values():
+        runner.start()
+    return runners
+
+
+_Uploaded = tuple[_PeerSender, ForwardRequest, Any]
+
+
+def _batch_picker(
+    runners: dict[int, DeviceForward], settings: Optional[ModelSettings]
+) -> Callable[[collections.deque[_Uploaded]], _Uploaded]:
+    """Takes the next batch to compute out of ``uploaded``: the oldest without a memory budget;
+    with one, as :class:`~streamproc.gpu.swap_schedule.RoundSchedule` says (loaded models first)."""
+    if settings is None or settings.memory_budget is None:
+        return collections.deque.popleft
+    from ...gpu.swap_schedule import RoundSchedule
+
+    schedule = RoundSchedule()
+
+    def is_loaded(entry: _Uploaded) -> bool:
+        return runners[entry[1].stage].models_loaded()
+
+    def pick(uploaded: collections.deque[_Uploaded]) -> _Uploaded:
+        chosen = schedule.pick(uploaded, is_loaded)
+        entry = uploaded[chosen]
+        del uploaded[chosen]
+        return entry
+
+    return pick
+
+
+def _read_control(control: Any) -> Optional[Any]:
+    """The next message on the control pipe (``PeerReplaced`` or ``StartGPURun``); None once it is closed."""
+    try:
+        return loads_message(control.recv_bytes())
+    except (EOFError, OSError):
+        return None
+
+
 def _take_replacement(
+    message: Optional[Any],
     control: Any,
     worker: WorkerId,
     senders: dict[Any, _PeerSender],
@@ -220,12 +339,13 @@ def _take_replacement(
     open_readers: list[Any],
     peer_of: dict[Any, int],
 ) -> Optional[int]:
-    """Reads one ``PeerReplaced`` and its descriptors from ``control``; serves the new peer.
+    """Reads the descriptors that follow ``message`` (a ``PeerReplaced``) on ``control``; serves the new peer.
 
-    Returns the peer's index, or None when the control pipe is closed.
+    Returns the peer's index, or None when the control pipe is closed (``message`` None).
     """
+    if message is None:
+        return None
     try:
-        message = loads_message(control.recv_bytes())
         with socket.fromfd(control.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             batch_fd, output_fd, alive_fd = reduction.recvfds(sock, 3)
     except (EOFError, OSError):

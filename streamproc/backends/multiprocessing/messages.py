@@ -13,7 +13,9 @@ CPU worker -> main (result pipe): ``WorkerStarted`` first; per task, ``TaskChunk
 with ``last=True``) or a ``TaskFailed``; ``RunEnded`` in answer to ``EndRun`` (with the rows its
 own part files hold when the run writes in workers); ``WorkerFailed`` when it cannot go on.
 GPU worker -> main (status pipe): ``WorkerStarted``, then ``WorkerDone`` at a normal end, or
-``WorkerFailed``. A worker that exits without its last message has crashed, whatever its
+``WorkerFailed``. Main -> GPU worker (control pipe, pools that replace workers): ``PeerReplaced``;
+on a warm pool (:class:`streamproc.WorkerPool`), ``StartGPURun`` before each run's first task.
+A worker that exits without its last message has crashed, whatever its
 exit code. Any worker -> main pipe may also carry ``LogRecordMessage``s at any time (the
 worker's ``logging`` records, see :mod:`.log_forwarding`).
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ...execution.task import Task, TaskOutput
-from ...stats import ProcessStats
+from ...stats import ProcessStats, TaskStats
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,15 @@ class StartRun:
     """Run ``run_id`` begins: ``plan_bytes`` is the dill of ``(cpu plan, finalize, worker writers)``.
 
     ``log_levels``: the main process's logging levels, for the worker to apply.
+    ``per_task_stats``: send each task's stats with its last output (a run that replaces dead
+    workers: what a dead worker had summed would be lost), instead of summing them in the
+    worker (sent now and then, and the rest in ``RunEnded``).
     """
 
     run_id: int
     plan_bytes: bytes
     log_levels: LogLevels = ()
+    per_task_stats: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,13 +114,17 @@ class TaskFailed:
 
 @dataclass(frozen=True)
 class RunEnded:
-    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none); ``stats``: its figures."""
+    """The worker finished run ``run_id``; ``rows`` its part files hold (None: it wrote none).
+
+    ``stats``: its process figures; ``tasks``: its tasks' stage figures not yet sent (None: none).
+    """
 
     run_id: int
     worker: WorkerId
     paths: list[str]
     rows: Optional[int]
     stats: Optional[ProcessStats] = None
+    tasks: Optional[TaskStats] = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,20 @@ class PeerReplaced:
     (batch reader, output writer, liveness reader) follow as descriptors."""
 
     peer: int
+
+
+@dataclass(frozen=True)
+class StartGPURun:
+    """Main -> GPU worker (control pipe), on a warm pool: run ``run_id``'s ``map_gpu`` stages.
+
+    ``forwards_bytes`` is the dill of ``(forwards, autocast, torch_threads, log levels, model
+    settings)``, as a GPU worker of a one-run pool gets at start-up. Sent before any CPU worker
+    gets the run's ``StartRun``, so it is read before the run's first ``ForwardRequest``. The
+    worker keeps its model caches: a model equal to one already on the device is not moved again.
+    """
+
+    run_id: int
+    forwards_bytes: bytes
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 A :class:`ProcessPool` owns processes and pipes, nothing about a run: which tasks a worker
 holds, and what its results mean, are the run's (:mod:`.run`). Each run talks to the CPU
 workers through their task pipes (``StartRun`` ... ``EndRun``), so one pool can serve several
-runs in turn.
+runs in turn. A warm pool (:class:`streamproc.WorkerPool`) is started once, with
+``forwards_bytes=None`` and ``replaceable=True``, and each run then sends its GPU workers its
+forwards with :meth:`ProcessPool.begin_gpu_run`.
 
 Descriptors (see NOTE [ streamproc shutdown ] in :mod:`.run` for the rest of the protocol):
 every pipe end the main process holds is listed in ``_held``. A forked child inherits all of
@@ -33,7 +35,7 @@ from .cpu_worker import run_cpu_worker
 from .environment import format_exit_code
 from .gpu_client import GPUChannel
 from .gpu_worker import run_gpu_worker
-from .messages import PeerReplaced, RunEnded, Stop, WorkerDone, WorkerId
+from .messages import PeerReplaced, RunEnded, StartGPURun, Stop, WorkerDone, WorkerId
 from .topology import Topology
 
 SHUTDOWN_JOIN_TIMEOUT_S = 5.0
@@ -96,7 +98,7 @@ class ProcessPool:
     """CPU worker processes (and GPU worker processes) with their pipes. Not thread-safe.
 
     Args:
-        topology: how many CPU workers, the GPU workers' devices, who sends to whom.
+        topology: how many CPU workers, the GPU workers' devices (a device or a group each), who sends to whom.
         cpu_start_method / gpu_start_method: ``multiprocessing`` start methods.
     """
 
@@ -160,6 +162,21 @@ class ProcessPool:
             if not replaceable:
                 self._close(*worker.extra_conns)
                 worker.extra_conns = []
+
+    def begin_gpu_run(self, run_id: int, forwards_bytes: bytes) -> None:
+        """Sends each GPU worker run ``run_id``'s forwards (a warm pool; main process, before the run's first task).
+
+        Raises:
+            WorkerCrashedError: a GPU worker is gone (its control pipe is broken).
+        """
+        data = dumps_message(StartGPURun(run_id, forwards_bytes))
+        for handle in self.gpu_workers:
+            assert handle.task_conn is not None, "a warm pool is started with replaceable=True"
+            try:
+                handle.task_conn.send_bytes(data)
+            except OSError:
+                handle.process.join(KILL_JOIN_TIMEOUT_S)
+                raise handle.crash_error(" before the run started") from None
 
     def _duplex_pipe(self, context: Any) -> tuple[Any, Any]:
         """A Unix socket pair (descriptors can be sent over it: :func:`multiprocessing.reduction.sendfds`)."""

@@ -54,6 +54,7 @@ from ...execution.serialization import dumps_message, dumps_plan, dumps_worker_p
 from ...execution.split import split_plan
 from ...execution.task import TaskOutput, iter_selected_payloads
 from ...execution.timing import timed_payloads
+from ...gpu.model_cache import ModelSettings
 from ...plan import Plan
 from ...stats import RunStats
 from .feeder import WorkerSlot, feed_worker
@@ -77,6 +78,7 @@ from .retries import TaskRetries
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
+    from .lease import RunLease
 
 #: Tasks sent to one worker and not finished: one running, one waiting in its pipe.
 MAX_TASKS_IN_FLIGHT_PER_WORKER = 2
@@ -93,9 +95,13 @@ _run_ids = itertools.count(1)
 class _Run(RecoveryMixin):
     """One execution of a plan on a pool. Owns its threads; see NOTE [ streamproc shutdown ]."""
 
-    def __init__(self, plan: Plan, sink: Sink, pool: ProcessPool, stats: Optional[RunStats] = None) -> None:
+    def __init__(
+        self, plan: Plan, sink: Sink, pool: ProcessPool, stats: Optional[RunStats] = None, lease: Optional[RunLease] = None
+    ) -> None:
         self.plan = plan
         self.pool = pool
+        #: A warm pool's lease (None: the run starts and stops ``pool`` itself).
+        self.lease = lease
         #: Filled with what the workers report (``RunEnded``/``WorkerDone``) and the main process's waits.
         self.stats = stats if stats is not None else RunStats("multiprocessing")
         self.run_id = next(_run_ids)
@@ -134,11 +140,15 @@ class _Run(RecoveryMixin):
         # Serialize first: an unpicklable callable fails here, before any process exists.
         cpu_plan, forwards = split_plan(self.plan) if self.pool.topology.gpu_devices else (self.plan, {})
         log_levels = capture_log_levels()
-        start = StartRun(self.run_id, dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers), log_levels)
+        plan_bytes = dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers)
+        start = StartRun(self.run_id, plan_bytes, log_levels, per_task_stats=self.replaces_workers)
         options = self.plan.options
-        gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels)
+        gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels, ModelSettings.from_options(options))
         forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
-        self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
+        if self.lease is None:
+            self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
+        else:  # a warm pool's processes: wait for the pool, send its GPU workers this run's forwards
+            self.lease.begin(self, forwards_bytes)
         # Created after the workers: no child inherits it (a replacement is told to close it).
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
@@ -274,16 +284,22 @@ class _Run(RecoveryMixin):
             worker.started = True
         elif isinstance(message, RunEnded):
             self.assigned[worker.id.index].ended = message
-            if message.stats is not None:
-                self.stats.add_process(message.stats)
+            self._add_worker_stats(message)
         elif isinstance(message, WorkerFailed):
             raise message.error
         elif isinstance(message, WorkerDone):  # a GPU worker's normal end: its sentinel follows
             worker.done = True
-            if message.stats is not None:
-                self.stats.add_process(message.stats)
+            self._add_worker_stats(message)
         else:
             raise TypeError(f"unexpected message from {worker.id}: {message!r:.100}")
+
+    def _add_worker_stats(self, report: RunEnded | WorkerDone) -> None:
+        """Merges what a worker measured (its process figures; a CPU worker's tasks not yet sent)."""
+        if report.stats is not None:
+            self.stats.add_process(report.stats)
+        tasks = report.tasks if isinstance(report, RunEnded) else None
+        if tasks is not None:
+            self.stats.add_task(tasks)
 
     def _raise_if_gpu_worker_gone(self, error: BaseException) -> None:
         """A CPU worker found a GPU worker gone: report that GPU worker's crash, with its exit code."""
@@ -370,14 +386,21 @@ class _Run(RecoveryMixin):
             self._is_shut_down = True
         if self.dispatcher is not None:
             self.dispatcher.stop()
+        if self.lease is not None:  # a warm pool: drain the run, keep the workers (service/drain.py)
+            try:
+                self.lease.end(self, broken)
+            finally:
+                if self._wakeup_writer is not None:
+                    self._wakeup_writer.close()
+                    self._wakeup_reader.close()
+            return
         if broken:
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
         stuck = self._join_feeders()
         self.pool.shutdown(broken=broken or stuck)
         # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
         for report in self.pool.final_reports:
-            if report.stats is not None:
-                self.stats.add_process(report.stats)
+            self._add_worker_stats(report)
         if self._wakeup_writer is not None:
             self._wakeup_writer.close()
             self._wakeup_reader.close()

@@ -8,24 +8,27 @@ workers start; a device the machine does not have is refused here.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 from ..._warnings import stacklevel_outside_streamproc
 from ...execution.schedule import get_dispatch_schedule
 from ...execution.sharding import torchrun_local_rank
-from ...gpu.availability import check_devices_exist, visible_cuda_devices
+from ...gpu.availability import check_device_specs, visible_cuda_devices
+from ...options import DeviceSpec
 from ...plan import Plan
 from .messages import ChannelKey, WorkerId
 
 
 def resolve_gpu_devices(
     plan: Plan, cuda_device_count: Optional[int] = None, mps_available: Optional[bool] = None
-) -> list[str]:
+) -> list[DeviceSpec]:
     """The device of each GPU worker to start ([] when forward runs in the CPU workers).
 
     ``gpu_worker_devices`` wins (cycled if ``num_gpu_workers`` asks for more workers than it
-    lists); else, under torchrun (``LOCAL_RANK`` set), one worker (or ``num_gpu_workers``)
+    lists; a device group, e.g. ``("cuda:0", "cuda:1")``, is one entry: one worker owning all
+    its devices, the model split over them); else, under torchrun (``LOCAL_RANK`` set), one worker (or ``num_gpu_workers``)
     on ``cuda:{LOCAL_RANK}``, the rank's own device; else one worker per visible CUDA device,
     or ``num_gpu_workers`` spread over them.
     Asking for GPU workers on a machine without CUDA runs them on the CPU, with a warning.
@@ -40,12 +43,14 @@ def resolve_gpu_devices(
         mps_available: Whether Apple's MPS device is usable (default: torch's answer); for tests.
 
     Returns:
-        One device name per GPU worker, e.g. ``["cuda:0", "cuda:1"]``.
+        One device name or group per GPU worker, e.g. ``["cuda:0", "cuda:1"]`` or
+        ``[("cuda:0", "cuda:1")]``.
 
     Raises:
-        ValueError: ``gpu_worker_devices`` lists "cuda"/"cuda:N" without a visible CUDA
-            device, ``N`` at or above the number visible, or "mps" where MPS is unavailable
-            (see :func:`check_devices_exist`).
+        ValueError: ``gpu_worker_devices`` lists (alone or in a group) "cuda"/"cuda:N" without
+            a visible CUDA device, ``N`` at or above the number visible, or "mps" where MPS is
+            unavailable; or a group names a device other than "cpu" twice (see
+            :func:`check_device_specs`).
     """
     options = plan.options
     if not plan.has_gpu_stage or options.num_gpu_workers == 0:
@@ -54,7 +59,7 @@ def resolve_gpu_devices(
     if devices:
         count = options.num_gpu_workers if options.num_gpu_workers is not None else len(devices)
         resolved = [devices[i % len(devices)] for i in range(count)]
-        check_devices_exist(resolved, cuda_device_count, mps_available)
+        check_device_specs(resolved, cuda_device_count, mps_available)
         return resolved
     if cuda_device_count is None:
         cuda_device_count = visible_cuda_devices()
@@ -76,10 +81,13 @@ def resolve_gpu_devices(
 
 @dataclass(frozen=True)
 class Topology:
-    """The worker graph: ``cycles[i]`` is the GPU workers CPU worker ``i`` sends to, in order."""
+    """The worker graph: ``cycles[i]`` is the GPU workers CPU worker ``i`` sends to, in order.
+
+    ``gpu_devices[g]`` is GPU worker ``g``'s device, or its group of devices (one worker).
+    """
 
     num_cpu_workers: int
-    gpu_devices: tuple[str, ...]
+    gpu_devices: tuple[DeviceSpec, ...]
     cycles: tuple[tuple[int, ...], ...]
 
     @property
@@ -94,11 +102,15 @@ class Topology:
         return [cpu for cpu, cycle in enumerate(self.cycles) if gpu in cycle]
 
 
-def build_topology(num_cpu_workers: int, gpu_devices: list[str]) -> Topology:
+def build_topology(num_cpu_workers: int, gpu_devices: Sequence[DeviceSpec]) -> Topology:
     """Spreads CPU workers over GPU workers with :func:`get_dispatch_schedule`.
+
+    A device group is one GPU worker, like a single device.
 
     >>> build_topology(4, ["cuda:0", "cuda:1"]).cycles
     ((0,), (0,), (1,), (1,))
+    >>> build_topology(2, [("cuda:0", "cuda:1")]).cycles
+    ((0,), (0,))
     """
     num_gpu = len(gpu_devices)
     cycles = tuple(

@@ -68,12 +68,29 @@ class WorkerClock:
         self.stats.startup_seconds = self._age_at_start + _clock() - self._start
 
     def timed(self, into: str, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)``, its seconds added to the counter ``into`` (e.g. ``"input_wait_seconds"``)."""
+        """``fn(*args)``, its seconds added to the counter ``into`` (e.g. ``"idle_seconds"``)."""
         start = _clock()
         try:
             return fn(*args)
         finally:
             setattr(self.stats, into, getattr(self.stats, into) + _clock() - start)
+
+    # The two waits of every message, without timed()'s attribute lookup by name.
+    def waiting_for_input(self, fn: Callable[[], T]) -> T:
+        """``fn()`` (reading the next message), its seconds counted as waiting for input."""
+        start = _clock()
+        try:
+            return fn()
+        finally:
+            self.stats.input_wait_seconds += _clock() - start
+
+    def blocked_sending(self, fn: Callable[[bytes], T], data: bytes) -> T:
+        """``fn(data)`` (sending a result), its seconds counted as blocked on output."""
+        start = _clock()
+        try:
+            return fn(data)
+        finally:
+            self.stats.output_blocked_seconds += _clock() - start
 
     def busy(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` (a task) counted as busy, except the time it spent blocked sending outputs."""

@@ -54,48 +54,48 @@ def join_cluster(address: Optional[str]) -> ModuleType:
 
 @dataclass(frozen=True)
 class ActorSizing:
-    """Resources of each actor of a run, and the devices its GPU workers run ``forward`` on.
+    """How many actors of each kind a run has, and the devices its GPU workers run ``forward`` on.
 
-    ``cpus_per_cpu_worker``: 1, or less when the cluster has fewer *free* CPUs than CPU
-    workers, down to 0 (oversubscribed, as the multiprocessing backend allows, rather than
-    actors that never start: the inner run of a ``limit`` starts its actors while the outer
-    run's hold the CPUs, and another job may hold them too). ``gpus_per_gpu_worker``: 1, a
-    fraction when there are more GPU workers than GPUs, 0 when every GPU worker runs on
-    ``"cpu"`` in a cluster without GPUs. ``gpu_devices``:
+    CPU worker actors reserve no logical CPU (``num_cpus=0``, what Ray gives a running actor
+    by default): a run's actors, and the warm ones kept between runs (see :mod:`.actor_pool`),
+    never hold CPUs that other work on the cluster needs, such as the Ray Data tasks that feed
+    ``sp.from_ray_dataset`` (reserving them deadlocked that source: issue 13), and a ``limit``'s
+    inner run starts while the outer run's actors are busy. Their number follows the cluster's
+    CPUs instead. ``gpus_per_gpu_worker``: 1, a fraction when there are more GPU workers than
+    GPUs, 0 when every GPU worker runs on ``"cpu"`` in a cluster without GPUs. ``gpu_devices``:
     per GPU worker, the device inside its actor (None: the actor's GPU when it sees one, else
     the CPU; ``"cpu"`` as asked, for tests on logical GPUs).
     """
 
     num_cpu_workers: int
-    cpus_per_cpu_worker: float
     gpu_devices: tuple[Optional[str], ...]
     gpus_per_gpu_worker: float
 
 
-def size_actors(plan: Plan, free_cpus: float, cluster_gpus: float) -> ActorSizing:
+def size_actors(plan: Plan, cluster_cpus: float, cluster_gpus: float) -> ActorSizing:
     """How many actors of each kind, with what resources (pure; main process).
 
     The cluster's resources, not this machine's, decide: a driver without a GPU may ask for
-    GPU workers on the cluster (design.md section 5). CPU workers share the CPUs free now
-    (``ray.available_resources()``); GPU workers the cluster's GPUs (a GPU worker without a
-    GPU would quietly run on the CPU, so it waits for one, up to the start timeout).
+    GPU workers on the cluster (design.md section 5). ``num_cpu_workers`` defaults to the
+    cluster's CPUs (``ray.cluster_resources()``); GPU workers share the cluster's GPUs (a GPU
+    worker without a GPU would quietly run on the CPU, so it waits for one, up to the start
+    timeout).
 
     >>> from streamproc.plan import build_plan
     >>> import streamproc as sp
     >>> plan = build_plan(sp.from_iterable([]).set_processing(num_cpu_workers=4))
-    >>> size_actors(plan, free_cpus=2, cluster_gpus=0)
-    ActorSizing(num_cpu_workers=4, cpus_per_cpu_worker=0.5, gpu_devices=(), gpus_per_gpu_worker=0.0)
+    >>> size_actors(plan, cluster_cpus=2, cluster_gpus=0)
+    ActorSizing(num_cpu_workers=4, gpu_devices=(), gpus_per_gpu_worker=0.0)
 
     Raises:
         ValueError: a device group (model parallel is not available on Ray yet), or GPU
             workers on CUDA in a cluster without GPUs (they would never start).
     """
     options = plan.options
-    num_cpu = options.num_cpu_workers or max(1, int(free_cpus))
-    cpus_each = min(1.0, free_cpus / num_cpu) if free_cpus > 0 else 0.0
+    num_cpu = options.num_cpu_workers or max(1, int(cluster_cpus))
     devices = _gpu_worker_devices(plan)
     if not devices:
-        return ActorSizing(num_cpu, _round_down(cpus_each), (), 0.0)
+        return ActorSizing(num_cpu, (), 0.0)
     if cluster_gpus <= 0:
         if any(device != "cpu" for device in devices):
             raise ValueError(
@@ -103,8 +103,8 @@ def size_actors(plan: Plan, free_cpus: float, cluster_gpus: float) -> ActorSizin
                 "needs GPUs in the Ray cluster, which has none (ray.cluster_resources() has no 'GPU'): start the "
                 "cluster with GPUs, or use gpu_worker_devices=['cpu'] to run forward on the CPU"
             )
-        return ActorSizing(num_cpu, _round_down(cpus_each), devices, 0.0)
-    return ActorSizing(num_cpu, _round_down(cpus_each), devices, _round_down(min(1.0, cluster_gpus / len(devices))))
+        return ActorSizing(num_cpu, devices, 0.0)
+    return ActorSizing(num_cpu, devices, _round_down(min(1.0, cluster_gpus / len(devices))))
 
 
 def _round_down(fraction: float) -> float:

@@ -11,7 +11,9 @@ Invariants, at every moment:
 * deterministic runs: every task handed out has ``index < released + window``, where
   ``released`` is the first task whose outputs the sink has not all received; so the
   reorder buffer holds at most ``window`` tasks;
-* no task with ``index >= stop_at`` is handed out (a task failed, or the source ended there).
+* no task with ``index >= stop_at`` is handed out (a task failed, or the source ended there);
+* tasks go only to actors marked ready (their ``begin_run`` answered: the run's plan is
+  loaded there), so the first tasks go to whichever actor starts first.
 
 Tasks to run again (their actor died, ``max_task_retries``) go before new ones and are not
 bound by the window (they are below it already).
@@ -40,10 +42,19 @@ class ActorDispatch(Generic[T]):
     True
     >>> d.released = 1; d.worker_for_new_task()
     0
+
+    Actors that are still starting get nothing:
+
+    >>> d = ActorDispatch(num_workers=2, max_in_flight=1, window=None, ready=False)
+    >>> d.worker_for_new_task() is None
+    True
+    >>> d.set_ready(1, True); d.worker_for_new_task()
+    1
     """
 
-    def __init__(self, num_workers: int, max_in_flight: int, window: Optional[int]) -> None:
+    def __init__(self, num_workers: int, max_in_flight: int, window: Optional[int], ready: bool = True) -> None:
         self.in_flight = [0] * num_workers
+        self.ready = [ready] * num_workers
         self.max_in_flight = max_in_flight
         self.window = window
         self.next_index = 0
@@ -52,8 +63,12 @@ class ActorDispatch(Generic[T]):
         self._reruns: collections.deque[T] = collections.deque()
 
     def _least_busy(self) -> Optional[int]:
-        worker = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
-        return worker if self.in_flight[worker] < self.max_in_flight else None
+        free = [w for w, ready in enumerate(self.ready) if ready and self.in_flight[w] < self.max_in_flight]
+        return min(free, key=self.in_flight.__getitem__) if free else None
+
+    def set_ready(self, worker: int, ready: bool) -> None:
+        """``worker`` may get tasks (its ``begin_run`` answered), or may not (it is being replaced)."""
+        self.ready[worker] = ready
 
     def worker_for_new_task(self) -> Optional[int]:
         """The actor that gets task ``next_index`` now (the least busy), or None if it must wait."""

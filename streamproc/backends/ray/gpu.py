@@ -26,6 +26,7 @@ from ...execution.serialization import dill_loads
 from ...stats import ProcessStats
 from ..multiprocessing.messages import WorkerId
 from ..multiprocessing.worker_runtime import as_crash
+from ..multiprocessing.worker_stats import WorkerClock
 
 #: Batches of one stage in flight per GPU worker of a CPU actor's cycle: one computing, one waiting.
 MAX_BATCHES_IN_FLIGHT_PER_GPU = 2
@@ -73,56 +74,59 @@ class ForwardAnswer:
 
 
 class GPUWorker:
-    """Ray actor ``streamproc-<run>-gpu-<index>``: ``forward`` of every ``map_gpu`` stage.
+    """Ray actor ``streamproc-<token>-gpu-<index>``: ``forward`` of every ``map_gpu`` stage of one run.
 
-    Protocol: constructed with the dill bytes of ``(forwards, autocast, torch_threads)`` (see
-    :func:`~streamproc.execution.split.split_plan`), it moves the models to its device in
-    :meth:`place` (the driver's first call, which also says where it runs); then each
+    Protocol: constructed with the dill bytes of ``(forwards, autocast, torch_threads,
+    model settings)`` (see :func:`~streamproc.execution.split.split_plan`; Ray hands the
+    object store's bytes), it moves the models to its device in its constructor, which Ray
+    runs before any call, from the driver or from a CPU worker actor; :meth:`place` (the
+    driver's first call) says where it runs, or why it could not load them. Then each
     :meth:`forward` call computes one batch, answering a :class:`ForwardAnswer`; :meth:`stats`
-    at the end of a run.
+    at the end of the run. GPU worker actors serve one run (they hold a GPU: never kept warm).
     """
 
     def __init__(self, index: int, device: Optional[str], forwards_bytes: bytes) -> None:
-        from ...gpu import DeviceForward
-        from ..multiprocessing.worker_stats import WorkerClock
-
         self.name = f"ray gpu worker {index}"
         self.clock = WorkerClock(str(WorkerId("gpu", index)), "gpu")  # the name stats know it by
-        self.runners: dict[int, DeviceForward] = {}
+        self.runners: dict[int, Any] = {}
         self.load_error: Any = None
-        try:
-            stages, autocast, torch_threads = dill_loads(forwards_bytes)
-            self.runners = {
-                index: DeviceForward(stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads)
-                for index, stage in stages.items()
-            }
-        except BaseException as exc:  # reported by place(): an actor whose constructor raises only says it died
-            crash = as_crash(exc, WorkerId("gpu", index), "while loading")
-            self.load_error = ExceptionWithTraceback(crash, f"{self.name}, at start-up")
+        self.cache: Any = None
         self.index = index
         self.device = device
-        self._last_answer = time.perf_counter()
-
-    def place(self) -> ActorStarted:
-        """Moves the models to the device (once); where this actor runs, or why it cannot load them."""
-        from ...execution.worker_info import WorkerInfo, set_process_info
-
-        error = self.load_error
-        if error is None:
-            try:
-                for runner in self.runners.values():
-                    runner.start()
-                device = str(next(iter(self.runners.values())).device)
-                set_process_info(WorkerInfo("gpu", self.index, 0, device, None))  # sp.get_worker_info() in forward
-            except BaseException as exc:
-                crash = as_crash(exc, WorkerId("gpu", self.index), "while starting")
-                error = ExceptionWithTraceback(crash, f"{self.name}, at start-up")
+        try:
+            self._load(dill_loads(forwards_bytes))
+        except BaseException as exc:  # reported by place(): an actor whose constructor raises only says it died
+            crash = as_crash(exc, WorkerId("gpu", index), "while loading its models")
+            self.load_error = ExceptionWithTraceback(crash, f"{self.name}, at start-up")
         self.clock.loaded()
         self._last_answer = time.perf_counter()
-        return ActorStarted(actor_place(self.name), error)
+
+    def _load(self, loaded: tuple[Any, ...]) -> None:
+        from ...execution.worker_info import WorkerInfo, set_process_info
+        from ...gpu import DeviceForward, ModelCache
+        from ...gpu.placement import first_device
+
+        stages, autocast, torch_threads, settings = loaded
+        self.cache = ModelCache(first_device(self.device) if self.device else None, settings)
+        self.runners = {
+            index: DeviceForward(
+                stage.forward, self.device, autocast, stage.name, stage.batch_size, torch_threads, stage.place, self.cache
+            )
+            for index, stage in stages.items()
+        }
+        for runner in self.runners.values():  # stage order: each moves its models while they fit a budget
+            runner.start()
+        device = str(next(iter(self.runners.values())).device)
+        set_process_info(WorkerInfo("gpu", self.index, 0, device, None))  # sp.get_worker_info() in forward
+
+    def place(self) -> ActorStarted:
+        """Where this actor runs, or why it cannot load the models."""
+        return ActorStarted(actor_place(self.name), self.load_error)
 
     def forward(self, stage: int, batch: Any) -> ForwardAnswer:
         """``forward`` of stage ``stage`` on ``batch``: the outputs on the host, or its error."""
+        if self.load_error is not None:  # the driver raises it too, from place()
+            return ForwardAnswer(error=self.load_error)
         now = time.perf_counter()
         self.clock.stats.idle_seconds += now - self._last_answer
         runner = self.runners[stage]
@@ -141,6 +145,9 @@ class GPUWorker:
             stats.forward_seconds += runner.forward_seconds
             stats.d2h_seconds += runner.d2h_seconds
             stats.batches += runner.batches
+        if self.cache is not None:
+            stats.swaps += self.cache.swaps
+            stats.swap_seconds += self.cache.swap_seconds
         stats.busy_seconds = stats.h2d_seconds + stats.forward_seconds + stats.d2h_seconds
         return stats
 

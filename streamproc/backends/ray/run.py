@@ -12,20 +12,28 @@ Data flow (actors are Ray actors on any node; arrows are actor calls through the
     collector: ray.wait(task refs)  <--TaskResult (chunks; part-file counts when it writes)--
       -> ReorderBuffer (deterministic: task order) -> TaskOutput to the sink
 
-The plan goes to the object store once; every CPU actor loads it once. A task's payload is a
-descriptor for splittable sources (a parquet row group, a byte range), read by the actor from
-a path every node sees; only an in-memory source's tasks carry their records.
+The plan goes to the object store once (``ray.put``); every CPU actor loads it once, in
+``begin_run``. Start-up overlaps: every actor of the run is created at once, each is sent
+``begin_run`` as soon as it exists (Ray queues the call until its process is up), and tasks go
+to each actor as soon as its ``begin_run`` answers, so the first tasks run while the other
+actors still start. The CPU worker actors of a completed run stay warm for the next run with
+the same sizing (see :mod:`.actor_pool`). A task's payload is a descriptor for splittable
+sources (a parquet row group, a byte range), read by the actor from a path every node sees;
+only an in-memory source's tasks carry their records.
 
 NOTE [ streamproc ray shutdown ]
     Every exit path (the end, a user error, an actor crash, the consumer breaking out of the
     loop, ``close()``/garbage collection of the iterator, KeyboardInterrupt, which reaches
     the driver inside a bounded ``ray.wait``) goes through :meth:`_RayRun.shutdown`, which is
     idempotent (a lock and a flag). It closes the source's task generator (a ``limit``'s inner
-    run stops its own actors there), kills every actor this run created (``ray.kill``, no
-    restart: tasks still running are not needed), drops the plan's object, then waits up to
-    ``SHUTDOWN_WAIT_S`` for the actors' names to leave the cluster, so that the next run finds
-    their resources free. It never calls ``ray.shutdown()``: the cluster (the user's, or the
-    local one streamproc started, which lives until the interpreter exits) stays as it was.
+    run stops its own actors there), kills every actor this run used (``ray.kill``, no
+    restart: tasks still running are not needed), warm ones taken from the pool included,
+    drops the plan's object, then waits up to ``SHUTDOWN_WAIT_S`` for the actors' names to
+    leave the cluster, so that the next run finds their resources free. One exception: a run
+    that completed (every output delivered, every actor's ``end_run`` answered) hands its CPU
+    worker actors, idle and holding no resource, to :mod:`.actor_pool`, which says when they
+    go. It never calls ``ray.shutdown()``: the cluster (the user's, or the local one
+    streamproc started, which lives until the interpreter exits) stays as it was.
     An actor that dies during the run fails the calls waiting on it (``RayActorError``):
     ``max_task_retries`` reruns its tasks on a fresh actor, else the run raises
     ``WorkerCrashedError`` naming the actor, its pid and its node.
@@ -52,10 +60,11 @@ from ...execution.task import Task, TaskOutput, iter_selected_payloads
 from ...execution.timing import timed_payloads
 from ...plan import Plan
 from ...stats import RunStats
+from .actor_pool import PoolKey, keep_warm, kill_actors, pool_key, take_warm
 from .cluster import ActorSizing, size_actors
 from .cpu import CPUWorker, RunEnd, TaskResult
 from .dispatch import ActorDispatch
-from .gpu import ActorPlace, GPUWorker
+from .gpu import ActorPlace, ActorStarted, GPUWorker
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
@@ -75,16 +84,39 @@ SHUTDOWN_WAIT_S = 10.0
 SHUTDOWN_POLL_S = 0.05
 
 _run_ids = itertools.count(1)
+#: ``ray.remote(cls)`` per job (a new job after ``ray.shutdown()``/``ray.init()``): made once, not per run.
+_remote_classes: dict[tuple[str, type], Any] = {}
+
+
+def _remote(ray: ModuleType, cls: type) -> Any:
+    key = (ray.get_runtime_context().get_job_id(), cls)
+    remote = _remote_classes.get(key)
+    if remote is None:
+        remote = _remote_classes[key] = ray.remote(cls)
+    return remote
 
 
 @dataclass
 class _Actor:
-    """One CPU or GPU worker actor of the run: its handle, name, place and generation."""
+    """One CPU or GPU worker actor of the run: its handle, name, place and generation.
+
+    ``warm``: taken from the pool of a previous run (its process may have died since).
+    """
 
     handle: Any
     name: str
     place: Optional[ActorPlace] = None
     generation: int = 0
+    warm: bool = False
+
+
+@dataclass(frozen=True)
+class _Starting:
+    """A ``begin_run`` call not answered yet: CPU actor ``worker`` of generation ``generation``."""
+
+    worker: int
+    generation: int
+    since: float
 
 
 @dataclass(frozen=True)
@@ -115,6 +147,11 @@ class _RayRun:
         self.gpu: list[_Actor] = []
         self.created: list[_Actor] = []  # every actor started, replaced ones included
         self.pending: dict[Any, _InFlight] = {}
+        self.starting: dict[Any, _Starting] = {}
+        self._started_at = time.perf_counter()
+        self._first_ready = False
+        self._completed = False
+        self._pool_key: Optional[PoolKey] = None
         self.reorder = ReorderBuffer(self.deterministic)
         self.dispatch: Optional[ActorDispatch[_InFlight]] = None
         self.payloads: Optional[Iterator[tuple[int, Any]]] = None
@@ -128,11 +165,11 @@ class _RayRun:
     # -- lifecycle ----------------------------------------------------------------------------
     def outputs(self) -> Generator[TaskOutput, None, None]:
         try:
-            started = time.perf_counter()
-            self._start()  # serialize the plan, start the actors: the driver's start-up
-            self.stats.main.startup_seconds = time.perf_counter() - started
+            self._started_at = time.perf_counter()
+            self._start()  # serialize the plan, ask for the actors (answers come while collecting)
             yield from self._collect()
             self._end_run()
+            self._completed = True
         except BaseException:
             self.shutdown()
             raise
@@ -140,21 +177,36 @@ class _RayRun:
 
     def _start(self) -> None:
         ray, plan, options = self.ray, self.plan, self.plan.options
-        free, total = ray.available_resources(), ray.cluster_resources()
-        sizing = size_actors(plan, float(free.get("CPU", 0)), float(total.get("GPU", 0)))
+        total = ray.cluster_resources()
+        sizing = size_actors(plan, float(total.get("CPU", 0)), float(total.get("GPU", 0)))
         # Serialize first: an unpicklable callable fails here, before any actor exists.
         cpu_plan, forwards = split_plan(plan) if sizing.gpu_devices else (plan, {})
         plan_bytes = dumps_worker_plan(plan, cpu_plan, self.finalize, self.writers)
-        forwards_bytes = dumps_plan((forwards, options.autocast, options.forward_threads), plan) if forwards else None
+        forwards_bytes = None
+        if forwards:
+            from ...gpu.model_cache import ModelSettings
+
+            settings = ModelSettings.from_options(options)
+            forwards_bytes = dumps_plan((forwards, options.autocast, options.forward_threads, settings), plan)
         self._sizing = sizing
+        # Every actor at once: GPU workers (their models load in their constructors) and CPU
+        # workers (bare, or warm from the last run), so that their processes start together.
         self._start_gpu_workers(sizing, forwards_bytes)
+        warm = None
+        if not self.gpu:  # a run with GPU workers neither takes nor keeps warm CPU actors
+            self._pool_key = pool_key(ray, sizing.num_cpu_workers)
+            warm = take_warm(self._pool_key)
+        if warm is not None:
+            self.cpu = [_Actor(handle, name, warm=True) for handle, name in zip(warm.handles, warm.names)]
+            self.created.extend(self.cpu)
+        else:
+            self.cpu = [self._new_cpu_worker(index) for index in range(sizing.num_cpu_workers)]
         self._plan_ref = ray.put(plan_bytes)
-        self._cpu_remote = ray.remote(CPUWorker)
-        for index in range(sizing.num_cpu_workers):
-            self.cpu.append(self._new_cpu_worker(index, sizing, 0))
-        self._await_places(self.cpu)
+        self._await_places(self.gpu)  # the CPU actors' processes start meanwhile
         window = REORDER_WINDOW_TASKS_PER_ACTOR * len(self.cpu) if self.deterministic else None
-        self.dispatch = ActorDispatch(len(self.cpu), MAX_TASKS_IN_FLIGHT_PER_ACTOR, window)
+        self.dispatch = ActorDispatch(len(self.cpu), MAX_TASKS_IN_FLIGHT_PER_ACTOR, window, ready=False)
+        for index in range(len(self.cpu)):
+            self._begin_run(index)
         payloads = timed_payloads(iter_selected_payloads(plan), self.stats.main)
         if self.writers is not None:  # actors write whole parts: a dispatch unit is a part group
             payloads = self.writers.dispatch_units(payloads)
@@ -163,29 +215,72 @@ class _RayRun:
     def _start_gpu_workers(self, sizing: ActorSizing, forwards_bytes: Optional[bytes]) -> None:
         if not sizing.gpu_devices:
             return
-        remote = self.ray.remote(GPUWorker)
+        remote = _remote(self.ray, GPUWorker)
+        forwards_ref = self.ray.put(forwards_bytes)  # once for every GPU worker
         for index, device in enumerate(sizing.gpu_devices):
             name = f"{self.token}-gpu-{index}"
             handle = remote.options(name=name, num_cpus=0, num_gpus=sizing.gpus_per_gpu_worker, max_restarts=0).remote(
-                index, device, forwards_bytes
+                index, device, forwards_ref
             )
             actor = _Actor(handle, name)
             self.gpu.append(actor)
             self.created.append(actor)
-        self._await_places(self.gpu)
 
-    def _new_cpu_worker(self, index: int, sizing: ActorSizing, generation: int) -> _Actor:
+    def _new_cpu_worker(self, index: int, generation: int = 0) -> _Actor:
         name = f"{self.token}-cpu-{index}" + (f"-r{generation}" if generation else "")
-        cycle = get_dispatch_schedule(index, sizing.num_cpu_workers, len(self.gpu)) if self.gpu else []
-        handle = self._cpu_remote.options(
-            name=name, num_cpus=sizing.cpus_per_cpu_worker, max_restarts=0, scheduling_strategy="SPREAD"
-        ).remote(index, self._plan_ref, [g.handle for g in self.gpu], [g.place for g in self.gpu], cycle)
+        # num_cpus=0: see ActorSizing (no CPU held, by this run or while warm); SPREAD: across nodes.
+        handle = _remote(self.ray, CPUWorker).options(
+            name=name, num_cpus=0, max_restarts=0, scheduling_strategy="SPREAD"
+        ).remote(index)
         actor = _Actor(handle, name, generation=generation)
         self.created.append(actor)
         return actor
 
+    def _begin_run(self, index: int) -> None:
+        """Sends CPU actor ``index`` the run's plan; it gets tasks once it answers (see :meth:`_started`)."""
+        actor = self.cpu[index]
+        cycle = get_dispatch_schedule(index, len(self.cpu), len(self.gpu)) if self.gpu else []
+        ref = actor.handle.begin_run.remote(
+            self._plan_ref, [g.handle for g in self.gpu], [g.place for g in self.gpu], cycle, self.max_task_retries > 0
+        )
+        self.starting[ref] = _Starting(index, actor.generation, time.monotonic())
+
+    def _started(self, ref: Any) -> None:
+        """CPU actor ``starting.worker`` answered ``begin_run``: it may get tasks, or the run fails."""
+        ray = self.ray
+        starting = self.starting.pop(ref)
+        actor = self.cpu[starting.worker]
+        assert self.dispatch is not None
+        try:
+            started: ActorStarted = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            if actor.warm:  # died while idle between runs (no task of this run lost): start a fresh one
+                self.cpu[starting.worker] = self._new_cpu_worker(starting.worker, actor.generation + 1)
+                self._begin_run(starting.worker)
+                return
+            raise WorkerCrashedError(f"{actor.name}, a Ray actor of this run, died while starting: {_first_line(exc)}") from None
+        if started.error is not None:  # the plan did not load there: the user's error
+            raise started.error
+        actor.place = started.place
+        if not self._first_ready:  # the driver's start-up: until the first actor can take a task
+            self._first_ready = True
+            self.stats.main.startup_seconds = time.perf_counter() - self._started_at
+        self.dispatch.set_ready(starting.worker, True)
+
+    def _check_start_deadline(self) -> None:
+        if not self.starting:
+            return
+        oldest = min(starting.since for starting in self.starting.values())
+        if time.monotonic() - oldest > ACTOR_START_TIMEOUT_S:
+            raise PipelineShutdownError(
+                f"the Ray actors of this run did not start within {ACTOR_START_TIMEOUT_S:g} s: the cluster may lack the "
+                f"resources they ask for ({self._asked()}; ray.available_resources() = {self.ray.available_resources()})"
+            )
+
     def _await_places(self, actors: list[_Actor]) -> None:
-        """Waits until ``actors`` are constructed (plan or models loaded); records where they run."""
+        """Waits until the GPU worker ``actors`` are constructed (models loaded); records where they run."""
+        if not actors:
+            return
         ray = self.ray
         refs = [actor.handle.place.remote() for actor in actors]
         try:
@@ -217,7 +312,7 @@ class _RayRun:
             if self.deterministic:
                 dispatch.released = reorder.next_task
             self._submit_allowed()
-            if not self.pending:
+            if not self.pending and not self.starting:
                 for output in reorder.pop_ready():  # a source error just recorded raises here
                     self._records_out += output.count
                     yield output
@@ -264,12 +359,15 @@ class _RayRun:
 
     def _wait_and_receive(self) -> None:
         ray = self.ray
-        refs = list(self.pending)
+        refs = [*self.starting, *self.pending]
         ready, _ = ray.wait(refs, num_returns=1, timeout=RESULT_WAIT_TIMEOUT_S)
         if not ready:
+            self._check_start_deadline()
             return
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)  # every result ready now
-        for ref in sorted(ready, key=lambda r: self.pending[r].task.index):
+        for ref in [r for r in ready if r in self.starting]:
+            self._started(ref)
+        for ref in sorted([r for r in ready if r in self.pending], key=lambda r: self.pending[r].task.index):
             flight = self.pending.pop(ref)
             assert self.dispatch is not None
             self.dispatch.finished(flight.worker)
@@ -307,10 +405,9 @@ class _RayRun:
                 f"{_first_line(exc)}"
             ) from None
         if actor.generation == flight.generation:  # the first of its tasks to report the death
-            assert self._sizing is not None
-            replacement = self._new_cpu_worker(flight.worker, self._sizing, actor.generation + 1)
-            self.cpu[flight.worker] = replacement
-            self._await_places([replacement])
+            self.cpu[flight.worker] = self._new_cpu_worker(flight.worker, actor.generation + 1)
+            self.dispatch.set_ready(flight.worker, False)
+            self._begin_run(flight.worker)
         self.dispatch.rerun(dataclasses.replace(flight, attempt=flight.attempt + 1))
 
     def _end_run(self) -> None:
@@ -319,6 +416,8 @@ class _RayRun:
         ends: list[RunEnd] = ray.get([a.handle.end_run.remote() for a in self.cpu], timeout=RUN_END_TIMEOUT_S)
         for end in ends:
             self.stats.add_process(end.stats)
+            if end.tasks is not None:
+                self.stats.add_task(end.tasks)
         if self.writers is not None:
             written = sum(end.rows or 0 for end in ends)
             if written != self._records_out:
@@ -338,6 +437,7 @@ class _RayRun:
             self._is_shut_down = True
         ray = self.ray
         self.pending.clear()
+        self.starting.clear()
         self._plan_ref = None
         # A source holding resources (a limit's inner run, with its own actors) releases them now.
         close = getattr(self.payloads, "close", None)
@@ -348,12 +448,15 @@ class _RayRun:
                 pass
         if not self.created or not ray.is_initialized():  # ray.shutdown() came first: the actors died with it
             return
-        for actor in self.created:
-            try:
-                ray.kill(actor.handle, no_restart=True)
-            except Exception:  # already dead, or the driver is disconnecting
-                pass
-        names = {actor.name for actor in self.created}
+        to_kill = self.created
+        if self._completed and self._pool_key is not None:  # idle now: kept for the next run (see .actor_pool)
+            keep_warm(self._pool_key, [a.handle for a in self.cpu], [a.name for a in self.cpu])
+            kept = {id(a) for a in self.cpu}
+            to_kill = [a for a in self.created if id(a) not in kept]
+        kill_actors([actor.handle for actor in to_kill])
+        if not to_kill:
+            return
+        names = {actor.name for actor in to_kill}
         deadline = time.monotonic() + SHUTDOWN_WAIT_S
         while time.monotonic() < deadline:
             try:
