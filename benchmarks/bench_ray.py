@@ -11,10 +11,12 @@ Three workloads, side by side in one run, 2 workers everywhere (a local cluster 
 For each workload: Ray Data (``ray.data.range`` / ``read_parquet``, ``.map(fn)``, then
 ``.materialize().count()`` or ``.write_parquet``), streamproc ``backend="ray"`` (``count()`` or
 ``write_parquet``) and streamproc ``backend="multiprocessing"``. ``ray.init`` is timed once,
-apart: the Ray rows are timed once the cluster is up (each streamproc run still starts and
-kills its own actors; Ray Data keeps its worker processes between runs). The table gives
-the median and best of ``--repeats`` runs and the ratio of each median to the
-multiprocessing backend's.
+apart: the Ray rows are timed once the cluster is up, after a warm-up run (Ray Data keeps its
+worker processes between runs; streamproc keeps the CPU worker actors of a completed run warm
+for the next one, see docs/cluster.md). A cold streamproc-on-Ray run (its warm actors
+released first, so it starts fresh actors) is timed apart for each workload, with its
+start-up (until the first actor can take a task). The table gives the median and best of
+``--repeats`` runs and the ratio of each median to the multiprocessing backend's.
 
 Usage::
 
@@ -153,10 +155,13 @@ def main() -> None:
             medians[system] = statistics.median(times)
             rows.append((workload, system, statistics.median(times), min(times)))
             startup = ""
-            if system == "streamproc ray":  # where the time goes: starting the run's actors
+            if system == "streamproc ray":  # a cold run: fresh actors (the warm ones released first)
+                from streamproc.backends.ray import release_warm_actors
+
+                release_warm_actors()
                 with sp.collect_stats() as stats:
-                    fn()
-                startup = f" (start-up of its actors: {stats.runs[-1].main.startup_seconds:.2f} s)"
+                    cold = timed(fn, 1)[0]
+                startup = f" (cold run on fresh actors: {cold:.2f} s, start-up {stats.runs[-1].main.startup_seconds:.2f} s)"
             print(f"  {workload} | {system}: median {medians[system]:.2f} s{startup}", flush=True)
         base = medians["streamproc multiprocessing"]
         rows[-3:] = [(w, s, med, best, med / base) for w, s, med, best in rows[-3:]]  # type: ignore[misc]

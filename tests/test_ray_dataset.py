@@ -26,6 +26,19 @@ def test_from_ray_dataset_streams_its_rows_in_order_on_every_backend() -> None:
     assert wait_until_only_warm_actors() == []
 
 
+def _assigned_resources(_: Any) -> dict[str, float]:
+    return dict(ray.get_runtime_context().get_assigned_resources())
+
+
+def test_cpu_actors_hold_no_cpu_that_ray_data_tasks_need() -> None:
+    # The cause of the flaky test above: CPU actors that reserved one CPU each took both CPUs
+    # of the test cluster, so the Ray Data read tasks behind from_ray_dataset (1 CPU each) never
+    # ran: a deadlock whenever every CPU was free when the run sized its actors.
+    stream = sp.from_iterable(range(4)).set_processing(backend="ray", num_cpu_workers=2, task_size=1)
+    assigned = run_guarded(lambda: stream.map(_assigned_resources).to_list(), RUN_TIMEOUT_S, "ray")
+    assert assigned == [{}] * 4  # no CPU (nor anything else) reserved by the actors
+
+
 def test_to_ray_dataset_round_trip() -> None:
     ds = sp.from_iterable(range(100)).map(lambda x: {"x": x, "y": str(x)}).to_ray_dataset()
     assert isinstance(ds, ray.data.Dataset)

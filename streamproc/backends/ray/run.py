@@ -61,10 +61,11 @@ from ...execution.timing import timed_payloads
 from ...plan import Plan
 from ...stats import RunStats
 from .actor_pool import PoolKey, keep_warm, kill_actors, pool_key, take_warm
+from .actors import ACTOR_START_TIMEOUT_S, RunActor, await_gpu_places, first_line, remote_class, wait_until_gone
 from .cluster import ActorSizing, size_actors
 from .cpu import CPUWorker, RunEnd, TaskResult
 from .dispatch import ActorDispatch
-from .gpu import ActorPlace, ActorStarted, GPUWorker
+from .gpu import ActorStarted, GPUWorker
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
@@ -75,41 +76,9 @@ MAX_TASKS_IN_FLIGHT_PER_ACTOR = 2
 REORDER_WINDOW_TASKS_PER_ACTOR = 4
 #: Upper bound of one wait for results: a KeyboardInterrupt is seen at least this often.
 RESULT_WAIT_TIMEOUT_S = 1.0
-#: How long the actors of a run may take to start (resources, plan and model load) before it fails.
-ACTOR_START_TIMEOUT_S = 120.0
 #: How long the end of a run waits for the actors' part files and stats.
 RUN_END_TIMEOUT_S = 60.0
-#: How long shutdown waits for the killed actors to leave the cluster, and how often it looks.
-SHUTDOWN_WAIT_S = 10.0
-SHUTDOWN_POLL_S = 0.05
-
 _run_ids = itertools.count(1)
-#: ``ray.remote(cls)`` per job (a new job after ``ray.shutdown()``/``ray.init()``): made once, not per run.
-_remote_classes: dict[tuple[str, type], Any] = {}
-
-
-def _remote(ray: ModuleType, cls: type) -> Any:
-    key = (ray.get_runtime_context().get_job_id(), cls)
-    remote = _remote_classes.get(key)
-    if remote is None:
-        remote = _remote_classes[key] = ray.remote(cls)
-    return remote
-
-
-@dataclass
-class _Actor:
-    """One CPU or GPU worker actor of the run: its handle, name, place and generation.
-
-    ``warm``: taken from the pool of a previous run (its process may have died since).
-    """
-
-    handle: Any
-    name: str
-    place: Optional[ActorPlace] = None
-    generation: int = 0
-    warm: bool = False
-
-
 @dataclass(frozen=True)
 class _Starting:
     """A ``begin_run`` call not answered yet: CPU actor ``worker`` of generation ``generation``."""
@@ -143,9 +112,9 @@ class _RayRun:
         self.writers = sink.worker_writers() if sink.in_workers else None
         self.deterministic = plan.options.deterministic
         self.max_task_retries = plan.options.max_task_retries if self.writers is None else 0
-        self.cpu: list[_Actor] = []
-        self.gpu: list[_Actor] = []
-        self.created: list[_Actor] = []  # every actor started, replaced ones included
+        self.cpu: list[RunActor] = []
+        self.gpu: list[RunActor] = []
+        self.created: list[RunActor] = []  # every actor started, replaced ones included
         self.pending: dict[Any, _InFlight] = {}
         self.starting: dict[Any, _Starting] = {}
         self._started_at = time.perf_counter()
@@ -156,7 +125,6 @@ class _RayRun:
         self.dispatch: Optional[ActorDispatch[_InFlight]] = None
         self.payloads: Optional[Iterator[tuple[int, Any]]] = None
         self._plan_ref: Any = None
-        self._cpu_remote: Any = None
         self._sizing: Optional[ActorSizing] = None
         self._records_out = 0
         self._shutdown_lock = threading.Lock()
@@ -197,12 +165,12 @@ class _RayRun:
             self._pool_key = pool_key(ray, sizing.num_cpu_workers)
             warm = take_warm(self._pool_key)
         if warm is not None:
-            self.cpu = [_Actor(handle, name, warm=True) for handle, name in zip(warm.handles, warm.names)]
+            self.cpu = [RunActor(handle, name, warm=True) for handle, name in zip(warm.handles, warm.names)]
             self.created.extend(self.cpu)
         else:
             self.cpu = [self._new_cpu_worker(index) for index in range(sizing.num_cpu_workers)]
         self._plan_ref = ray.put(plan_bytes)
-        self._await_places(self.gpu)  # the CPU actors' processes start meanwhile
+        await_gpu_places(ray, self.gpu, self._asked)  # the CPU actors' processes start meanwhile
         window = REORDER_WINDOW_TASKS_PER_ACTOR * len(self.cpu) if self.deterministic else None
         self.dispatch = ActorDispatch(len(self.cpu), MAX_TASKS_IN_FLIGHT_PER_ACTOR, window, ready=False)
         for index in range(len(self.cpu)):
@@ -215,24 +183,24 @@ class _RayRun:
     def _start_gpu_workers(self, sizing: ActorSizing, forwards_bytes: Optional[bytes]) -> None:
         if not sizing.gpu_devices:
             return
-        remote = _remote(self.ray, GPUWorker)
+        remote = remote_class(self.ray, GPUWorker)
         forwards_ref = self.ray.put(forwards_bytes)  # once for every GPU worker
         for index, device in enumerate(sizing.gpu_devices):
             name = f"{self.token}-gpu-{index}"
             handle = remote.options(name=name, num_cpus=0, num_gpus=sizing.gpus_per_gpu_worker, max_restarts=0).remote(
                 index, device, forwards_ref
             )
-            actor = _Actor(handle, name)
+            actor = RunActor(handle, name)
             self.gpu.append(actor)
             self.created.append(actor)
 
-    def _new_cpu_worker(self, index: int, generation: int = 0) -> _Actor:
+    def _new_cpu_worker(self, index: int, generation: int = 0) -> RunActor:
         name = f"{self.token}-cpu-{index}" + (f"-r{generation}" if generation else "")
         # num_cpus=0: see ActorSizing (no CPU held, by this run or while warm); SPREAD: across nodes.
-        handle = _remote(self.ray, CPUWorker).options(
+        handle = remote_class(self.ray, CPUWorker).options(
             name=name, num_cpus=0, max_restarts=0, scheduling_strategy="SPREAD"
         ).remote(index)
-        actor = _Actor(handle, name, generation=generation)
+        actor = RunActor(handle, name, generation=generation)
         self.created.append(actor)
         return actor
 
@@ -258,7 +226,7 @@ class _RayRun:
                 self.cpu[starting.worker] = self._new_cpu_worker(starting.worker, actor.generation + 1)
                 self._begin_run(starting.worker)
                 return
-            raise WorkerCrashedError(f"{actor.name}, a Ray actor of this run, died while starting: {_first_line(exc)}") from None
+            raise WorkerCrashedError(f"{actor.name}, a Ray actor of this run, died while starting: {first_line(exc)}") from None
         if started.error is not None:  # the plan did not load there: the user's error
             raise started.error
         actor.place = started.place
@@ -276,26 +244,6 @@ class _RayRun:
                 f"the Ray actors of this run did not start within {ACTOR_START_TIMEOUT_S:g} s: the cluster may lack the "
                 f"resources they ask for ({self._asked()}; ray.available_resources() = {self.ray.available_resources()})"
             )
-
-    def _await_places(self, actors: list[_Actor]) -> None:
-        """Waits until the GPU worker ``actors`` are constructed (models loaded); records where they run."""
-        if not actors:
-            return
-        ray = self.ray
-        refs = [actor.handle.place.remote() for actor in actors]
-        try:
-            places = ray.get(refs, timeout=ACTOR_START_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise PipelineShutdownError(
-                f"the Ray actors of this run did not start within {ACTOR_START_TIMEOUT_S:g} s: the cluster may lack the "
-                f"resources they ask for ({self._asked()}; ray.available_resources() = {ray.available_resources()})"
-            ) from None
-        except ray.exceptions.RayActorError as exc:  # the process died while starting (a load error is data)
-            raise WorkerCrashedError(f"a Ray actor of this run died while starting: {_first_line(exc)}") from None
-        for actor, started in zip(actors, places):
-            if started.error is not None:  # the constructor or the model load raised: the user's error
-                raise started.error
-            actor.place = started.place
 
     def _asked(self) -> str:
         sizing = self._sizing
@@ -402,7 +350,7 @@ class _RayRun:
             held = sorted([flight.task.task_key, *queued])
             raise WorkerCrashedError(
                 f"{where} died holding task(s) {', '.join(map(str, held))}{retried} (one running, the others queued): "
-                f"{_first_line(exc)}"
+                f"{first_line(exc)}"
             ) from None
         if actor.generation == flight.generation:  # the first of its tasks to report the death
             self.cpu[flight.worker] = self._new_cpu_worker(flight.worker, actor.generation + 1)
@@ -456,18 +404,4 @@ class _RayRun:
         kill_actors([actor.handle for actor in to_kill])
         if not to_kill:
             return
-        names = {actor.name for actor in to_kill}
-        deadline = time.monotonic() + SHUTDOWN_WAIT_S
-        while time.monotonic() < deadline:
-            try:
-                alive = {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)}
-            except Exception:  # the driver is disconnecting: nothing more to wait for
-                return
-            if not names & alive:
-                return
-            time.sleep(SHUTDOWN_POLL_S)  # the GCS has no wait-for-death call: poll, bounded by the deadline
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+        wait_until_gone(ray, [actor.name for actor in to_kill])
