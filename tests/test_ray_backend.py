@@ -111,8 +111,9 @@ def test_a_completed_run_keeps_its_cpu_actors_warm_for_the_next_one() -> None:
     kept = warm_actor_names()
     assert len(kept) == 2 and wait_until_only_warm_actors() == [] and sorted(streamproc_actors()) == sorted(kept)
     second = set(run(lambda: stream.set_processing(**RAY).to_list(), "the same sizing again"))
-    assert second == first and len(first) == 2  # the same two actor processes ran both runs
-    assert warm_actor_names() == kept
+    # The same actors served the second run (fresh ones would have new names and processes).
+    # Which of the two ran tasks is timing: the first actor to start may run them all.
+    assert warm_actor_names() == kept and len(first | second) <= 2
     # Another number of CPU workers: the warm set is killed, the new run's actors are kept instead.
     assert run(lambda: numbers().map(double).set_processing(backend="ray", num_cpu_workers=1).to_list(), "1 actor") == [
         2 * x for x in range(3000)

@@ -16,7 +16,7 @@ import pytest
 import streamproc as sp
 from tests.hang_guard import run_guarded
 from tests.ray_cluster import OBJECT_STORE_BYTES, reconnect, wait_until_only_warm_actors
-from tests.ray_fakes import tag_with_node
+from tests.ray_fakes import TagWithNodeOnceAllStarted
 
 pytestmark = [pytest.mark.ray]
 
@@ -54,10 +54,12 @@ def numbers() -> sp.Stream:
 
 def test_tasks_run_and_parts_are_written_on_several_nodes(two_nodes: Any, tmp_path: Any) -> None:
     options = {"backend": "ray", "num_cpu_workers": 2}
-    tagged = numbers().map(tag_with_node)
+    def tagged(barrier: str) -> sp.Stream:  # each run: its own barrier (the second runs on the warm actors)
+        (tmp_path / barrier).mkdir()
+        return numbers().map(TagWithNodeOnceAllStarted(str(tmp_path / barrier), actors=2))
 
     # deterministic: the driver writes, in order; the records say which node ran each task
-    records = run_guarded(lambda: tagged.set_processing(**options).to_list(), RUN_TIMEOUT_S, "2-node run")
+    records = run_guarded(lambda: tagged("run").set_processing(**options).to_list(), RUN_TIMEOUT_S, "2-node run")
     assert [r["x"] for r in records] == numbers().to_list()
     assert len({r["node"] for r in records}) == 2
 
@@ -65,7 +67,7 @@ def test_tasks_run_and_parts_are_written_on_several_nodes(two_nodes: Any, tmp_pa
     out, expected_dir = tmp_path / "ray", tmp_path / "simple"
     numbers().map(lambda x: {"x": x}).set_processing(backend="simple").write_parquet(str(expected_dir), rows_per_file=200)
     run_guarded(
-        lambda: tagged.set_processing(**options, deterministic=False).write_parquet(str(out), rows_per_file=200),
+        lambda: tagged("write").set_processing(**options, deterministic=False).write_parquet(str(out), rows_per_file=200),
         RUN_TIMEOUT_S, "2-node write",
     )
     names = sorted(n for n in os.listdir(out) if n.endswith(".parquet"))

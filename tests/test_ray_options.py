@@ -76,8 +76,17 @@ def test_device_groups_are_refused_on_ray() -> None:
         size_actors(plan_of(gpu=True, gpu_worker_devices=[("cpu", "cpu")]), cluster_cpus=2, cluster_gpus=2)
 
 
+@pytest.mark.ray  # needs Ray installed, not a cluster: refused before joining one
 def test_task_timeout_is_refused_at_run_start() -> None:
     pytest.importorskip("ray")
     stream = sp.from_iterable(range(3)).set_processing(backend="ray", task_timeout=5)
     with pytest.raises(ValueError, match="task_timeout=5 is not available with backend='ray'"):
         stream.to_list()
+
+
+def test_cpu_actors_are_spread_over_the_nodes_by_their_cpus() -> None:
+    from streamproc.backends.ray.cluster import spread_over_nodes
+
+    assert spread_over_nodes(2, {"head": 1, "worker": 1}) == ["head", "worker"]
+    assert spread_over_nodes(6, {"a": 4, "b": 2, "gpu-only": 0}) == ["a", "b", "a", "a", "b", "a"]
+    assert spread_over_nodes(1, {"no-cpu": 0}) == [None]  # Ray places it

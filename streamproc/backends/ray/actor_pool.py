@@ -32,8 +32,12 @@ from typing import Any, Optional
 
 @dataclass(frozen=True)
 class PoolKey:
-    """What a warm set must match to serve a run: the cluster connection (a job) and the size."""
+    """What a warm set must match to serve a run: the cluster and this driver's job on it, and the size.
 
+    Job ids restart at 1 on every cluster: the cluster's GCS address tells two clusters apart.
+    """
+
+    cluster: str
     job_id: str
     num_cpu_workers: int
 
@@ -53,7 +57,8 @@ _idle: Optional[WarmActors] = None
 
 def pool_key(ray: Any, num_cpu_workers: int) -> PoolKey:
     """The key of a run on the cluster this driver is connected to now (main process)."""
-    return PoolKey(ray.get_runtime_context().get_job_id(), num_cpu_workers)
+    context = ray.get_runtime_context()
+    return PoolKey(context.gcs_address, context.get_job_id(), num_cpu_workers)
 
 
 def take_warm(key: PoolKey) -> Optional[WarmActors]:
@@ -65,7 +70,7 @@ def take_warm(key: PoolKey) -> Optional[WarmActors]:
         return None
     if idle.key == key:
         return idle
-    if idle.key.job_id == key.job_id:  # the option changed: it will not serve again
+    if (idle.key.cluster, idle.key.job_id) == (key.cluster, key.job_id):  # the option changed: it will not serve again
         kill_actors(idle.handles)
     # Another job: this driver called ray.shutdown() since, and the actors died with their job.
     return None

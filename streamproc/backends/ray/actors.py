@@ -23,12 +23,13 @@ SHUTDOWN_WAIT_S = 10.0
 SHUTDOWN_POLL_S = 0.05
 
 #: ``ray.remote(cls)`` per job (a new job after ``ray.shutdown()``/``ray.init()``): made once, not per run.
-_remote_classes: dict[tuple[str, type], Any] = {}
+_remote_classes: dict[tuple[str, str, type], Any] = {}
 
 
 def remote_class(ray: Any, cls: type) -> Any:
     """``ray.remote(cls)``, made once per job."""
-    key = (ray.get_runtime_context().get_job_id(), cls)
+    context = ray.get_runtime_context()
+    key = (context.gcs_address, context.get_job_id(), cls)
     remote = _remote_classes.get(key)
     if remote is None:
         remote = _remote_classes[key] = ray.remote(cls)

@@ -130,3 +130,41 @@ def _gpu_worker_devices(plan: Plan) -> tuple[Optional[str], ...]:
         # On a cluster Ray assigns each actor its GPU(s): "cuda:3" cannot name one of them.
         devices.append("cpu" if spec == "cpu" else None)
     return tuple(devices)
+
+
+def spread_over_nodes(num_actors: int, node_cpus: dict[str, float]) -> list[Optional[str]]:
+    """The node of each CPU worker actor: the nodes' CPUs shared out in proportion (pure; main process).
+
+    CPU worker actors reserve no CPU (see :class:`ActorSizing`), and Ray's ``"SPREAD"``
+    strategy does not spread actors that ask for nothing: they all land on one node. So the
+    driver places them: actor ``i`` goes to the node with the fewest actors per CPU so far
+    (the first such node in ``node_cpus`` order on a tie). None for every actor when no node
+    has a CPU (Ray then places them).
+
+    >>> spread_over_nodes(4, {"a": 1, "b": 1})
+    ['a', 'b', 'a', 'b']
+    >>> spread_over_nodes(3, {"big": 2, "small": 1})
+    ['big', 'small', 'big']
+    >>> spread_over_nodes(2, {})
+    [None, None]
+    """
+    nodes = {node: cpus for node, cpus in node_cpus.items() if cpus > 0}
+    if not nodes:
+        return [None] * num_actors
+    assigned = dict.fromkeys(nodes, 0)
+    order = list(nodes)
+    placed: list[Optional[str]] = []
+    for _ in range(num_actors):
+        node = min(order, key=lambda n: (assigned[n] / nodes[n], order.index(n)))
+        assigned[node] += 1
+        placed.append(node)
+    return placed
+
+
+def alive_node_cpus(ray: ModuleType) -> dict[str, float]:
+    """The CPUs of each alive node of the cluster, by node id, in Ray's order (main process)."""
+    return {
+        node["NodeID"]: float(node.get("Resources", {}).get("CPU", 0))
+        for node in ray.nodes()
+        if node.get("Alive")
+    }

@@ -62,7 +62,7 @@ from ...plan import Plan
 from ...stats import RunStats
 from .actor_pool import PoolKey, keep_warm, kill_actors, pool_key, take_warm
 from .actors import ACTOR_START_TIMEOUT_S, RunActor, await_gpu_places, first_line, remote_class, wait_until_gone
-from .cluster import ActorSizing, size_actors
+from .cluster import ActorSizing, alive_node_cpus, size_actors, spread_over_nodes
 from .cpu import CPUWorker, RunEnd, TaskResult
 from .dispatch import ActorDispatch
 from .gpu import ActorStarted, GPUWorker
@@ -121,6 +121,8 @@ class _RayRun:
         self._first_ready = False
         self._completed = False
         self._pool_key: Optional[PoolKey] = None
+        self._nodes: Optional[list[Optional[str]]] = None
+        self._num_cpu = 0
         self.reorder = ReorderBuffer(self.deterministic)
         self.dispatch: Optional[ActorDispatch[_InFlight]] = None
         self.payloads: Optional[Iterator[tuple[int, Any]]] = None
@@ -168,6 +170,7 @@ class _RayRun:
             self.cpu = [RunActor(handle, name, warm=True) for handle, name in zip(warm.handles, warm.names)]
             self.created.extend(self.cpu)
         else:
+            self._num_cpu = sizing.num_cpu_workers
             self.cpu = [self._new_cpu_worker(index) for index in range(sizing.num_cpu_workers)]
         self._plan_ref = ray.put(plan_bytes)
         await_gpu_places(ray, self.gpu, self._asked)  # the CPU actors' processes start meanwhile
@@ -196,9 +199,18 @@ class _RayRun:
 
     def _new_cpu_worker(self, index: int, generation: int = 0) -> RunActor:
         name = f"{self.token}-cpu-{index}" + (f"-r{generation}" if generation else "")
-        # num_cpus=0: see ActorSizing (no CPU held, by this run or while warm); SPREAD: across nodes.
+        if self._nodes is None:  # once per run: the alive nodes' CPUs decide where its actors go
+            self._nodes = spread_over_nodes(len(self.cpu) or self._num_cpu, alive_node_cpus(self.ray))
+        node = self._nodes[index]
+        # num_cpus=0: see ActorSizing (no CPU held, by this run or while warm). soft: a lost node's
+        # replacement goes elsewhere.
+        strategy: Any = "SPREAD"
+        if node is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            strategy = NodeAffinitySchedulingStrategy(node, soft=True)
         handle = remote_class(self.ray, CPUWorker).options(
-            name=name, num_cpus=0, max_restarts=0, scheduling_strategy="SPREAD"
+            name=name, num_cpus=0, max_restarts=0, scheduling_strategy=strategy
         ).remote(index)
         actor = RunActor(handle, name, generation=generation)
         self.created.append(actor)
