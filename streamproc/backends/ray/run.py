@@ -201,14 +201,16 @@ class _RayRun:
         name = f"{self.token}-cpu-{index}" + (f"-r{generation}" if generation else "")
         if self._nodes is None:  # once per run: the alive nodes' CPUs decide where its actors go
             self._nodes = spread_over_nodes(len(self.cpu) or self._num_cpu, alive_node_cpus(self.ray))
-        node = self._nodes[index]
-        # num_cpus=0: see ActorSizing (no CPU held, by this run or while warm). soft: a lost node's
-        # replacement goes elsewhere.
+        node = self._nodes[index] if generation == 0 else None
+        # num_cpus=0: see ActorSizing (no CPU held, by this run or while warm). A hard affinity:
+        # a soft one falls back to the driver's node whenever the chosen raylet is slow to
+        # answer (a loaded machine), which left every actor on one node. A replacement (its
+        # node may be the one lost) goes wherever Ray spreads it.
         strategy: Any = "SPREAD"
         if node is not None:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            strategy = NodeAffinitySchedulingStrategy(node, soft=True)
+            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
         handle = remote_class(self.ray, CPUWorker).options(
             name=name, num_cpus=0, max_restarts=0, scheduling_strategy=strategy
         ).remote(index)
