@@ -411,6 +411,13 @@ class Stream:
         import_datasets("to_huggingface()")
         return table_to_dataset(self.to_arrow(schema))
 
+    def to_ray_dataset(self, schema: Any = None) -> Any:
+        """Runs the stream and returns a ``ray.data.Dataset`` over ``to_arrow(schema)`` (needs ``streamproc[ray]``)."""
+        from .io.ray_dataset import import_ray_for, table_to_ray_dataset
+
+        import_ray_for("to_ray_dataset()")  # before running the stream
+        return table_to_ray_dataset(self.to_arrow(schema))
+
     def __repr__(self) -> str:
         lines = [f"Stream({self._source.describe()}"]
         lines += [f"  .{op.describe()}" for op in self._ops]
