@@ -27,8 +27,9 @@ Example subclass (a source of the squares of ``n`` numbers, read in the workers)
             return f"squares({self.n})"
 
 Ordering guarantee: concatenating ``read_task(p)`` over ``iter_tasks()`` in order gives the
-source's records in order; payload boundaries depend only on the source and ``task_size``,
-never on the number of workers.
+source's records in order; payload boundaries depend only on the source and ``task_size``
+(and, for an iterable, on its records' sizes: see NOTE [ streamproc byte bounds ] in
+:mod:`streamproc.execution.byte_budget`), never on timing or on the number of workers.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ class Source(ABC):
             if not chunk:
                 return
             yield chunk
+
+    def task_bytes(self, payload: Any) -> int:
+        """An estimate of the bytes task ``payload`` brings into flight (main process, cheap:
+        called once per task by the dispatcher, which bounds their sum; see NOTE [ streamproc
+        byte bounds ]). The default, 0, means "small": the payload names where the records are
+        and their count bounds it. Sources whose tasks carry records, or whose metadata says
+        how big a task is, override it."""
+        return 0
 
     def locate(self, payload: Any, row: int | None = None) -> str:
         """Where task ``payload`` (and its record number ``row``, counted from 0) is in the input,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import reprlib
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any, NamedTuple, Optional
 
+from ..execution.byte_budget import TASK_TARGET_BYTES, fill_task
 from .base import Source, row_ranges
 
 
@@ -22,14 +22,19 @@ def _short_repr(obj: Any, limit: int = 40) -> str:
 
 class ItemsTask(NamedTuple):
     """The payload of one task of an iterable: ``items`` are the iterable's items ``start``,
-    ``start + 1``, ... (counted from 0)."""
+    ``start + 1``, ... (counted from 0); ``nbytes`` their estimated size (see :func:`fill_task`)."""
 
     start: int
     items: list[Any]
+    nbytes: int = 0
 
 
 class IterableSource(Source):
     """Records from an iterable, pulled lazily ``task_size`` at a time in the main process.
+
+    A task also ends at about ``TASK_TARGET_BYTES`` of records (estimated from a sample,
+    :func:`~streamproc.execution.byte_budget.fill_task`), so 1 MiB records make tasks of a few
+    records: the cut depends only on the records, so every run and backend sees the same tasks.
 
     A generator can be consumed only once: running the stream a second time yields what is
     left of it. The iterable stays in the main process; workers receive the records.
@@ -46,7 +51,7 @@ class IterableSource(Source):
         while True:
             records: list[Any] = []
             try:
-                records.extend(itertools.islice(iterator, task_size))
+                nbytes = fill_task(iterator, records, task_size, TASK_TARGET_BYTES)
             except Exception:
                 # Emit what the source gave before failing, then fail: outputs of the first k
                 # records come out before the source's error, as with a plain generator chain.
@@ -55,8 +60,11 @@ class IterableSource(Source):
                 raise
             if not records:
                 return
-            yield ItemsTask(start, records)
+            yield ItemsTask(start, records, nbytes)
             start += len(records)
+
+    def task_bytes(self, payload: ItemsTask) -> int:
+        return payload.nbytes
 
     def read_task(self, payload: ItemsTask) -> Iterator[Any]:
         return iter(payload.items)
