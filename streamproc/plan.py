@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from .execution.granularity import finer_task_size
 from .execution.selection import TaskSelection
 from .execution.sharding import resolve_shard
 from .io.base import Source
@@ -86,6 +87,15 @@ def default_task_size(ops: tuple[Op, ...]) -> int:
     return max([DEFAULT_TASK_SIZE, *sizes])
 
 
+def _default_task_size_for(source: Source, ops: tuple[Op, ...]) -> int:
+    """:func:`default_task_size`, cut finer for a small input of known length (see :mod:`.execution.granularity`)."""
+    task_size = default_task_size(ops)
+    if not source.tasks_follow_task_size:
+        return task_size
+    batches = [op.batch_size.value for op in ops if isinstance(op, BatchedOp) and op.batch_size and op.batch_size.unit == "records"]
+    return finer_task_size(task_size, source.num_records(), max([1, *batches]))
+
+
 def task_selection_for(
     options: ProcessingOptions, tasks_per_group: int = 1, done_groups: Iterable[int] = ()
 ) -> Optional[TaskSelection]:
@@ -122,6 +132,6 @@ def build_plan(stream: Stream) -> Plan:
     options.check_combination()
     default_size = options.batch_size or DEFAULT_BATCH_SIZE
     ops = tuple(op.resolved(default_size, options.batch_by) if isinstance(op, BatchedOp) else op for op in stream.ops)
-    task_size = options.task_size or default_task_size(ops)
+    task_size = options.task_size or _default_task_size_for(stream.source, ops)
     selection = task_selection_for(options)
     return Plan(stream.source, make_stages(ops), options, task_size, chunk_size=task_size, task_selection=selection)

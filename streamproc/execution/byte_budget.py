@@ -22,11 +22,13 @@ NOTE [ streamproc byte bounds ]
     so resume and the part layout see the same tasks in every run. The dispatcher then
     bounds, with ``B = ByteBudget``::
 
-        in_flight_bytes <= B.in_flight_bytes + (one task)      (tasks sent, not finished)
-        reorder_bytes   <= B.reorder_bytes + (one task's outputs per worker)
+        in_flight_bytes <= B.in_flight_bytes + W * (largest task)    (tasks sent, not finished)
+        reorder_bytes   <= B.reorder_bytes + (outputs of the tasks in flight)
 
-    A worker with no task in flight may always take one, and the oldest unreleased task may
-    always be handed out, so no bound can deadlock a run.
+    with ``W`` workers: a task goes out only while ``in_flight_bytes < B.in_flight_bytes``,
+    or to a worker with nothing in flight (never fewer than one task per worker; above the
+    budget, each worker holds one task at most). The oldest unreleased task may always be
+    handed out, so no bound can deadlock a run.
 """
 
 from __future__ import annotations
@@ -136,12 +138,14 @@ def fill_task(iterator: Iterator[Any], records: list[Any], task_size: int, targe
     nbytes = 0
     step = 1
     while len(records) < task_size and nbytes < target_bytes:
-        segment = list(itertools.islice(iterator, min(step, task_size - len(records))))
-        if not segment:
+        before = len(records)
+        # extend() keeps each item as it comes: what was pulled before a raise stays in records.
+        records.extend(itertools.islice(iterator, min(step, task_size - before)))
+        pulled = len(records) - before
+        if not pulled:
             break
-        records.extend(segment)
-        per_record = max(estimate_bytes(segment[0]), estimate_bytes(segment[-1]))
-        nbytes += per_record * len(segment)
+        per_record = max(estimate_bytes(records[before]), estimate_bytes(records[-1]))
+        nbytes += per_record * pulled
         fits = -(-(target_bytes - nbytes) // per_record)  # records that still fit, by this sample
         step = max(1, min(SEGMENT_GROWTH * len(records), fits))
     return nbytes

@@ -11,9 +11,10 @@ is free gets the next task. Two bounds keep memory flat whatever the input size:
 
 and, with a :class:`~.byte_budget.ByteBudget`, two in bytes (see NOTE [ streamproc byte bounds ]):
 
-* ``in_flight_bytes <= budget.in_flight_bytes + (one task)``: a task is handed out only while
-  the estimated bytes of the tasks in flight (``task_bytes(payload)``, summed) are under the
-  budget, unless its worker has none in flight (never fewer than one task per worker);
+* ``in_flight_bytes <= budget.in_flight_bytes + num_workers * (largest task)``: a task is
+  handed out only while the estimated bytes of the tasks in flight (``task_bytes(payload)``,
+  summed) are under the budget, unless its worker has none in flight (never fewer than one
+  task per worker; over the budget a worker holds one task at most);
 * deterministic runs: task ``index > released`` is handed out only while the outputs the
   reorder buffer holds (``reorder_bytes``, told by :meth:`TaskDispatcher.set_released`) are
   under ``budget.reorder_bytes``; task ``released`` itself always may go, so the run advances.

@@ -54,6 +54,11 @@ def row_ranges(rows: int, task_size: int) -> Iterator[tuple[int, int]]:
 class Source(ABC):
     """Where records come from. Instances are pickled (with dill) to each worker once."""
 
+    #: Whether tasks are runs of ``task_size`` records and :meth:`num_records` is cheap (an
+    #: in-memory list, DataFrame or table): the plan may then cut a small input finer
+    #: (:func:`streamproc.execution.granularity.finer_task_size`) when ``task_size`` is not set.
+    tasks_follow_task_size: bool = False
+
     @abstractmethod
     def iter_tasks(self, task_size: int) -> Iterator[Any]:
         """Yields task payloads in source order (main process)."""

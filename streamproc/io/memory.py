@@ -40,6 +40,8 @@ class IterableSource(Source):
     left of it. The iterable stays in the main process; workers receive the records.
     """
 
+    tasks_follow_task_size = True  # num_records(): a len() or None
+
     def __init__(self, iterable: Iterable[Any]) -> None:
         if not isinstance(iterable, Iterable):
             raise TypeError(f"from_iterable() needs an iterable, got {type(iterable).__name__}")
@@ -99,6 +101,8 @@ class PandasSource(Source):
 
     Tasks are row ranges; workers receive the DataFrame once, with the stream.
     """
+
+    tasks_follow_task_size = True
 
     def __init__(self, df: Any) -> None:
         import pandas as pd
