@@ -50,7 +50,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import psutil
-
 from _machine import cpu_model_name
 
 CASES = {"64k": (20_000, 64 * 1024), "1m": (2_000, 1024 * 1024)}
@@ -162,7 +161,8 @@ def memory_mode(cases: list[str], engines: list[str]) -> None:
         for engine in engines:
             row = measure(engine, case)
             rows.append(row)
-            print(f"  {case:>4} {engine:<10} peak {row['peak_mb']:8.0f} MB  wall {row['wall_s']:6.1f} s  ok={row['ok']}", flush=True)
+            peak, wall = row["peak_mb"], row["wall_s"]
+            print(f"  {case:>4} {engine:<10} peak {peak:8.0f} MB  wall {wall:6.1f} s  ok={row['ok']}", flush=True)
     print(f"\nMachine: {os.cpu_count()} CPUs, {cpu_model_name()}; Python {sys.version.split()[0]}")
     print("| case | engine | peak RSS, process tree (MB) | wall (s) | output checked |")
     print("| --- | --- | ---: | ---: | --- |")

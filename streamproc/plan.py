@@ -92,7 +92,9 @@ def _default_task_size_for(source: Source, ops: tuple[Op, ...]) -> int:
     task_size = default_task_size(ops)
     if not source.tasks_follow_task_size:
         return task_size
-    batches = [op.batch_size.value for op in ops if isinstance(op, BatchedOp) and op.batch_size and op.batch_size.unit == "records"]
+    batches = [
+        op.batch_size.value for op in ops if isinstance(op, BatchedOp) and op.batch_size and op.batch_size.unit == "records"
+    ]
     return finer_task_size(task_size, source.num_records(), max([1, *batches]))
 
 

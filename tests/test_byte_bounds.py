@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -36,7 +36,7 @@ from streamproc.execution.dispatch import TaskDispatcher
 from streamproc.execution.granularity import MIN_TASK_RECORDS, finer_task_size
 from streamproc.execution.reorder import ReorderBuffer
 from streamproc.execution.task import TaskOutput
-from streamproc.io.memory import IterableSource, ItemsTask
+from streamproc.io.memory import ItemsTask, IterableSource
 from streamproc.plan import build_plan
 from tests.hang_guard import run_guarded
 from tests.parquet_dirs import FailsWhileFileExists, snapshot
@@ -156,7 +156,9 @@ def test_dispatcher_bounds_the_bytes_in_flight_under_a_random_schedule():
     sizes = [rng.choice([1, 10, 100, 1000]) for _ in range(400)]
     budget = ByteBudget(in_flight_bytes=1500, reorder_bytes=10**9)
     workers, max_in_flight = 3, 4
-    dispatcher = TaskDispatcher(enumerate(iter(sizes)), workers, max_in_flight, None, byte_budget=budget, task_bytes=lambda size: size)
+    dispatcher = TaskDispatcher(
+        enumerate(iter(sizes)), workers, max_in_flight, None, byte_budget=budget, task_bytes=lambda size: size
+    )
     held: list[list[int]] = [[] for _ in range(workers)]
     handed = 0
     while handed < len(sizes) or any(held):
@@ -254,7 +256,7 @@ def task_of(record: dict[str, Any]) -> dict[str, Any]:
 class _RecordingDispatcher(TaskDispatcher):
     """A dispatcher that remembers itself and the largest reorder bytes it was told."""
 
-    made: list[_RecordingDispatcher] = []
+    made: ClassVar[list[_RecordingDispatcher]] = []
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
