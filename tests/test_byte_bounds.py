@@ -44,7 +44,7 @@ from tests.utils import assert_same_as_simple, effective_backend
 
 GUARD_S = 120
 MIB = 1024 * 1024
-#: 48 records of 1 MiB: 12 tasks of 4 records (TASK_TARGET_BYTES = 4 MiB), 1,024 by count.
+#: 48 records of 1 MiB: 48 tasks of 1 record (TASK_TARGET_BYTES = 1 MiB), 1 task by count.
 BIG_RECORDS = 48
 
 
@@ -127,6 +127,19 @@ def test_the_cut_depends_on_the_records_only():
 def test_a_record_larger_than_the_target_is_a_task_of_its_own():
     records = [b"x" * (3 * TASK_TARGET_BYTES)] * 3
     assert task_sizes(IterableSource(records), 1024) == [1, 1, 1]
+
+
+def test_big_records_still_make_full_batches(backend_options):
+    # Batches never span tasks: a task cut by bytes keeps the plan's largest batch (8 records).
+    records = [big_record(i) for i in range(20)]
+    stream = sp.from_iterable(records).map_batches(batch_sizes, batch_size=8)
+    out = run_guarded(lambda: assert_same_as_simple(stream, **backend_options), GUARD_S, "full batches vs simple")
+    assert [r["batch"] for r in out] == [8] * 16 + [4] * 4
+    assert [r["id"] for r in out] == list(range(20))
+
+
+def batch_sizes(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": r["id"], "batch": len(batch)} for r in batch]
 
 
 def test_fill_task_keeps_what_it_pulled_when_the_source_raises():
@@ -306,7 +319,7 @@ def test_reorder_bytes_stay_within_the_budget_plus_the_tasks_in_flight(small_bud
     out = run_guarded(lambda: stream.to_list(), GUARD_S, "1 MiB outputs")
     assert [r["id"] for r in out] == list(range(BIG_RECORDS)) and out[5]["blob"] == records[5]["blob"]
     (dispatcher,) = small_budget
-    task_message = 5 * MIB  # one task's outputs (4 records of 1 MiB), pickled, with a margin
+    task_message = 2 * MIB  # one task's outputs (1 record of 1 MiB), pickled, with a margin
     bound = SMALL_BUDGET.reorder_bytes + 2 * mp_run.MAX_TASKS_IN_FLIGHT_PER_WORKER * task_message
     assert dispatcher.peak_reorder_bytes <= bound < BIG_RECORDS * MIB
 
@@ -329,7 +342,7 @@ def test_byte_cut_tasks_are_the_same_for_every_backend_and_worker_count(backend_
     ids=lambda c: c["backend"],
 )
 def test_resume_over_byte_cut_tasks_completes_the_uninterrupted_output(tmp_path, config):
-    records = [{"x": i, "blob": b"z" * (512 * 1024)} for i in range(40)]  # tasks of 8 records
+    records = [{"x": i, "blob": b"z" * (512 * 1024)} for i in range(40)]  # tasks of 2 records
     layout = {"rows_per_file": 16, "row_group_size": 8}  # G = 16 // 16 = 1 task per part
 
     def write(stream: sp.Stream, out: Any, **kwargs: Any) -> None:
@@ -344,7 +357,7 @@ def test_resume_over_byte_cut_tasks_completes_the_uninterrupted_output(tmp_path,
     flag.unlink()
     write(failing.set_processing(task_size=16, **config), tmp_path / "out", resume=True)
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "reference")
-    assert len(list((tmp_path / "reference").glob("part-*.parquet"))) == 5  # 40 records / 8 per task
+    assert len(list((tmp_path / "reference").glob("part-*.parquet"))) == 20  # 40 records / 2 per task
 
 
 def same_x(record: dict[str, Any]) -> dict[str, Any]:

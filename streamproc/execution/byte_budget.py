@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 #: A task of an in-memory or lazy iterable stops growing at about this many bytes (estimated):
-#: 1 MiB records make tasks of 4 records, not of 1,024 (1 GB). Large enough that a task's fixed
-#: cost (a message, a dispatch) is small next to copying it; small enough that 2 tasks per
-#: worker and the reorder window stay at tens of MB.
-TASK_TARGET_BYTES = 4 * 1024 * 1024
+#: 1 MiB records make tasks of 1 record (but a batch: see ``min_records``), not of 1,024 (1 GB).
+#: Measured with benchmarks/bench_memory.py (20k x 64 KiB records, 2 workers): 4 MiB tasks
+#: peaked at 166 MB for the process tree, 1 MiB at 95 MB, 256 KiB at 75 MB (an idle tree of 3
+#: processes is about 70 MB), none slower; smaller tasks pay a task's fixed cost more often.
+TASK_TARGET_BYTES = 1024 * 1024
 #: The byte budget of a run is this fraction of the memory available when it starts...
 AVAILABLE_MEMORY_FRACTION = 0.125
 #: ... capped here (a few hundred MB keep the pipes busy; more only buffers) ...
@@ -113,10 +114,13 @@ def _scaled(sampled_total: int, sampled: int, length: int) -> int:
     return OBJECT_BYTES + (sampled_total * length) // sampled
 
 
-def fill_task(iterator: Iterator[Any], records: list[Any], task_size: int, target_bytes: int = TASK_TARGET_BYTES) -> int:
+def fill_task(
+    iterator: Iterator[Any], records: list[Any], task_size: int, target_bytes: int = TASK_TARGET_BYTES, min_records: int = 1
+) -> int:
     """Pulls one task's records from ``iterator`` into ``records``; returns their estimated bytes.
 
-    Stops at ``task_size`` records, when the estimate reaches ``target_bytes``, or at the
+    Stops at ``task_size`` records, when the estimate reaches ``target_bytes`` (but not before
+    ``min_records``: the plan's largest batch, since batches never span tasks), or at the
     iterator's end. Records are pulled in segments (1 record, then each segment
     :data:`SEGMENT_GROWTH` times the records so far, and never more than the estimate says
     still fit); a segment is sized by :func:`estimate_bytes` of its first and last records
@@ -132,12 +136,15 @@ def fill_task(iterator: Iterator[Any], records: list[Any], task_size: int, targe
     >>> fill_task(it, task, task_size=8, target_bytes=3000), len(task)
     (3096, 3)
     >>> task = []
+    >>> fill_task(it, task, task_size=8, target_bytes=3000, min_records=5), len(task)
+    (5160, 5)
+    >>> task = []
     >>> fill_task(iter(range(100)), task, task_size=64) == 64 * OBJECT_BYTES, len(task)
     (True, 64)
     """
     nbytes = 0
-    step = 1
-    while len(records) < task_size and nbytes < target_bytes:
+    step = max(1, min(min_records, task_size))
+    while len(records) < task_size and (nbytes < target_bytes or len(records) < min_records):
         before = len(records)
         # extend() keeps each item as it comes: what was pulled before a raise stays in records.
         records.extend(itertools.islice(iterator, min(step, task_size - before)))
@@ -147,7 +154,7 @@ def fill_task(iterator: Iterator[Any], records: list[Any], task_size: int, targe
         per_record = max(estimate_bytes(records[before]), estimate_bytes(records[-1]))
         nbytes += per_record * pulled
         fits = -(-(target_bytes - nbytes) // per_record)  # records that still fit, by this sample
-        step = max(1, min(SEGMENT_GROWTH * len(records), fits))
+        step = max(1, min_records - len(records), min(SEGMENT_GROWTH * len(records), fits))
     return nbytes
 
 

@@ -67,6 +67,12 @@ class Source(ABC):
     def read_task(self, payload: Any) -> Iterator[Any]:
         """Yields the records of one task (where the task runs)."""
 
+    def iter_tasks_of_plan(self, task_size: int, min_task_records: int) -> Iterator[Any]:
+        """The payloads a run uses (main process): :meth:`iter_tasks`, except that a source
+        cutting tasks by bytes as well (an iterable) keeps at least ``min_task_records`` records
+        in each task but the last (the plan's largest batch: batches never span tasks)."""
+        return self.iter_tasks(task_size)
+
     def read_task_chunks(self, payload: Any, chunk_size: int) -> Iterator[list[Any]]:
         """The records of one task as lists of at most ``chunk_size`` (override when cheaper)."""
         records = iter(self.read_task(payload))

@@ -48,12 +48,15 @@ class IterableSource(Source):
         self.iterable = iterable
 
     def iter_tasks(self, task_size: int) -> Iterator[ItemsTask]:
+        return self.iter_tasks_of_plan(task_size, 1)
+
+    def iter_tasks_of_plan(self, task_size: int, min_task_records: int) -> Iterator[ItemsTask]:
         iterator = iter(self.iterable)
         start = 0
         while True:
             records: list[Any] = []
             try:
-                nbytes = fill_task(iterator, records, task_size, TASK_TARGET_BYTES)
+                nbytes = fill_task(iterator, records, task_size, TASK_TARGET_BYTES, min_task_records)
             except Exception:
                 # Emit what the source gave before failing, then fail: outputs of the first k
                 # records come out before the source's error, as with a plain generator chain.
