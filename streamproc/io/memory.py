@@ -91,6 +91,11 @@ class IterableSource(Source):
             return len(self.iterable)
         return None
 
+    def num_tasks(self, task_size: int) -> Optional[int]:
+        """A lower bound: ``ceil(len / task_size)`` of a sized iterable (tasks of big records
+        hold fewer records: counting them would size every record); None for a generator."""
+        return super().num_tasks(task_size)
+
     def describe(self) -> str:
         return f"from_iterable({_short_repr(self.iterable)})"
 
