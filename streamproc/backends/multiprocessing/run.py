@@ -75,6 +75,7 @@ from .messages import (
 from .pool import KILL_JOIN_TIMEOUT_S, SHUTDOWN_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
 from .recovery import RecoveryMixin, WorkerAssignment
 from .retries import TaskRetries
+from .tensor_transport import sweep_segments
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
@@ -398,6 +399,7 @@ class _Run(RecoveryMixin):
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
         stuck = self._join_feeders()
         self.pool.shutdown(broken=broken or stuck)
+        sweep_segments()  # what killed workers left in /dev/shm (see tensor_transport)
         # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
         for report in self.pool.final_reports:
             self._add_worker_stats(report)
