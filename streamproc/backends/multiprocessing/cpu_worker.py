@@ -26,6 +26,7 @@ from ...execution.task import Task, run_task
 from ...execution.timing import StageTimer
 from ...gpu.forward import phased
 from ...gpu.model_cache import ModelSettings
+from ...ops import MapGPU
 from .crash_isolation import run_isolated
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
 from .log_forwarding import apply_log_levels, forward_worker_logs
@@ -99,7 +100,12 @@ class _RunState:
         self.plan, finalize, writers = dill_loads(start.plan_bytes)
         options = self.plan.options
         models = ModelSettings.from_options(options)
-        make_runner = (lambda stage: phased(RemoteForwardRunner(client, stage.index), models)) if client is not None else None
+        last_gpu_stage = max((stage.index for stage in self.plan.stages if isinstance(stage.op, MapGPU)), default=None)
+        make_runner = (
+            (lambda stage: phased(RemoteForwardRunner(client, stage.index, stage.index == last_gpu_stage), models))
+            if client is not None
+            else None
+        )
         # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
         # never initialise CUDA (see design.md section 3).
         self.ctx = ExecutionContext(
@@ -179,7 +185,7 @@ def run_cpu_worker(
 
     overlap = TaskOverlap(worker, task_conn, run_task_in_turn)
     if client is not None:
-        client.before_drain = overlap.start_next
+        client.overlap = overlap
     try:
         sender.send(WorkerStarted(worker))
         while True:

@@ -23,14 +23,17 @@ import collections
 import itertools
 import multiprocessing.connection
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import WorkerCrashedError
 from ...execution.serialization import dumps_message, loads_message
 from . import tensor_transport
 from .messages import ForwardFailed, ForwardRequest, ForwardResult, NoMoreBatches, WorkerId
+
+if TYPE_CHECKING:
+    from .task_overlap import TaskOverlap
 
 #: Batches of one stage in flight per GPU worker of the cycle (per task): one computing, the
 #: rest waiting, uploaded, so that the round trip of one batch (pickle, pipe, the peer sender
@@ -77,9 +80,10 @@ class GPUClient:
         self._send_locks = {gpu: threading.Lock() for gpu in channels}
         #: GPU workers whose output pipe a thread of this worker reads now (under ``_cond``).
         self._reading: set[int] = set()
-        #: Called by a runner once it has sent a task's last batch of a stage and will only
-        #: wait from then on: the worker starts its next task there (see :mod:`.task_overlap`).
-        self.before_drain: Optional[Callable[[], None]] = None
+        #: The worker's task overlap (see :mod:`.task_overlap`): once a runner has sent a task's
+        #: last batch of a stage and only waits, the next task starts if it is in the task
+        #: pipe, or as soon as it arrives there while the wait goes on.
+        self.overlap: Optional[TaskOverlap] = None
 
     def send(self, stage: int, batch: Any, gpu: int) -> int:
         batch_id = next(self._batch_ids)
@@ -98,8 +102,11 @@ class GPUClient:
             raise self._gpu_worker_gone(gpu) from None
         return batch_id
 
-    def wait_outputs(self, gpu: int, batch_id: int) -> Any:
+    def wait_outputs(self, gpu: int, batch_id: int, draining: bool = False) -> Any:
         """Blocks until GPU worker ``gpu`` answers ``batch_id``; raises what forward raised.
+
+        ``draining``: the task has nothing more to send for this stage; the wait also watches
+        the task pipe and starts the next task when it comes (see :mod:`.task_overlap`).
 
         Raises:
             WorkerCrashedError: the GPU worker ended before answering.
@@ -115,7 +122,7 @@ class GPUClient:
                     continue
                 self._reading.add(gpu)
             try:
-                received = self._read_one(channel, gpu)
+                received = self._read_one(channel, gpu, draining)
             finally:
                 with self._cond:
                     self._reading.discard(gpu)
@@ -126,9 +133,16 @@ class GPUClient:
             raise message.error
         return tensor_transport.unpack(message.outputs)
 
-    def _read_one(self, channel: GPUChannel, gpu: int) -> Optional[Any]:
-        """One answer from ``channel``, or None after :data:`OUTPUT_WAIT_TIMEOUT_S` without one."""
-        ready = multiprocessing.connection.wait([channel.output_reader, channel.gpu_alive], OUTPUT_WAIT_TIMEOUT_S)
+    def _read_one(self, channel: GPUChannel, gpu: int, draining: bool) -> Optional[Any]:
+        """One answer from ``channel``, or None after :data:`OUTPUT_WAIT_TIMEOUT_S` or a task start without one."""
+        overlap = self.overlap
+        task_pipe = overlap.task_conn if draining and overlap is not None and overlap.wants_next() else None
+        watched = [channel.output_reader, channel.gpu_alive, *([task_pipe] if task_pipe is not None else [])]
+        ready = multiprocessing.connection.wait(watched, OUTPUT_WAIT_TIMEOUT_S)
+        if task_pipe is not None and task_pipe in ready and channel.output_reader not in ready:
+            assert overlap is not None
+            overlap.start_next()  # the next task came while this one drains
+            return None
         if not ready:
             return None  # the watchdog thread ends this process if the main process dies
         if channel.output_reader not in ready:
@@ -182,9 +196,13 @@ class RemoteForwardRunner:
     #: Where forward runs, for the run's stats (``StageStats.forward_where``).
     location = "GPU workers"
 
-    def __init__(self, client: GPUClient, stage: int) -> None:
+    def __init__(self, client: GPUClient, stage: int, last_gpu_stage: bool = True) -> None:
         self.client = client
         self.stage = stage
+        #: The plan's last ``map_gpu`` stage: its drain is where the next task starts, so that
+        #: every batch of a task is sent before the next task's first (the GPU worker serves a
+        #: pipe in order: the task ending is never queued behind the next one).
+        self.last_gpu_stage = last_gpu_stage
         self.max_pending = MAX_BATCHES_IN_FLIGHT_PER_GPU * len(client.cycle)
         self._next_gpu = itertools.cycle(client.cycle)
 
@@ -197,11 +215,12 @@ class RemoteForwardRunner:
                     yield done_records, self.client.wait_outputs(gpu, batch_id)
                 gpu = next(self._next_gpu)
                 pending.append((records, gpu, self.client.send(self.stage, batch, gpu)))
-            if pending and self.client.before_drain is not None:
-                self.client.before_drain()  # no drain: the worker's next task starts now
+            overlap = self.client.overlap
+            if pending and overlap is not None and self.last_gpu_stage:
+                overlap.start_next()  # no drain: the worker's next task starts now if it is there
             while pending:
                 done_records, gpu, batch_id = pending.popleft()
-                yield done_records, self.client.wait_outputs(gpu, batch_id)
+                yield done_records, self.client.wait_outputs(gpu, batch_id, draining=self.last_gpu_stage)
         finally:
             for _, _, batch_id in pending:
                 self.client.forget(batch_id)

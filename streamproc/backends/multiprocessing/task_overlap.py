@@ -10,11 +10,11 @@ at once in thread ``streamproc-cpu-<i>-task-<k>``: it reads its records, prepare
 batches and sends them, while the ending task waits for its answers (``Connection.wait``
 releases the GIL) and postprocesses them.
 
-Invariants (at most two tasks of a worker run at once; ``k`` ends before ``k+1`` says anything):
+Invariants (``k`` ends before ``k+1`` says anything):
 
-* ``running tasks <= 2``: a task starts its successor at most once, and only once it has no
-  batch left to send for the stage that drained; the successor starts the next one only at its
-  own drain point, by which time the first has ended or sent its last message;
+* ``tasks running in a worker <= tasks the main process has in flight there`` (2, see
+  ``MAX_TASKS_IN_FLIGHT_PER_WORKER``): a task starts its successor at most once, only once it
+  has no batch left to send for the stage that drained, and only a task already sent;
 * the messages of task ``k+1`` to the main process wait until task ``k`` sent its last one
   (:meth:`TaskTurn.send`): the result pipe carries each task's messages together, in the order
   the tasks came, as without overlap; an error raised in ``k+1`` while ``k`` ends is its own
@@ -44,6 +44,10 @@ from .messages import WorkerId
 #: How often a thread waiting for its turn, or the main loop waiting for a task's thread,
 #: wakes up; the watchdog thread ends the process if the main process dies meanwhile.
 TURN_WAIT_S = 1.0
+
+
+#: Read ahead in place of a message: the task pipe was closed (the main process shuts down).
+_PIPE_CLOSED = object()
 
 
 class TaskTurn:
@@ -114,7 +118,10 @@ class TaskOverlap:
         """The next message for the main loop: one read ahead (or a started task), else ``receive()``."""
         with self._lock:
             if self._ahead:
-                return self._ahead.popleft()
+                item = self._ahead.popleft()
+                if item is _PIPE_CLOSED:
+                    raise EOFError("the task pipe was closed")
+                return item
         return receive()
 
     def run(self, message: Any, previous_done: Optional[threading.Event] = None) -> None:
@@ -127,6 +134,11 @@ class TaskOverlap:
             self._local.turn = None
             turn.done.set()
 
+    def wants_next(self) -> bool:
+        """Whether the task running in this thread may still start the next one (it has not yet)."""
+        turn: Optional[TaskTurn] = getattr(self._local, "turn", None)
+        return self.run_id is not None and turn is not None and not turn.next_started
+
     def start_next(self) -> None:
         """At a drain point of the task running in this thread: start the next task if it is there.
 
@@ -136,11 +148,19 @@ class TaskOverlap:
         turn: Optional[TaskTurn] = getattr(self._local, "turn", None)
         if self.run_id is None or turn is None or turn.next_started:
             return
-        turn.next_started = True
         with self._lock:
-            if self._ahead or not self.task_conn.poll():
+            if any(not isinstance(item, AheadTask) for item in self._ahead):
+                turn.next_started = True  # a message waits for the main loop: nothing is read behind it
                 return
-            message = loads_message(self.task_conn.recv_bytes())
+            try:
+                if not self.task_conn.poll():
+                    return  # the wait for this task's answers watches the pipe (GPUClient.wait_outputs)
+                turn.next_started = True
+                message = loads_message(self.task_conn.recv_bytes())
+            except (EOFError, OSError):
+                turn.next_started = True
+                self._ahead.append(_PIPE_CLOSED)  # the main loop ends as when it reads the EOF itself
+                return
             if type(message) is not Task or message.run_id != self.run_id:
                 self._ahead.append(message)  # the main loop handles it after the running task
                 return
