@@ -41,6 +41,9 @@ from ...execution.serialization import loads_message
 from ...execution.task import Task
 from .messages import WorkerId
 
+#: Off: each task's batches are awaited before the next task starts, as before issue 10
+#: (benchmarks/bench_device_busy.py compares the two; a worker reads it when a task drains).
+OVERLAP_TASKS = True
 #: How often a thread waiting for its turn, or the main loop waiting for a task's thread,
 #: wakes up; the watchdog thread ends the process if the main process dies meanwhile.
 TURN_WAIT_S = 1.0
@@ -137,7 +140,7 @@ class TaskOverlap:
     def wants_next(self) -> bool:
         """Whether the task running in this thread may still start the next one (it has not yet)."""
         turn: Optional[TaskTurn] = getattr(self._local, "turn", None)
-        return self.run_id is not None and turn is not None and not turn.next_started
+        return OVERLAP_TASKS and self.run_id is not None and turn is not None and not turn.next_started
 
     def start_next(self) -> None:
         """At a drain point of the task running in this thread: start the next task if it is there.
@@ -146,7 +149,7 @@ class TaskOverlap:
         on the task pipe: a task the main process has not sent yet is read by the main loop.
         """
         turn: Optional[TaskTurn] = getattr(self._local, "turn", None)
-        if self.run_id is None or turn is None or turn.next_started:
+        if not OVERLAP_TASKS or self.run_id is None or turn is None or turn.next_started:
             return
         with self._lock:
             if any(not isinstance(item, AheadTask) for item in self._ahead):
