@@ -42,10 +42,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _machine import cpu_model_name  # noqa: E402
+from _machine import cpu_model_name
 
-import streamproc as sp  # noqa: E402
-from streamproc.backends.multiprocessing import gpu_client, task_overlap  # noqa: E402
+import streamproc as sp
+from streamproc.backends.multiprocessing import gpu_client, task_overlap
 
 BATCH_SIZE = 16
 

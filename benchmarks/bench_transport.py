@@ -27,10 +27,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _machine import cpu_model_name  # noqa: E402
+from _machine import cpu_model_name
 
-from streamproc.backends.multiprocessing import tensor_transport  # noqa: E402
-from streamproc.execution.serialization import dumps_message, loads_message  # noqa: E402
+from streamproc.backends.multiprocessing import tensor_transport
+from streamproc.execution.serialization import dumps_message, loads_message
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 #: Transfers per size and way in one round (fewer for large sizes: the time stays bounded).
