@@ -85,7 +85,20 @@ def busy_fraction(outputs: list[tuple[float, float, float]]) -> float:
     return sum(end - start for start, end in batches) / span
 
 
-def run_once(engine: str, cpu: int, device_s: float, prepare_s: float, n: int, task_size: int) -> float:
+def idle_profile(outputs: list[tuple[float, float, float]], task_size: int) -> tuple[float, float]:
+    """Median idle ms between two forwards, at task boundaries and within tasks (the profile of a miss)."""
+    first_record: dict[tuple[float, float], float] = {}
+    for record, start, end in outputs:
+        first_record.setdefault((start, end), record / 2)
+    batches = sorted(first_record.items())
+    boundary, within = [], []
+    for (previous, prev_record), (current, record) in zip(batches, batches[1:]):
+        gap = (current[0] - previous[1]) * 1e3
+        (boundary if int(record) // task_size != int(prev_record) // task_size else within).append(gap)
+    return (statistics.median(boundary) if boundary else float("nan"), statistics.median(within) if within else float("nan"))
+
+
+def run_once(engine: str, cpu: int, device_s: float, prepare_s: float, n: int, task_size: int) -> tuple[float, float, float]:
     overlap, in_flight = task_overlap.OVERLAP_TASKS, gpu_client.MAX_BATCHES_IN_FLIGHT_PER_GPU
     if engine == "before":
         task_overlap.OVERLAP_TASKS, gpu_client.MAX_BATCHES_IN_FLIGHT_PER_GPU = False, 2
@@ -98,21 +111,25 @@ def run_once(engine: str, cpu: int, device_s: float, prepare_s: float, n: int, t
     finally:
         task_overlap.OVERLAP_TASKS, gpu_client.MAX_BATCHES_IN_FLIGHT_PER_GPU = overlap, in_flight
     assert [round(v) for v, _, _ in outputs] == [2 * i for i in range(n)], "wrong outputs"
-    return busy_fraction(outputs)
+    return (busy_fraction(outputs), *idle_profile(outputs, task_size))
 
 
 def cpu_side(args: argparse.Namespace) -> None:
     n = args.batches * BATCH_SIZE
-    print(f"{'device ms':>9} {'prepare ms':>10} {'CPU workers':>11} {'before':>8} {'now':>8} {'now/before':>10}")
+    print("busy: median over rounds; idle ms: median gap between two forwards at task boundaries / within tasks")
+    print(f"{'device ms':>9} {'prepare ms':>10} {'CPU workers':>11} {'before':>8} {'now':>8} {'now/before':>10}"
+          f" {'idle before':>14} {'idle now':>14}")
     for device_ms in (10.0, 2.0):
         for cpu in (1, 2, 3):
-            got: dict[str, list[float]] = {"before": [], "now": []}
+            got: dict[str, list[tuple[float, float, float]]] = {"before": [], "now": []}
             for _ in range(args.rounds):
                 for engine in ("before", "now"):
                     got[engine].append(run_once(engine, cpu, device_ms / 1e3, args.prepare_ms / 1e3, n, args.task_size))
-            before, now = statistics.median(got["before"]), statistics.median(got["now"])
+            med = {engine: [statistics.median(col) for col in zip(*rows)] for engine, rows in got.items()}
+            before, now = med["before"][0], med["now"][0]
             print(f"{device_ms:9.0f} {args.prepare_ms:10.1f} {cpu:11d} {before:8.1%} {now:8.1%} {now / before:10.3f}"
-                  f"   (rounds: now {', '.join(f'{v:.1%}' for v in got['now'])})")
+                  f" {med['before'][1]:6.2f} / {med['before'][2]:5.2f} {med['now'][1]:6.2f} / {med['now'][2]:5.2f}"
+                  f"   (rounds now: {', '.join(f'{v[0]:.1%}' for v in got['now'])})")
 
 
 def cuda_side(args: argparse.Namespace) -> None:
