@@ -33,6 +33,7 @@ Run: ``python benchmarks/bench_device_busy.py [--rounds N] [--batches N]``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -92,7 +93,7 @@ def idle_profile(outputs: list[tuple[float, float, float]], task_size: int) -> t
         first_record.setdefault((start, end), record / 2)
     batches = sorted(first_record.items())
     boundary, within = [], []
-    for (previous, prev_record), (current, record) in zip(batches, batches[1:]):
+    for (previous, prev_record), (current, record) in itertools.pairwise(batches):
         gap = (current[0] - previous[1]) * 1e3
         (boundary if int(record) // task_size != int(prev_record) // task_size else within).append(gap)
     return (statistics.median(boundary) if boundary else float("nan"), statistics.median(within) if within else float("nan"))

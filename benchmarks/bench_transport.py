@@ -39,7 +39,9 @@ TRANSFER_BYTES_PER_ROUND = 256 << 20
 
 def _receiver(conn: Any) -> None:
     """Child process: receive, read every byte, acknowledge; ``None`` ends it."""
-    import torch  # noqa: F401
+    import torch
+
+    torch.set_num_threads(1)  # as in streamproc's workers (and no OpenMP barrier in the figures)
 
     while True:
         message = loads_message(conn.recv_bytes())
@@ -71,6 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    torch.set_num_threads(1)
     if not tensor_transport.shm_available():
         print("no /dev/shm here: every tensor goes through the pipe; nothing to compare")
         return

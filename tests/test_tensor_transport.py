@@ -123,7 +123,7 @@ def test_a_failed_pack_leaves_no_segment(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def big_batch(batch: list[int]) -> Any:
-    return {"x": torch.arange(len(batch) * ABOVE // 8, dtype=torch.int64).reshape(len(batch), -1) + batch[0]}
+    return {"x": torch.arange(ABOVE // 8, dtype=torch.int64).reshape(len(batch), -1) + batch[0]}  # ABOVE bytes
 
 
 def sums(records: list[int], outputs: Any) -> list[int]:
@@ -136,9 +136,9 @@ def gpu_workers(cpu: int = 1, gpu: int = 1, **options: Any) -> dict[str, Any]:
 
 
 def test_a_run_with_large_batches_and_outputs_leaves_no_segment() -> None:
-    stream = sp.from_iterable(range(24)).map_gpu(big_batch, lambda b: b["x"] * 3, sums, batch_size=2)
+    stream = sp.from_iterable(range(12)).map_gpu(big_batch, lambda b: b["x"] * 3, sums, batch_size=2)
     outputs = run_guarded(lambda: assert_same_as_simple(stream, **gpu_workers(2, 2)), RUN_TIMEOUT_S, "large tensors")
-    assert len(outputs) == 24
+    assert len(outputs) == 12
     assert segments() == []
 
 
@@ -148,7 +148,7 @@ def test_a_failing_forward_leaves_no_segment() -> None:
             raise UserError("forward fails on record 10")
         return batch["x"] * 3
 
-    stream = sp.from_iterable(range(40)).map_gpu(big_batch, forward, sums, batch_size=2).set_processing(**gpu_workers(2, 1))
+    stream = sp.from_iterable(range(24)).map_gpu(big_batch, forward, sums, batch_size=2).set_processing(**gpu_workers(2, 1))
     with pytest.raises(UserError, match="record 10"):
         run_guarded(stream.to_list, RUN_TIMEOUT_S, "a failing forward")
     assert segments() == []
@@ -170,7 +170,7 @@ def test_a_killed_worker_leaves_no_segment(tmp_path: Path, victim: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # requests behind this one are in its pipe
         return batch["x"] * 3
 
-    stream = sp.from_iterable(range(40)).map_gpu(prepare, forward, sums, batch_size=2).set_processing(**gpu_workers(1, 1))
+    stream = sp.from_iterable(range(24)).map_gpu(prepare, forward, sums, batch_size=2).set_processing(**gpu_workers(1, 1))
     with pytest.raises(WorkerCrashedError):
         run_guarded(stream.to_list, RUN_TIMEOUT_S, f"a killed {victim} worker")
     assert segments() == []
@@ -191,7 +191,7 @@ def test_outputs_in_flight_to_a_killed_cpu_worker_are_swept() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return sums(records, outputs)
 
-    stream = sp.from_iterable(range(40)).map_gpu(big_batch, lambda b: b["x"] * 3, postprocess, batch_size=2)
+    stream = sp.from_iterable(range(24)).map_gpu(big_batch, lambda b: b["x"] * 3, postprocess, batch_size=2)
     with pytest.raises(WorkerCrashedError):
         run_guarded(stream.set_processing(**gpu_workers(1, 1)).to_list, RUN_TIMEOUT_S, "answers in flight")
     assert segments() == []

@@ -30,9 +30,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-#: Tensors of at least this many bytes travel through shared memory (crossover measured by
-#: benchmarks/bench_transport.py on the project's 2-core machine; see docs/benchmarks.md).
-SHM_MIN_BYTES = 1 << 20
+#: Tensors of at least this many bytes travel through shared memory: the crossover measured by
+#: benchmarks/bench_transport.py on the project's 2-core machine (shm faster at 16 MiB and
+#: above, twice; slower at 1-4 MiB, where fresh pages are faulted in on both sides; see
+#: docs/benchmarks.md, "Tensor transport").
+SHM_MIN_BYTES = 16 << 20
 #: Where POSIX shared memory segments live as files (Linux).
 SHM_DIR = "/dev/shm"
 #: Every segment's name starts with this, then the main process's pid.
