@@ -202,3 +202,23 @@ def test_runs_that_do_not_overlap_still_match_the_simple_backend(options: dict[s
     stream = sp.from_iterable(range(50)).map_gpu(prepare, double, batch_size=BATCH_SIZE)
     outputs = run_guarded(lambda: assert_same_as_simple(stream, **gpu_workers(1, 1, **options)), RUN_TIMEOUT_S, "no overlap")
     assert outputs == [2 * i for i in range(50)]
+
+
+def test_stats_and_progress_counts_are_exact_when_tasks_overlap(tmp_path: Path) -> None:
+    """Overlapped tasks time themselves (TaskTurn.ahead): counts add up as without overlap."""
+    n = 6 * TASK_SIZE + 5
+    stream = overlap_stream(n, tmp_path / "task-2-prepared").set_processing(**gpu_workers(1, 1))
+
+    def run() -> tuple[list[int], Any]:
+        with sp.collect_stats() as collected:
+            out = stream.to_list()
+        (stats,) = collected.runs
+        return out, stats
+
+    out, stats = run_guarded(run, RUN_TIMEOUT_S, "stats under overlap")
+    assert out == [2 * i for i in range(n)]
+    assert stats.tasks_done == 7 and stats.records_out == n
+    rows = [(s.index, s.records_in, s.records_out, s.batches) for s in stats.stage_rows() if s.index >= 0]
+    batches = 6 * -(-TASK_SIZE // BATCH_SIZE) + -(-5 // BATCH_SIZE)
+    assert rows == [(0, n, n, 7), (1, n, n, batches)]
+    assert sum(p.tasks for p in stats.processes.values()) == 7

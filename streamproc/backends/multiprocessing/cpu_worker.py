@@ -264,7 +264,8 @@ def _run_task(
             if run.writer is not None:
                 outputs = run.writer.run_group(run.plan, task, run.ctx, run.timer)
             else:
-                outputs = run_task(run.plan, task, run.ctx, run.finalize, run.timer)
+                timer = None if turn is not None and turn.ahead else run.timer  # see TaskTurn.ahead
+                outputs = run_task(run.plan, task, run.ctx, run.finalize, timer)
             for output in outputs:
                 send(TaskChunk(run.run_id, output))
     except BaseException as exc:

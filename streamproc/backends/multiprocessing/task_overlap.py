@@ -61,6 +61,9 @@ class TaskTurn:
 
     def __init__(self, previous_done: Optional[threading.Event]) -> None:
         self.previous_done = previous_done
+        #: Started while the task before it ran: it times itself (a timer of its own, whose
+        #: figures go with its last chunk), as the worker's summing timer serves one task at a time.
+        self.ahead = previous_done is not None
         self.done = threading.Event()
         self.next_started = False
 
