@@ -3,12 +3,15 @@ its last GPU batches (issue 10, item 4).
 
 Runs in a CPU worker. Without it, a task's last batches are awaited before the worker reads
 its next task, so its GPU workers idle for the round trip plus the next task's first prepare.
-With it, when a task has sent every batch of a ``map_gpu`` stage and only waits for answers
-(:attr:`GPUClient.before_drain <.gpu_client.GPUClient.before_drain>`), the worker reads its
-task pipe without blocking; if the next message is a task of the same run, that task starts
-at once in thread ``streamproc-cpu-<i>-task-<k>``: it reads its records, prepares its first
-batches and sends them, while the ending task waits for its answers (``Connection.wait``
-releases the GIL) and postprocesses them.
+With it, when a task has sent every batch of the plan's last ``map_gpu`` stage and only
+waits for answers (``RemoteForwardRunner.run`` calls :meth:`TaskOverlap.start_next`), the
+worker reads its task pipe without blocking, and keeps watching it while it waits
+(``GPUClient.wait_outputs(draining=True)``); if the next message is a task of the same run,
+that task starts at once in thread ``streamproc-cpu-<i>-task-<k>``: it reads its records,
+prepares its first batches and sends them, while the ending task waits for its answers
+(``Connection.wait`` releases the GIL) and postprocesses them. Every batch of task k is thus
+sent before task k+1's first: the GPU worker, which serves a pipe in order, never makes the
+ending task wait behind the next one. A task started ahead times itself (``TaskTurn.ahead``).
 
 Invariants (``k`` ends before ``k+1`` says anything):
 
