@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ...errors import ExceptionWithTraceback, SerializationError
 from ...execution.serialization import dill_loads, dumps_message, loads_message
 from ...gpu.placement import DeviceSpec, describe_device_spec, first_device
+from . import tensor_transport
 from .log_forwarding import apply_log_levels, forward_worker_logs
 from .messages import (
     EndGPURun,
@@ -61,12 +62,14 @@ class _PeerSender:
     """Sends outputs to one CPU peer from thread ``streamproc-gpu-<i>-to-cpu-<j>``.
 
     The queue holds at most the peer's in-flight batches (the peer bounds them), so it is
-    bounded without blocking the GPU loop.
+    bounded without blocking the GPU loop. Large output tensors go through shared memory
+    (:mod:`.tensor_transport`); the peer unlinks their segments when it reads them.
     """
 
-    def __init__(self, worker: WorkerId, peer: int, conn: Any) -> None:
+    def __init__(self, worker: WorkerId, peer: int, conn: Any, main_pid: int = 0) -> None:
         self.worker = worker
         self.conn = conn
+        self.main_pid = main_pid
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"streamproc-gpu-{worker.index}-to-cpu-{peer}", daemon=True)
         self.thread.start()
@@ -76,9 +79,15 @@ class _PeerSender:
             message = self.queue.get()
             if message is None:
                 return
+            segments: list[str] = []
             try:
+                if isinstance(message, ForwardResult):
+                    packed, segments = tensor_transport.pack(message.outputs, self.main_pid)
+                    message = ForwardResult(message.batch_id, packed)
                 data = dumps_message(message)
             except BaseException as exc:
+                tensor_transport.discard_names(segments)
+                segments = []
                 # sys.exit() in a __reduce__ of the outputs must not end this thread silently:
                 # the batch would never be answered (see as_crash).
                 error = as_crash(exc, self.worker, "while pickling the outputs of forward")
@@ -88,6 +97,7 @@ class _PeerSender:
             try:
                 self.conn.send_bytes(data)
             except OSError:  # the peer is gone; the main process deals with it
+                tensor_transport.discard_names(segments)
                 return
 
     def close(self, timeout: float) -> None:
@@ -157,7 +167,7 @@ def run_gpu_worker(
         )
         sys.exit(1)
 
-    senders = {reader: _PeerSender(worker, peer, writer) for peer, reader, writer, _ in channels}
+    senders = {reader: _PeerSender(worker, peer, writer, parent_pid) for peer, reader, writer, _ in channels}
     # A peer's liveness pipe (its only write end is in that CPU worker) wakes the wait when the
     # peer dies, even if a copy of its batch pipe's write end survived it somewhere.
     peer_alive = {alive: reader for _, reader, _, alive in channels}
@@ -188,7 +198,9 @@ def run_gpu_worker(
                     elif isinstance(control_message, EndGPURun):
                         _end_gpu_run(control_message.run_id, runners, uploaded)
                     else:
-                        peer = _take_replacement(control_message, control, worker, senders, peer_alive, open_readers, peer_of)
+                        peer = _take_replacement(
+                            control_message, control, worker, senders, peer_alive, open_readers, peer_of, parent_pid
+                        )
                         if peer is None:
                             control = None  # the main process is shutting down: lost peers stay lost
                             break
@@ -217,9 +229,11 @@ def run_gpu_worker(
             if runner is None:  # its run's StartGPURun failed to load (the run reports it)
                 error = RuntimeError(f"{where} has no forward for stage {message.stage}: the stream's models failed to load")
                 senders[reader].queue.put(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, where)))
+                tensor_transport.discard(message.batch)
                 continue
             try:
-                uploaded.append((senders[reader], message, runner.upload(message.batch)))
+                # The batch's shared-memory segments are unlinked here, read or not (see .tensor_transport).
+                uploaded.append((senders[reader], message, runner.upload(tensor_transport.unpack(message.batch))))
             except Exception as exc:
                 senders[reader].queue.put(
                     ForwardFailed(message.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}"))
@@ -372,6 +386,7 @@ def _take_replacement(
     peer_alive: dict[Any, Any],
     open_readers: list[Any],
     peer_of: dict[Any, int],
+    main_pid: int = 0,
 ) -> Optional[int]:
     """Reads the descriptors that follow ``message`` (a ``PeerReplaced``) on ``control``; serves the new peer.
 
@@ -395,7 +410,7 @@ def _take_replacement(
         del peer_of[reader]
         reader.close()
     batches = Connection(batch_fd, writable=False)
-    senders[batches] = _PeerSender(worker, message.peer, Connection(output_fd, readable=False))
+    senders[batches] = _PeerSender(worker, message.peer, Connection(output_fd, readable=False), main_pid)
     peer_alive[Connection(alive_fd, writable=False)] = batches
     peer_of[batches] = message.peer
     open_readers.append(batches)

@@ -78,6 +78,7 @@ from .messages import (
 from .pool import KILL_JOIN_TIMEOUT_S, SHUTDOWN_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
 from .recovery import RecoveryMixin, WorkerAssignment
 from .retries import TaskRetries
+from .tensor_transport import sweep_segments
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
@@ -427,6 +428,7 @@ class _Run(RecoveryMixin):
         finally:
             if self.weights is not None:  # the workers are gone (a warm pool's weights stay: see above)
                 self.weights.close()
+        sweep_segments()  # what killed workers left in /dev/shm (see tensor_transport)
         # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
         for report in self.pool.final_reports:
             self._add_worker_stats(report)
