@@ -177,10 +177,21 @@ def test_token_batches_never_span_tasks(backend_options):
 
 
 def test_batches_cut_at_default_task_boundaries(backend_options):
-    # Default task: 1024 records = 341 batches of 3 + a batch of 1, twice, then 2 records left.
-    stream = sp.from_iterable(range(2050)).map_batches(batch_as_record, batch_size=3)
+    # Default task of a large input: 1024 records = 341 batches of 3 + a batch of 1, twice,
+    # then 2 records left.
+    stream = sp.from_iterable(range(10_242)).map_batches(batch_as_record, batch_size=3)
+    assert stream.plan().task_size == 1024
     lengths = _lengths(assert_same_as_simple(stream, **backend_options))
-    assert lengths == [3] * 341 + [1] + [3] * 341 + [1] + [2]
+    assert lengths == ([3] * 341 + [1]) * 10 + [2]
+
+
+def test_a_small_input_gets_finer_default_tasks_of_whole_batches(backend_options):
+    # 2,050 records would make 3 default tasks: cut finer (at least 8, of at least 256 records),
+    # rounded up to whole batches of 3 (execution/granularity.py), whatever the backend.
+    stream = sp.from_iterable(range(2050)).map_batches(batch_as_record, batch_size=3)
+    assert stream.plan().task_size == 258
+    lengths = _lengths(assert_same_as_simple(stream, **backend_options))
+    assert lengths == [3] * 86 * 7 + [3] * 81 + [1]  # 7 tasks of 258, then 244 records
 
 
 def test_large_batch_size_grows_default_task(backend_options):

@@ -376,6 +376,7 @@ def test_worker_crash_is_reported_and_the_worker_replaced(server: Server) -> Non
 
 def test_early_break_cancels_the_run_on_the_server(server: Server) -> None:
     pool = server.pool()
+    run_guarded(lambda: wait_idle(pool), RUN_TIMEOUT_S + 5, "the earlier tests' runs to end")  # their counts are final
     cancelled = pool.status()["runs_cancelled"]
     stream = sp.from_iterable(range(10_000)).map(times_ten).set_processing(pool=pool, task_size=10)
 
