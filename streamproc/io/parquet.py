@@ -196,6 +196,12 @@ class ParquetSource(ChunkedSource):
         """One task per row group, counted from the footers (main process)."""
         return sum(len(self._read_footer(path).row_group_rows) for path in self.files)
 
+    def rows_per_task(self, task_size: int) -> int:
+        """The largest row group's rows, from the footers (main process): a task is one row
+        group whatever ``task_size`` says, so a part of ``rows_per_file // rows_per_task``
+        tasks stays within ``rows_per_file`` rows (at least one task)."""
+        return max((rows for path in self.files for rows in self._read_footer(path).row_group_rows), default=1) or 1
+
     def describe(self) -> str:
         cols = f", columns={self.columns}" if self.columns is not None else ""
         return f"read_parquet({self.path_text!r}{cols}: {len(self.files)} file(s))"
