@@ -299,13 +299,24 @@ def workload_split(n_docs: int, repeats: int) -> list[mpb.Row]:
 
 # --- MiniLM ------------------------------------------------------------------------------------
 
-MINILM_SIDES = ("st-encode", "st-pool", "sp-2cpu", "sp-1cpu-1gpu")
+MINILM_SIDES = ("st-encode", "st-pool", "sp-2cpu", "sp-2cpu-model-per-worker", "sp-1cpu-1gpu")
 MINILM_LABELS = {
     "st-encode": "sentence-transformers encode, 1 process, default threads",
     "st-pool": f"sentence-transformers start_multi_process_pool, {NUM_WORKERS} CPU processes",
     "sp-2cpu": 'streamproc map_gpu(sort_by="n_tokens"), 2 CPU workers',
+    "sp-2cpu-model-per-worker": "the same, forward=MiniLMEmbedder (a class: built in each worker, never in the main process)",
     "sp-1cpu-1gpu": 'streamproc map_gpu(sort_by="n_tokens"), 1 CPU + 1 GPU worker on "cpu"',
 }
+
+
+def _minilm_class() -> type:
+    """The example's MiniLMEmbedder class (examples/embed_minilm.py), not an instance."""
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    from embed_minilm import MiniLMEmbedder
+
+    return MiniLMEmbedder
 
 
 def minilm_child(args: argparse.Namespace) -> int:
@@ -335,16 +346,24 @@ def minilm_child(args: argparse.Namespace) -> int:
                 st_model.stop_multi_process_pool(pool)
         seconds = time.perf_counter() - t0
     else:
-        model = minilm(path).eval()
+        forward: Any
+        fn_kwargs: dict[str, Any] = {"prepare_batch": {"path": path}}
+        if side == "sp-2cpu-model-per-worker":
+            # The main process never builds the model (nor imports transformers): each worker
+            # loads it from the package's safetensors file, so forked workers do not inherit
+            # (and count again in their RSS) the main process's copy.
+            forward = _minilm_class()
+            fn_kwargs["forward"] = {"path": path}
+        else:
+            forward = minilm(path).eval()
         load_s = time.perf_counter() - started
         options: dict[str, Any] = {"backend": "multiprocessing", "task_size": args.task_size}
-        if side == "sp-2cpu":
+        if side.startswith("sp-2cpu"):
             options.update(num_cpu_workers=NUM_WORKERS, num_gpu_workers=0)
         else:
             options.update(num_cpu_workers=1, num_gpu_workers=1, gpu_worker_devices=["cpu"], torch_threads=args.gpu_threads)
         stream = sp.from_iterable(records).map_gpu(
-            MiniLMPrepare, model, postprocess, batch_size=args.minilm_batch, sort_by="n_tokens",
-            fn_kwargs={"prepare_batch": {"path": path}},
+            MiniLMPrepare, forward, postprocess, batch_size=args.minilm_batch, sort_by="n_tokens", fn_kwargs=fn_kwargs
         ).set_processing(**options)
         t0 = time.perf_counter()
         with profiled(f"minilm-{side}"):

@@ -81,6 +81,7 @@ class MiniLMEmbedder(nn.Module):
         from transformers import AutoModel
 
         self.encoder = AutoModel.from_pretrained(path)
+        self.eval()  # also when a worker builds it (forward=MiniLMEmbedder, fn_kwargs={"forward": {"path": ...}})
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = self.encoder(**batch).last_hidden_state
