@@ -33,6 +33,7 @@ from .execution.captures import ModelShippedWarning
 from .execution.schedule import get_dispatch_schedule
 from .execution.worker_info import WorkerInfo, get_worker_info
 from .io.paths import PathLike
+from .service.client import connect
 from .service.pool import WorkerPool
 from .stats import RunStats
 from .stream import Stream
@@ -253,6 +254,7 @@ __all__ = [
     "WorkerInfo",
     "WorkerPool",
     "collect_stats",
+    "connect",
     "from_arrow",
     "from_huggingface",
     "from_iterable",

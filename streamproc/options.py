@@ -107,7 +107,7 @@ class ProcessingOptions:
                 f"set_processing(pool=...): {', '.join(owned)} belong(s) to the WorkerPool, which sets them "
                 f"(WorkerPool({owned[0]}=...)); leave {'them' if len(owned) > 1 else 'it'} unset with pool="
             )
-        if self.backend not in (None, "multiprocessing"):
+        if self.backend not in (None, "multiprocessing", getattr(self.pool, "backend_name", "multiprocessing")):
             raise ValueError(
                 f"set_processing(pool=...) runs the stream on the pool's worker processes (backend 'multiprocessing'), "
                 f"not backend={self.backend!r}: drop backend= or the pool"
@@ -151,10 +151,10 @@ class ProcessingOptions:
     @property
     def effective_backend(self) -> str:
         """The backend to run: simple for one CPU worker and no GPU worker, else multiprocessing."""
+        if self.pool is not None:  # a WorkerPool's processes, or a service's (sp.connect: "service")
+            return str(getattr(self.pool, "backend_name", "multiprocessing"))
         if self.backend is not None:
             return self.backend
-        if self.pool is not None:
-            return "multiprocessing"
         if (self.num_cpu_workers or 1) > 1 or self.effective_gpu_workers > 0:
             return "multiprocessing"
         return "simple"
@@ -329,7 +329,9 @@ def _check_pool(value: Any) -> Optional[WorkerPool]:
     # A class attribute, not an isinstance check: importing the pool here would make a cycle
     # (the pool imports the backend, which imports these options).
     if not getattr(type(value), "is_streamproc_pool", False):
-        raise ValueError(f"pool must be a streamproc.WorkerPool or None, got {type(value).__name__}: {value!r:.80}")
+        raise ValueError(
+            f"pool must be a streamproc.WorkerPool, a pool of sp.connect(...) or None, got {type(value).__name__}: {value!r:.80}"
+        )
     return value
 
 

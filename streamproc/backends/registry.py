@@ -11,6 +11,8 @@ _BACKENDS = {
     "simple": ".simple:SimpleBackend",
     "threads": ".threads:ThreadsBackend",
     "multiprocessing": ".multiprocessing.backend:MultiprocessingBackend",
+    # Not a set_processing(backend=...) choice: what a stream with pool=sp.connect(...) runs on.
+    "service": "..service.client_run:ServiceBackend",
 }
 
 

@@ -14,6 +14,14 @@ NOTE [ streamproc shutdown ] in :mod:`streamproc.backends.multiprocessing.run`).
   a broken run whose workers write part files has them killed at once (a part of a failed run
   must not be completed);
 * dead CPU workers are replaced; a dead GPU worker asks for a restart of the pool.
+
+A run that shares the workers with other runs (:func:`drain_shared_run`) ends the same way
+but for itself only: the workers go on with the other runs' tasks, the router reads their
+pipes, and what this run needs (its ``RunEnded`` answers) comes through its inbox. Its
+tasks still queued in the workers' pipes run to their end (at most
+``MAX_TASKS_IN_FLIGHT_PER_WORKER`` per worker) and their outputs are dropped by the router;
+a worker that has not answered after ``DRAIN_TIMEOUT_S`` is killed (the router replaces it,
+and a run with a task on it fails).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from ..backends.multiprocessing.lease import RunInbox, WorkerExited, worker_exited
 from ..backends.multiprocessing.log_forwarding import reemit
 from ..backends.multiprocessing.messages import LogRecordMessage, RunEnded, WorkerFailed, WorkerStarted
 from ..backends.multiprocessing.pool import KILL_JOIN_TIMEOUT_S, WorkerHandle
@@ -88,6 +97,65 @@ def drain_run(run: _Run, broken: bool) -> bool:
             except Exception:
                 return True  # a GPU worker is gone: the pool restarts
     return False
+
+
+def drain_shared_run(run: _Run, inbox: RunInbox) -> None:
+    """Waits until every CPU worker is done with ``run`` (main process, the run's thread).
+
+    Runs in :meth:`_Run.shutdown` (the dispatcher already stopped, so each feeder sends
+    ``EndRun`` after the tasks it sent). The feeder inside the user's source sends nothing:
+    past ``SOURCE_RETURN_GRACE_S`` its ``EndRun`` is sent from here (it exits, sending nothing,
+    when the source returns).
+    """
+    started = time.monotonic()
+    ended_for_feeder = False
+    while time.monotonic() - started < DRAIN_TIMEOUT_S:
+        # A worker without a slot was sent nothing (the run failed before its feeders started).
+        pending = [i for i, a in enumerate(run.assigned) if a.ended is None and a.slot is not None]
+        if not pending:
+            break
+        if not ended_for_feeder and time.monotonic() - started >= SOURCE_RETURN_GRACE_S:
+            ended_for_feeder = _end_for_blocked_feeder(run)
+        if multiprocessing.connection.wait([run._wakeup_reader], timeout=DRAIN_WAIT_S):
+            while run._wakeup_reader.poll():
+                run._wakeup_reader.recv_bytes()
+        for worker, item in inbox.take():
+            if isinstance(item, RunEnded) and worker.id.kind == "cpu":
+                run.assigned[worker.id.index].ended = item
+                run._add_worker_stats(item)
+            elif isinstance(item, WorkerFailed) and item.run_id == run.run_id and worker.id.kind == "cpu":
+                run.assigned[worker.id.index].ended = RunEnded(run.run_id, worker.id, [], None)
+            elif isinstance(item, WorkerExited) and worker.id.kind == "cpu":
+                try:
+                    worker_exited(run, worker, item)
+                except Exception:  # it held a task of this run: nothing of the run is left there
+                    run.assigned[worker.id.index].ended = RunEnded(run.run_id, worker.id, [], None)
+    else:
+        for index, assignment in enumerate(run.assigned):  # past the deadline: killed, the router replaces them
+            if assignment.ended is None and assignment.slot is not None:
+                run.pool.cpu_workers[index].process.kill()
+    _join_feeders(run)
+
+
+def _end_for_blocked_feeder(run: _Run) -> bool:
+    """Sends ``EndRun`` for the feeder blocked in the user's source; True once nothing is left to do."""
+    reader = run.dispatcher.reader if run.dispatcher is not None else None
+    if reader is None:
+        return False
+    assignment = run.assigned[reader]
+    if assignment.feeder is None or not assignment.feeder.is_alive() or assignment.slot is None:
+        return True
+    warnings.warn(
+        f"streamproc: the source {run.plan.source.describe()} is still blocked in next() (thread "
+        f"{assignment.feeder.name}); the thread exits, sending nothing, when the source returns",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    try:
+        assignment.slot.send_end()
+    except OSError:  # the worker is gone: its exit ends the run there
+        pass
+    return True
 
 
 def _read_messages(run: _Run, worker: WorkerHandle) -> bool:

@@ -8,13 +8,29 @@ GPU workers) instead of starting processes, and ends by draining instead of stop
 (:mod:`.drain`). GPU workers keep their model caches between runs, so a model equal in
 content to one already on the device is not moved again.
 
-Runs take turns: one run at a time holds the pool (a lock, taken when the run starts, i.e. at
-the first record asked for, and released when it ends), so streams started from several
-threads queue and run one after another, each with every guarantee of a run on its own
-processes. A thread that starts a second stream on the pool while its first is still open
-gets a ``RuntimeError`` instead of a deadlock.
+Runs sharing a pool interleave task by task: a run starts (at the first record asked for)
+as soon as the pool admits it, and its tasks go down the same task pipes as the other active
+runs' tasks, each run keeping its own in-flight window (so a worker's pipe holds at most
+``MAX_TASKS_IN_FLIGHT_PER_WORKER`` tasks of each run, and a small stream started while a big
+one runs waits for at most that many of the big one's tasks per worker before its first task
+runs). The workers hold each active run's plan (``StartRun`` ... ``EndRun``) and the GPU
+workers its forwards (``StartGPURun`` ... ``EndGPURun``), with one model cache, so equal
+models are loaded once. The router thread (:mod:`.router`) reads every worker and hands each
+run what carries its run id. A user error, an early break or the end of one run concerns
+that run only (:func:`.drain.drain_shared_run`); a dead CPU worker is replaced at once and
+fails the runs that had a task on it, the others go on; a dead GPU worker fails the runs
+with ``map_gpu`` stages, and the pool restarts once no run is left.
 
-Invariant between runs: every CPU worker is alive, idle and has answered the last run's
+Some runs take turns instead: they have the workers to themselves, and wait for the active
+runs to end (those that start meanwhile wait for them). They are the runs whose workers write
+part files (``write_parquet`` in workers: a part group per worker), the runs with
+``max_task_retries`` (they replace dead workers and requeue tasks themselves), and runs with
+``map_gpu`` stages whose model settings (``gpu_memory_budget``, ``model_dtype``) differ from
+an active run's (one budget per device). A thread that starts a second stream on the pool
+while its first is still open, when the two cannot share the workers, gets a ``RuntimeError``
+instead of a deadlock.
+
+Invariant when no run is active: every CPU worker is alive and has answered every run's
 ``EndRun``; every GPU worker is alive and holds no batch. A run that breaks it (a crash, a
 task that does not finish in time) has its dead or killed CPU workers replaced, and a dead GPU
 worker restarts the whole pool, before the next run starts.
@@ -30,10 +46,11 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 from ..options import DeviceSpec, ProcessingOptions, device_names
 
 if TYPE_CHECKING:
-    from ..backends.multiprocessing.pool import ProcessPool
-    from ..backends.multiprocessing.run import _Run
+    from ..backends.multiprocessing.pool import ProcessPool, WorkerHandle
     from ..backends.multiprocessing.topology import Topology
     from ..plan import Plan
+    from .pool_lease import PoolLease
+    from .router import Router
 
 #: How long ``close()`` waits for a run of another thread to end before stopping the processes.
 CLOSE_WAIT_S = 10.0
@@ -90,8 +107,9 @@ class WorkerPool:
     >>> first == second == [0, 10, 20, 30, 40, 50]
     True
 
-    Streams run one at a time (see the module docstring); a run that fails, crashes a worker
-    or is left early (``break``) gives its workers back, dead ones replaced, to the next.
+    Streams from several threads run at once, their tasks interleaved on the workers (some
+    take turns: see the module docstring); a run that fails, crashes a worker or is left early
+    (``break``) gives its workers back, dead ones replaced, without failing the others.
     ``close()`` (or leaving the ``with`` block, or garbage collection, or interpreter exit)
     stops and reaps every process.
 
@@ -134,9 +152,16 @@ class WorkerPool:
         cpu_method = resolve_start_method(options.process_start_method, needs_gpu_workers=False, runs_torch=True)
         gpu_method = resolve_start_method(options.process_start_method, needs_gpu_workers=uses_cuda, runs_torch=True)
         self._processes = _PoolProcesses(build_topology(num_cpu, gpu_devices), cpu_method, gpu_method)
-        self._lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._holder: Optional[int] = None  # the thread whose run holds the pool
+        #: Guards admission: the active runs, the router, runs waiting to have the workers alone.
+        self._cond = threading.Condition()
+        self._active: dict[int, PoolLease] = {}
+        self._exclusive_waiting = 0
+        self._router: Optional[Router] = None
+        #: Sends on the GPU workers' control pipes (StartGPURun, EndGPURun, a replacement's pipes).
+        self._control_lock = threading.Lock()
+        #: One per CPU worker index: the shared runs' feeders send one whole message at a time.
+        self._send_locks = [threading.Lock() for _ in range(self._processes.topology.num_cpu_workers)]
         self._closed = False
         #: Runs that ended on this pool (any way).
         self.runs_served = 0
@@ -194,20 +219,28 @@ class WorkerPool:
     def close(self) -> None:
         """Stops and reaps every worker process (main process). Idempotent.
 
-        Waits up to ``CLOSE_WAIT_S`` for a run of another thread to end; a run still open then
+        Waits up to ``CLOSE_WAIT_S`` for the runs of other threads to end; a run still open then
         (or one of this thread: a half-consumed iterator) fails with a crash of its workers.
         """
+        from ..errors import WorkerCrashedError
+
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
-        holder = self._holder
-        acquired = self._lock.acquire(timeout=CLOSE_WAIT_S if holder != threading.get_ident() else 0)
-        try:
-            self._finalizer()  # _processes.stop(broken=True): idle workers hold nothing worth waiting for
-        finally:
-            if acquired:
-                self._lock.release()
+        me = threading.get_ident()
+        with self._cond:
+            self._cond.notify_all()  # runs waiting to start see the pool closed
+            mine = any(lease.thread == me for lease in self._active.values())
+            self._cond.wait_for(lambda: not self._active, timeout=0 if mine else CLOSE_WAIT_S)
+            router, self._router = self._router, None
+            open_runs = list(self._active.values())
+        if router is not None:
+            router.stop()
+        for lease in open_runs:  # their collectors hear it next (no router reads for them now)
+            if lease.inbox is not None and lease.worker is not None:
+                lease.inbox.put(lease.worker, WorkerCrashedError("the WorkerPool was closed during the run"))
+        self._finalizer()  # _processes.stop(broken=True): idle workers hold nothing worth waiting for
 
     # -- runs (called by the multiprocessing backend) -------------------------------------------
     def process_pool(self) -> ProcessPool:
@@ -216,28 +249,67 @@ class WorkerPool:
             raise ValueError("set_processing(pool=...): this WorkerPool is closed")
         return self._processes.current
 
-    def lease(self) -> _PoolLease:
-        """A run's hold on the pool (see :class:`~streamproc.backends.multiprocessing.run.RunLease`)."""
-        return _PoolLease(self)
+    def lease(self) -> PoolLease:
+        """A run's hold on the pool (see :class:`~streamproc.backends.multiprocessing.lease.RunLease`)."""
+        from .pool_lease import PoolLease
 
-    def _acquire(self) -> ProcessPool:
-        if self._closed:
-            raise ValueError("set_processing(pool=...): this WorkerPool is closed")
-        if self._holder == threading.get_ident():
-            raise RuntimeError(
-                "this thread is already running a stream on this WorkerPool (an iterator not consumed to the end, "
-                "or zip() of two streams): streams on one pool run one at a time; finish or close the first one"
-            )
-        self._lock.acquire()
-        if self._closed or self._processes.current is None:
-            self._lock.release()
-            raise ValueError("set_processing(pool=...): this WorkerPool was closed while the stream waited for it")
-        self._holder = threading.get_ident()
-        try:
-            return self._ready_processes()
-        except BaseException:
-            self._release()
-            raise
+        return PoolLease(self)
+
+    def _admit(self, lease: PoolLease) -> ProcessPool:
+        """Waits until ``lease``'s run may start (see the module docstring); the processes, ready.
+
+        Raises:
+            ValueError: the pool is closed (or was closed while the run waited).
+            RuntimeError: this thread has a run open on the pool that the new one would wait for.
+        """
+        me = threading.get_ident()
+        with self._cond:
+            if self._closed:
+                raise ValueError("set_processing(pool=...): this WorkerPool is closed")
+            mine = any(other.thread == me for other in self._active.values())
+            if not self._may_start(lease, mine):
+                if mine:
+                    raise RuntimeError(
+                        "this thread is already running a stream on this WorkerPool (an iterator not consumed to the "
+                        "end, or zip() of two streams) that this one cannot share the workers with (it writes parts "
+                        "in workers, retries tasks, or has other model settings): such streams run one at a time; "
+                        "finish or close the first one"
+                    )
+                self._exclusive_waiting += lease.exclusive
+                try:
+                    self._cond.wait_for(lambda: self._closed or self._may_start(lease, False))
+                finally:
+                    self._exclusive_waiting -= lease.exclusive
+            if self._closed or self._processes.current is None:
+                raise ValueError("set_processing(pool=...): this WorkerPool was closed while the stream waited for it")
+            processes = self._ready_processes() if not self._active else self._processes.current
+            self._active[lease.run_id] = lease
+            if not lease.exclusive and self._router is None:
+                from .router import Router
+
+                self._router = Router(processes, self._replace_for_router)
+            return processes
+
+    def _may_start(self, lease: PoolLease, mine: bool) -> bool:
+        """Whether ``lease``'s run may start now (under ``_cond``); ``mine``: this thread has one active."""
+        active = list(self._active.values())
+        if not active:
+            return True
+        if lease.exclusive or any(other.exclusive for other in active):
+            return False
+        if self._router is not None and self._router.gpu_lost:
+            return False  # the pool restarts once the active runs end
+        if self._exclusive_waiting and not mine:
+            return False  # a run waiting to have the workers alone goes first
+        return not lease.uses_gpu or all(not o.uses_gpu or o.settings == lease.settings for o in active)
+
+    def _replace_for_router(self, index: int, also_close: tuple[object, ...]) -> WorkerHandle:
+        """A new process for CPU worker ``index`` (the router's thread, shared runs active)."""
+        with self._control_lock:
+            pool = self._processes.current
+            if self._closed or pool is None:
+                raise ValueError("the WorkerPool is closed")
+            return pool.replace_cpu_worker(index, also_close=also_close)
 
     def _ready_processes(self) -> ProcessPool:
         """The processes, every worker alive (one that died between runs is replaced)."""
@@ -254,43 +326,17 @@ class WorkerPool:
                 pool.replace_cpu_worker(worker.id.index)
         return pool
 
-    def _release(self) -> None:
-        self._holder = None
-        self._lock.release()
+    def _release(self, lease: PoolLease) -> None:
+        """``lease``'s run ended: the next may start; the router stops with the last shared run."""
+        router = None
+        with self._cond:
+            self.runs_served += 1
+            self._active.pop(lease.run_id, None)
+            if self._router is not None and all(other.exclusive for other in self._active.values()):
+                router, self._router = self._router, None
+                router.stop()
+            self._cond.notify_all()
 
 
 def _no_pool() -> None:
     return None
-
-
-class _PoolLease:
-    """One run's turn on a :class:`WorkerPool` (main process). See :class:`RunLease`."""
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
-        self._held = False
-
-    def begin(self, run: _Run, forwards_bytes: Optional[bytes]) -> None:
-        processes = self.pool._acquire()
-        self._held = True
-        run.pool = processes
-        if forwards_bytes is not None and processes.gpu_workers:
-            processes.begin_gpu_run(run.run_id, forwards_bytes)
-
-    def end(self, run: _Run, broken: bool) -> None:
-        if not self._held:  # the run failed before its turn (serialization, a closed pool)
-            return
-        self._held = False
-        from .drain import drain_run
-
-        try:
-            needs_restart = drain_run(run, broken)
-            if needs_restart and not self.pool._closed:
-                self.pool._processes.restart()
-        except BaseException:
-            if not self.pool._closed:
-                self.pool._processes.restart()  # whatever broke, the next run gets fresh processes
-            raise
-        finally:
-            self.pool.runs_served += 1
-            self.pool._release()

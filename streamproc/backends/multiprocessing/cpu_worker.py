@@ -1,7 +1,8 @@
 """The CPU worker process: runs every op of a run's plan on the tasks it is sent.
 
 Protocol: the worker says ``WorkerStarted``, then reads its task pipe. ``StartRun`` brings a
-run's plan (loaded once); for each ``Task`` it sends the task's outputs as ``TaskChunk``
+run's plan (loaded once, kept by run id: on a warm pool several runs' tasks interleave in one
+pipe, each run with its own plan, context and stage timer); for each ``Task`` it sends the task's outputs as ``TaskChunk``
 messages, the last with ``last=True``, or a ``TaskFailed`` carrying the user's exception and
 traceback; ``EndRun`` completes what the run wrote here and is answered with ``RunEnded``.
 An ``IsolatedTask`` runs record by record (see :mod:`.isolation`); with ``task_timeout`` a
@@ -86,7 +87,7 @@ class _ResultSender:
         carrier = ExceptionWithTraceback(error, f"{self.worker}, {where}")
         if isinstance(message, (TaskChunk, TaskFailed)):
             return TaskFailed(message.run_id, message.task_index, carrier)
-        return WorkerFailed(self.worker, carrier)
+        return WorkerFailed(self.worker, carrier, getattr(message, "run_id", None))
 
 
 class _RunState:
@@ -97,7 +98,10 @@ class _RunState:
         self.plan, finalize, writers = dill_loads(start.plan_bytes)
         options = self.plan.options
         models = ModelSettings.from_options(options)
-        make_runner = (lambda stage: phased(RemoteForwardRunner(client, stage.index), models)) if client is not None else None
+        run_id = self.run_id
+        make_runner = (
+            (lambda stage: phased(RemoteForwardRunner(client, stage.index, run_id), models)) if client is not None else None
+        )
         # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
         # never initialise CUDA (see design.md section 3).
         self.ctx = ExecutionContext(
@@ -151,7 +155,7 @@ def run_cpu_worker(
     result_conn = forward_worker_logs(worker, result_conn)
     sender = _ResultSender(result_conn, worker, clock)
     client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
-    run: Optional[_RunState] = None
+    runs: dict[int, _RunState] = {}  # the active runs (one, but on a warm pool shared by several)
     if task_timeout is not None:
         sender.watchdog = TaskWatchdog(worker, task_timeout, sender.send, progress)
     try:
@@ -160,16 +164,19 @@ def run_cpu_worker(
             message = loads_message(clock.waiting_for_input(task_conn.recv_bytes))
             if isinstance(message, (Task, IsolatedTask)):
                 task = message.task if isinstance(message, IsolatedTask) else message
-                assert run is not None and task.run_id == run.run_id, f"task of run {task.run_id} outside it"
-                clock.busy(_run_task, run, message, sender, worker)
+                assert task.run_id in runs, f"task of run {task.run_id} outside it"
+                clock.busy(_run_task, runs[task.run_id], message, sender, worker)
             elif isinstance(message, StartRun):
-                clock.begin_run()
-                run = _start_run(message, worker, client, sender)
+                if not runs:  # overlapping runs share the process figures (see RunEnded.stats)
+                    clock.begin_run()
+                runs[message.run_id] = _start_run(message, worker, client, sender)
                 clock.loaded()
             elif isinstance(message, EndRun):
-                if run is not None:
-                    _end_run(run, sender, worker, clock)
-                run = None
+                ended = runs.pop(message.run_id, None)
+                if ended is not None:
+                    _end_run(ended, sender, worker, clock)
+                    if runs:
+                        clock.begin_run()
             elif isinstance(message, Stop):
                 break
     except (EOFError, BrokenPipeError):
@@ -177,7 +184,7 @@ def run_cpu_worker(
     finally:
         if sender.watchdog is not None:
             sender.watchdog.stop()
-        if run is not None:
+        for run in runs.values():
             run.abort()
         if client is not None:
             client.close()
@@ -190,7 +197,8 @@ def _start_run(start: StartRun, worker: WorkerId, client: Optional[GPUClient], s
         return _RunState(start, worker, client)
     except BaseException as exc:
         error = as_crash(exc, worker, "while loading the stream")
-        sender.send(WorkerFailed(worker, ExceptionWithTraceback(error, f"{worker}, while loading the stream")))
+        loading = ExceptionWithTraceback(error, f"{worker}, while loading the stream")
+        sender.send(WorkerFailed(worker, loading, start.run_id))
         sys.exit(1)
 
 
@@ -198,7 +206,7 @@ def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId, clock: Wor
     try:
         paths, rows = run.end()
     except Exception as exc:
-        sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files")))
+        sender.send(WorkerFailed(worker, ExceptionWithTraceback(exc, f"{worker}, completing its part files"), run.run_id))
         return
     stats = clock.run_stats()
     if run.ctx.local_forwards is not None:  # forward ran here (no GPU workers): its swaps

@@ -19,7 +19,7 @@ import itertools
 import multiprocessing.connection
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from ...errors import WorkerCrashedError
 from ...execution.serialization import dumps_message, loads_message
@@ -61,9 +61,9 @@ class GPUClient:
         self._arrived: dict[int, Any] = {}
         self._forgotten: set[int] = set()
 
-    def send(self, stage: int, batch: Any, gpu: int) -> int:
+    def send(self, stage: int, batch: Any, gpu: int, run_id: Optional[int] = None) -> int:
         batch_id = next(self._batch_ids)
-        data = dumps_message(ForwardRequest(stage, batch_id, batch))
+        data = dumps_message(ForwardRequest(stage, batch_id, batch, run_id))
         try:
             self.channels[gpu].batch_writer.send_bytes(data)
         except OSError:  # BrokenPipeError, ConnectionResetError
@@ -125,9 +125,10 @@ class RemoteForwardRunner:
     #: Where forward runs, for the run's stats (``StageStats.forward_where``).
     location = "GPU workers"
 
-    def __init__(self, client: GPUClient, stage: int) -> None:
+    def __init__(self, client: GPUClient, stage: int, run_id: Optional[int] = None) -> None:
         self.client = client
         self.stage = stage
+        self.run_id = run_id  # a warm pool's GPU worker serves several runs' stages
         self.max_pending = MAX_BATCHES_IN_FLIGHT_PER_GPU * len(client.cycle)
         self._next_gpu = itertools.cycle(client.cycle)
 
@@ -139,7 +140,7 @@ class RemoteForwardRunner:
                     done_records, gpu, batch_id = pending.popleft()
                     yield done_records, self.client.wait_outputs(gpu, batch_id)
                 gpu = next(self._next_gpu)
-                pending.append((records, gpu, self.client.send(self.stage, batch, gpu)))
+                pending.append((records, gpu, self.client.send(self.stage, batch, gpu, self.run_id)))
             while pending:
                 done_records, gpu, batch_id = pending.popleft()
                 yield done_records, self.client.wait_outputs(gpu, batch_id)

@@ -37,6 +37,7 @@ from ...execution.serialization import dill_loads, dumps_message, loads_message
 from ...gpu.placement import DeviceSpec, describe_device_spec, first_device
 from .log_forwarding import apply_log_levels, forward_worker_logs
 from .messages import (
+    EndGPURun,
     ForwardFailed,
     ForwardRequest,
     ForwardResult,
@@ -139,7 +140,13 @@ def run_gpu_worker(
         set_process_info(WorkerInfo("gpu", index, 0, first_device(device), None))  # sp.get_worker_info() in forward
         # Model caches outlive runs on a warm pool: one per ModelSettings (budget, dtype).
         caches: dict[Any, ModelCache] = {}
-        runners, settings = _load_forwards(forwards_bytes, device, caches) if forwards_bytes is not None else ({}, None)
+        # Keyed by (run id, stage): None for the run this worker was started for; on a warm
+        # pool each active run's, added by StartGPURun and dropped by EndGPURun.
+        runners: dict[_StageKey, DeviceForward] = {}
+        settings: Optional[ModelSettings] = None
+        if forwards_bytes is not None:
+            started, settings = _load_forwards(forwards_bytes, device, caches)
+            runners.update(((None, stage), runner) for stage, runner in started.items())
         clock.loaded()  # spawn, imports, models moved to the device
     except BaseException as exc:
         # sys.exit() in a model's __setstate__ or .to(): re-raised as is in the main process,
@@ -169,16 +176,25 @@ def run_gpu_worker(
         # The control pipe first: a warm pool's StartGPURun was sent before its run's batches.
         for reader in sorted(ready, key=lambda conn: conn is not control):
             if reader is control:
-                control_message = _read_control(control)
-                if isinstance(control_message, StartGPURun):
-                    runners, settings = _start_gpu_run(control_message, worker, device, caches, status_conn, where)
-                    pick_next = _batch_picker(runners, settings)
-                    continue
-                peer = _take_replacement(control_message, control, worker, senders, peer_alive, open_readers, peer_of)
-                if peer is None:
-                    control = None  # the main process is shutting down: lost peers stay lost
-                else:
-                    lost.discard(peer)
+                # Every message waiting: a run's EndGPURun may come just before the next one's StartGPURun.
+                while control is not None:
+                    control_message = _read_control(control)
+                    if isinstance(control_message, StartGPURun):
+                        started, run_settings = _start_gpu_run(control_message, worker, device, caches, status_conn, where)
+                        runners.update(((control_message.run_id, stage), runner) for stage, runner in started.items())
+                        if started and run_settings != settings:  # runs sharing the worker share settings
+                            settings = run_settings
+                            pick_next = _batch_picker(runners, settings)
+                    elif isinstance(control_message, EndGPURun):
+                        _end_gpu_run(control_message.run_id, runners, uploaded)
+                    else:
+                        peer = _take_replacement(control_message, control, worker, senders, peer_alive, open_readers, peer_of)
+                        if peer is None:
+                            control = None  # the main process is shutting down: lost peers stay lost
+                            break
+                        lost.discard(peer)
+                    if not control.poll():
+                        break
                 continue
             if reader not in peer_alive and reader not in senders:
                 continue  # a dead peer's pipe, closed by the replacement just taken
@@ -197,7 +213,7 @@ def run_gpu_worker(
             if isinstance(message, NoMoreBatches):
                 open_readers.remove(reader)
                 continue
-            runner = runners.get(message.stage)
+            runner = _runner_of(runners, message)
             if runner is None:  # its run's StartGPURun failed to load (the run reports it)
                 error = RuntimeError(f"{where} has no forward for stage {message.stage}: the stream's models failed to load")
                 senders[reader].queue.put(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, where)))
@@ -210,7 +226,8 @@ def run_gpu_worker(
                 )
         if uploaded:
             sender, request, batch = pick_next(uploaded)
-            runner = runners[request.stage]
+            runner = _runner_of(runners, request)
+            assert runner is not None
             try:
                 sender.queue.put(ForwardResult(request.batch_id, runner.compute(batch)))
             except Exception as exc:
@@ -262,7 +279,7 @@ def _start_gpu_run(
     try:
         return _load_forwards(start.forwards_bytes, device, caches)
     except Exception as exc:
-        failed = WorkerFailed(worker, ExceptionWithTraceback(exc, f"{where}, loading run {start.run_id}"))
+        failed = WorkerFailed(worker, ExceptionWithTraceback(exc, f"{where}, loading run {start.run_id}"), start.run_id)
         status_conn.send_bytes(dumps_message(failed))
         return {}, None
 
@@ -297,10 +314,26 @@ def _device_forwards(
 
 
 _Uploaded = tuple[_PeerSender, ForwardRequest, Any]
+#: ``(run id, stage index)``; run id None: the run the worker was started with.
+_StageKey = tuple[Optional[int], int]
+
+
+def _runner_of(runners: dict[_StageKey, DeviceForward], request: ForwardRequest) -> Optional[DeviceForward]:
+    """The forward serving ``request``: its run's stage, else the start-up run's (a one-run pool)."""
+    runner = runners.get((request.run_id, request.stage))
+    return runner if runner is not None else runners.get((None, request.stage))
+
+
+def _end_gpu_run(run_id: int, runners: dict[_StageKey, DeviceForward], uploaded: collections.deque[_Uploaded]) -> None:
+    """Drops run ``run_id``'s forwards and its batches not computed (GPU worker; its tasks are over)."""
+    for key in [key for key in runners if key[0] == run_id]:
+        del runners[key]
+    for entry in [entry for entry in uploaded if entry[1].run_id == run_id]:
+        uploaded.remove(entry)
 
 
 def _batch_picker(
-    runners: dict[int, DeviceForward], settings: Optional[ModelSettings]
+    runners: dict[_StageKey, DeviceForward], settings: Optional[ModelSettings]
 ) -> Callable[[collections.deque[_Uploaded]], _Uploaded]:
     """Takes the next batch to compute out of ``uploaded``: the oldest without a memory budget;
     with one, as :class:`~streamproc.gpu.swap_schedule.RoundSchedule` says (loaded models first)."""
@@ -311,7 +344,8 @@ def _batch_picker(
     schedule = RoundSchedule()
 
     def is_loaded(entry: _Uploaded) -> bool:
-        return runners[entry[1].stage].models_loaded()
+        runner = _runner_of(runners, entry[1])
+        return runner is not None and runner.models_loaded()
 
     def pick(uploaded: collections.deque[_Uploaded]) -> _Uploaded:
         chosen = schedule.pick(uploaded, is_loaded)

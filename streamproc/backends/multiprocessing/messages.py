@@ -14,7 +14,10 @@ with ``last=True``) or a ``TaskFailed``; ``RunEnded`` in answer to ``EndRun`` (w
 own part files hold when the run writes in workers); ``WorkerFailed`` when it cannot go on.
 GPU worker -> main (status pipe): ``WorkerStarted``, then ``WorkerDone`` at a normal end, or
 ``WorkerFailed``. Main -> GPU worker (control pipe, pools that replace workers): ``PeerReplaced``;
-on a warm pool (:class:`streamproc.WorkerPool`), ``StartGPURun`` before each run's first task.
+on a warm pool (:class:`streamproc.WorkerPool`), ``StartGPURun`` before each run's first task and
+``EndGPURun`` after its last. Runs sharing a warm pool interleave on its workers: a CPU worker
+holds the plan of every run it was sent ``StartRun`` for until that run's ``EndRun``, and a GPU
+worker serves each ``ForwardRequest`` with the forward of its ``(run_id, stage)``.
 A worker that exits without its last message has crashed, whatever its
 exit code. Any worker -> main pipe may also carry ``LogRecordMessage``s at any time (the
 worker's ``logging`` records, see :mod:`.log_forwarding`).
@@ -129,10 +132,12 @@ class RunEnded:
 
 @dataclass(frozen=True)
 class WorkerFailed:
-    """The worker cannot go on (the plan failed to load, its part files failed to complete...)."""
+    """The worker cannot go on with run ``run_id`` (its plan failed to load, its part files failed
+    to complete...); ``run_id`` None: with any run (it is ending)."""
 
     worker: WorkerId
     error: Any
+    run_id: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -158,11 +163,13 @@ class ChannelKey:
 
 @dataclass(frozen=True)
 class ForwardRequest:
-    """Run forward of stage ``stage`` (1-based index into the plan's stages) on ``batch`` (CPU tensors)."""
+    """Run forward of stage ``stage`` (1-based index into the plan's stages) of run ``run_id`` on
+    ``batch`` (CPU tensors); ``run_id`` None: of the one run the GPU worker was started for."""
 
     stage: int
     batch_id: int
     batch: Any
+    run_id: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,14 @@ class StartGPURun:
 
     run_id: int
     forwards_bytes: bytes
+
+
+@dataclass(frozen=True)
+class EndGPURun:
+    """Main -> GPU worker (control pipe), on a warm pool: run ``run_id`` sends no more batches;
+    its stages' forwards are dropped (their models stay in the worker's model cache)."""
+
+    run_id: int
 
 
 @dataclass(frozen=True)

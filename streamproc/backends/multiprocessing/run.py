@@ -58,6 +58,7 @@ from ...gpu.model_cache import ModelSettings
 from ...plan import Plan
 from ...stats import RunStats
 from .feeder import WorkerSlot, feed_worker
+from .lease import receive_routed
 from .log_forwarding import capture_log_levels, reemit
 from .messages import (
     EndRun,
@@ -147,10 +148,10 @@ class _Run(RecoveryMixin):
         forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
         if self.lease is None:
             self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
-        else:  # a warm pool's processes: wait for the pool, send its GPU workers this run's forwards
-            self.lease.begin(self, forwards_bytes)
         # Created after the workers: no child inherits it (a replacement is told to close it).
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
+        if self.lease is not None:  # a warm pool's processes: wait for the pool, send its GPU workers this run's forwards
+            self.lease.begin(self, forwards_bytes)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
         payloads = timed_payloads(iter_selected_payloads(self.plan), self.stats.main)
         if self.writers is not None:  # workers write whole parts: a dispatch unit is a part group
@@ -161,7 +162,11 @@ class _Run(RecoveryMixin):
         )
         first, last = dumps_message(start), dumps_message(EndRun(self.run_id))
         for worker, assignment in zip(self.pool.cpu_workers, self.assigned):
-            assignment.slot = WorkerSlot(worker.task_conn, first, last, self.retries.encode, self.replaces_workers)
+            assignment.slot = (
+                self.lease.slot(worker, first, last, self.retries.encode)  # shared with other runs, or not
+                if self.lease is not None
+                else WorkerSlot(worker.task_conn, first, last, self.retries.encode, self.replaces_workers)
+            )
             assignment.feeder = threading.Thread(
                 target=feed_worker,
                 args=(worker.id, self.dispatcher, assignment.slot, self._on_feeder_error, self._wake),
@@ -219,6 +224,9 @@ class _Run(RecoveryMixin):
         by_sentinel = {w.process.sentinel: w for w in live}
         timeout = self.plan.options.task_timeout
         wait_s = RESULT_WAIT_TIMEOUT_S if timeout is None else min(RESULT_WAIT_TIMEOUT_S, timeout / 4)
+        if self.lease is not None and self.lease.inbox is not None:  # the pool's router reads the pipes
+            receive_routed(self, self.lease.inbox, reorder, wait_s)
+            return
         ready = multiprocessing.connection.wait([*by_reader, *by_sentinel, self._wakeup_reader], timeout=wait_s)
         if timeout is not None:
             self._check_backstop(timeout)
