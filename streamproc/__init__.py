@@ -165,6 +165,17 @@ def read_csv(
     )
 
 
+def from_ray_dataset(dataset: Any) -> Stream:
+    """A stream of the dict records of a Ray ``ray.data.Dataset``, in its row order.
+
+    The rows are read in the main process (``ds.iter_rows()``), so any backend can run the
+    stream. Needs ``pip install 'streamproc[ray]'`` (an ImportError names it).
+    """
+    from .io.ray_dataset import make_ray_dataset_source
+
+    return Stream(make_ray_dataset_source(dataset))
+
+
 def from_huggingface(dataset: Any) -> Stream:
     """A stream of the records of a Hugging Face ``datasets.Dataset`` or ``IterableDataset``.
 
@@ -259,6 +270,7 @@ __all__ = [
     "from_huggingface",
     "from_iterable",
     "from_pandas",
+    "from_ray_dataset",
     "get_dispatch_schedule",
     "get_worker_info",
     "read_csv",

@@ -63,6 +63,10 @@ class ProcessingOptions:
 
     Pools (design.md section 5): ``pool``, a :class:`~streamproc.WorkerPool` whose warm
     processes run the stream (the multiprocessing backend); it owns :data:`POOL_OWNED_OPTIONS`.
+
+    ``ray_address`` (``backend="ray"``): None joins the cluster ``ray.init`` already joined,
+    else starts a local one (it lives until the interpreter exits); ``"auto"`` or an address
+    (``"10.0.0.1:6379"``, ``"ray://head:10001"``) joins that cluster.
     """
 
     backend: Optional[str] = None
@@ -86,6 +90,7 @@ class ProcessingOptions:
     show_stats: bool = False
     gpu_memory_budget: Optional[int] = None
     model_dtype: Any = None
+    ray_address: Optional[str] = None
     pool: Optional[WorkerPool] = None
 
     def updated(self, **changes: Any) -> ProcessingOptions:
@@ -168,8 +173,8 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> Any:
 
 def _check_backend(value: Any) -> Optional[str]:
     _check_choice("backend", value, BACKENDS)
-    if value == "ray":
-        raise ValueError("backend='ray' is on the roadmap but not available yet: use 'simple', 'threads' or 'multiprocessing'")
+    if value == "ray" and not _ray_installed():
+        raise ImportError("backend='ray' needs Ray, which is not installed: pip install 'streamproc[ray]'")
     return value
 
 
@@ -309,6 +314,28 @@ def _check_seconds(name: str):  # type: ignore[no-untyped-def]
     return check
 
 
+def _ray_installed() -> bool:
+    """Whether Ray can be imported (looked up, not imported: importing it takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except ValueError:  # sys.modules["ray"] is None: imports of it are blocked
+        return False
+
+
+def _check_ray_address(value: Any) -> Optional[str]:
+    """None, ``"auto"`` or a non-empty address string (``host:port`` or a ``ray://`` URL)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+        raise ValueError(
+            f"ray_address must be None (the cluster ray.init joined, else a local one), 'auto' or a cluster "
+            f"address such as '10.0.0.1:6379' or 'ray://head:10001', got {value!r}"
+        )
+    return value.strip()
+
+
 def _check_shard(value: Any) -> Any:
     if value is None or value == "auto":
         return value
@@ -357,5 +384,6 @@ _VALIDATORS = {
     "show_stats": _check_bool("show_stats"),
     "gpu_memory_budget": lambda v: parse_byte_size("gpu_memory_budget", v),
     "model_dtype": _check_model_dtype,
+    "ray_address": _check_ray_address,
     "pool": _check_pool,
 }

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from .execution.granularity import finer_task_size
 from .execution.selection import TaskSelection
 from .execution.sharding import resolve_shard
 from .io.base import Source
@@ -50,6 +51,9 @@ class Plan:
     task_size: int
     chunk_size: int
     task_selection: Optional[TaskSelection] = None
+    #: The fewest records of a task cut by bytes (all but the last): the largest record-count
+    #: batch size, so that big records still make full batches (see :mod:`.execution.byte_budget`).
+    min_task_records: int = 1
 
     @property
     def ops(self) -> tuple[Op, ...]:
@@ -82,8 +86,21 @@ def make_stages(ops: tuple[Op, ...]) -> tuple[Stage, ...]:
 def default_task_size(ops: tuple[Op, ...]) -> int:
     """``DEFAULT_TASK_SIZE``, or the largest record-count batch size if larger, so that a
     ``map_batches(batch_size=N)`` stage does see batches of N records."""
+    return max(DEFAULT_TASK_SIZE, largest_batch_records(ops))
+
+
+def largest_batch_records(ops: tuple[Op, ...]) -> int:
+    """The largest batch size counted in records of ``ops`` (1: none)."""
     sizes = [op.batch_size.value for op in ops if isinstance(op, BatchedOp) and op.batch_size and op.batch_size.unit == "records"]
-    return max([DEFAULT_TASK_SIZE, *sizes])
+    return max([1, *sizes])
+
+
+def _default_task_size_for(source: Source, ops: tuple[Op, ...]) -> int:
+    """:func:`default_task_size`, cut finer for a small input of known length (see :mod:`.execution.granularity`)."""
+    task_size = default_task_size(ops)
+    if not source.tasks_follow_task_size:
+        return task_size
+    return finer_task_size(task_size, source.num_records(), largest_batch_records(ops))
 
 
 def task_selection_for(
@@ -122,6 +139,9 @@ def build_plan(stream: Stream) -> Plan:
     options.check_combination()
     default_size = options.batch_size or DEFAULT_BATCH_SIZE
     ops = tuple(op.resolved(default_size, options.batch_by) if isinstance(op, BatchedOp) else op for op in stream.ops)
-    task_size = options.task_size or default_task_size(ops)
+    task_size = options.task_size or _default_task_size_for(stream.source, ops)
     selection = task_selection_for(options)
-    return Plan(stream.source, make_stages(ops), options, task_size, chunk_size=task_size, task_selection=selection)
+    return Plan(
+        stream.source, make_stages(ops), options, task_size, chunk_size=task_size, task_selection=selection,
+        min_task_records=min(task_size, largest_batch_records(ops)),
+    )

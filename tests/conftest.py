@@ -10,7 +10,8 @@ import psutil
 import pytest
 
 from tests.hang_guard import describe_process, worker_processes
-from tests.utils import BACKEND_CONFIGS, config_id
+from tests.ray_cluster import ray_session  # noqa: F401  (the Ray session cluster: imports Ray only when used)
+from tests.utils import BACKEND_CONFIGS, RAY_CONFIGS, config_id
 
 #: How long a test's processes and threads may take to go away after it ends. Backends join
 #: their workers with timeouts before returning; this only absorbs the last reaping steps.
@@ -19,13 +20,17 @@ LEAK_CHECK_POLL_S = 0.02
 THREAD_PREFIX = "streamproc-"
 
 
-@pytest.fixture(params=BACKEND_CONFIGS, ids=config_id)
+@pytest.fixture(
+    params=[pytest.param(c, marks=pytest.mark.ray) if c in RAY_CONFIGS else c for c in BACKEND_CONFIGS], ids=config_id
+)
 def backend_options(request: pytest.FixtureRequest) -> dict[str, Any]:
     """``set_processing`` kwargs of one backend configuration (see ``tests.utils.BACKEND_CONFIGS``).
 
     A test that takes this fixture runs once per configuration; a fresh dict each time, so a
     test may change it.
     """
+    if request.param in RAY_CONFIGS:
+        request.getfixturevalue("ray_session")
     return dict(request.param)
 
 

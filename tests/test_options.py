@@ -60,7 +60,6 @@ def test_torch_dtype_autocast_is_accepted():
 INVALID = [
     ("backend", "Simple"),
     ("backend", "dask"),
-    ("backend", "ray"),  # on the roadmap, not available yet
     ("backend", 1),
     ("num_cpu_workers", 0),
     ("num_cpu_workers", -1),

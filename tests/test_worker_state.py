@@ -159,7 +159,7 @@ def test_worker_info_kind_and_index_per_backend(backend_options: dict[str, Any])
     assert [row[0] for row in out] == RECORDS
     backend = effective_backend(backend_options)
     workers = backend_options.get("num_cpu_workers", 1)
-    expected_kind = {"simple": "main", "threads": "thread", "multiprocessing": "cpu"}[backend]
+    expected_kind = {"simple": "main", "threads": "thread", "multiprocessing": "cpu", "ray": "cpu"}[backend]
     assert {row[1] for row in out} == {expected_kind}
     assert {row[2] for row in out} <= set(range(workers))
     assert {row[3] for row in out} == {0}  # not sharded

@@ -6,6 +6,7 @@ level, so that it pickles by reference under every start method, spawn included.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
@@ -31,6 +32,12 @@ BACKEND_CONFIGS: list[dict[str, Any]] = [
     {"backend": "threads", "num_cpu_workers": 1},
     {"backend": "threads", "num_cpu_workers": 3},
 ]
+
+#: Ray (``tox -e ray`` sets STREAMPROC_TEST_RAY=1; the default env stays Ray-free): two CPU
+#: worker actors on the session cluster of tests/ray_cluster.py; the conftest marks them ``ray``.
+RAY_CONFIGS: list[dict[str, Any]] = [{"backend": "ray", "num_cpu_workers": 2}]
+if os.environ.get("STREAMPROC_TEST_RAY") == "1":
+    BACKEND_CONFIGS += RAY_CONFIGS
 
 #: Upper bound, in tasks, of what a backend other than the simple one may pull from an
 #: iterable source ahead of the consumer (feeder queues, the reorder window...). The simple

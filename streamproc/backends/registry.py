@@ -11,6 +11,7 @@ _BACKENDS = {
     "simple": ".simple:SimpleBackend",
     "threads": ".threads:ThreadsBackend",
     "multiprocessing": ".multiprocessing.backend:MultiprocessingBackend",
+    "ray": ".ray.backend:RayBackend",  # imports no Ray: the run does (an ImportError names the extra)
     # Not a set_processing(backend=...) choice: what a stream with pool=sp.connect(...) runs on.
     "service": "..service.client_run:ServiceBackend",
 }

@@ -9,7 +9,9 @@ Data flow (one process)::
 
 Memory invariant: queued chunks <= ``RESULT_QUEUE_CHUNKS_PER_THREAD * n``, plus one chunk per
 thread waiting to enter the queue, plus (deterministic) the tasks of the reorder window,
-``index < released + REORDER_WINDOW_TASKS_PER_THREAD * n``.
+``index < released + REORDER_WINDOW_TASKS_PER_THREAD * n``, and both in bytes too (the tasks'
+payload estimates, the held outputs' :func:`~streamproc.execution.byte_budget.estimate_bytes`):
+see NOTE [ streamproc byte bounds ] in :mod:`streamproc.execution.byte_budget`.
 
 Shutdown, on every exit path (the end, an error, a break, ``close()``, garbage collection, a
 KeyboardInterrupt in the consumer): the dispatcher hands out no more tasks, each thread drops
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union, cast
 
 from ..errors import PipelineShutdownError, add_context_note
+from ..execution.byte_budget import default_byte_budget, estimate_bytes
 from ..execution.context import ExecutionContext
 from ..execution.dispatch import SourceFailed, TaskDispatcher
 from ..execution.reorder import ReorderBuffer
@@ -93,7 +96,10 @@ class _ThreadRun:
         #: The run's stats; each thread's waits go to its own ``thread_stats`` entry.
         self.stats = stats
         payloads = timed_payloads(iter_selected_payloads(plan), stats.main)  # a generator: reads nothing yet
-        self.dispatcher = TaskDispatcher(payloads, num_threads, MAX_TASKS_IN_FLIGHT_PER_THREAD, window)
+        self.dispatcher = TaskDispatcher(
+            payloads, num_threads, MAX_TASKS_IN_FLIGHT_PER_THREAD, window,
+            byte_budget=default_byte_budget(), task_bytes=plan.source.task_bytes,
+        )
         self.results: queue.Queue[_Message] = queue.Queue(RESULT_QUEUE_CHUNKS_PER_THREAD * num_threads)
         self.forward_runners = shared_forward_runners(
             plan.options.gpu_worker_devices, plan.options.autocast, ModelSettings.from_options(plan.options)
@@ -125,7 +131,7 @@ class _ThreadRun:
             while True:
                 yield from reorder.pop_ready()  # raises a task's error after the outputs before it
                 if self.deterministic:
-                    self.dispatcher.set_released(reorder.next_task)
+                    self.dispatcher.set_released(reorder.next_task, reorder.buffered_bytes)
                 if self.dispatcher.total_tasks is not None and reorder.tasks_done >= self.dispatcher.total_tasks:
                     break
                 waited = time.perf_counter()
@@ -133,7 +139,8 @@ class _ThreadRun:
                 if self.deterministic and reorder.buffered_tasks:  # outputs held behind an earlier task
                     self.stats.main.reorder_wait_seconds += time.perf_counter() - waited
                 if isinstance(message, TaskOutput):
-                    reorder.add(message)
+                    # Sized only where it may wait in the buffer (nothing is pickled here).
+                    reorder.add(message, estimate_bytes(message.chunk) if self.deterministic else 0)
                 elif isinstance(message, _TaskFailed):
                     reorder.add_error(message.task_index, message.error)
                 elif message.error is not None:
@@ -191,7 +198,7 @@ class _ThreadRun:
                     self._run_task(plan, task, ctx, name, timer)
                 finally:
                     self.running[worker] = None
-                    self.dispatcher.task_finished(worker)
+                    self.dispatcher.task_finished(worker, task.index)
         except BaseException as exc:  # a failure of streamproc itself: the consumer raises it
             error = exc
         finally:

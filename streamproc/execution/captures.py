@@ -5,7 +5,8 @@ lines written by the other processes are lost) and a ``threading.Lock`` as a fre
 worker (it then protects nothing). Neither fails, so :func:`check_plan_captures` refuses such
 OS resources before any worker starts, naming the callable, the object and the variable. It
 also warns when a CPU-side callable (``prepare_batch``, ``postprocess``, a ``map`` fn) reaches
-the model that the GPU workers run: its weights would be pickled into every CPU worker too.
+the model that the GPU workers run: every CPU worker would hold it too (its large tensors are
+shared, not pickled: see :mod:`.shared_weights`; the rest still travels, and is built, there).
 
 Runs in the main process, once per run, from :func:`streamproc.execution.serialization.dumps_plan`:
 only backends that pickle the plan (multiprocessing) check; the simple and threads backends
@@ -320,7 +321,7 @@ def _warn_models_shipped(cpu_side: list[tuple[str, Captures]], forwards: list[An
                 where = f", {capture.where()}" if capture.path else ""
                 lines.append(
                     f"{label} captures the model {type(capture.value).__name__} ({size / 1e6:.1f} MB of parameters "
-                    f"and buffers{where}) that the GPU workers run, so it is pickled into every CPU worker too"
+                    f"and buffers{where}) that the GPU workers run, so every CPU worker loads it too"
                 )
     if lines:
         advice = (

@@ -9,6 +9,16 @@ is free gets the next task. Two bounds keep memory flat whatever the input size:
 * deterministic runs: ``index < released + window``, where ``released`` is the first task whose
   outputs the sink has not fully received, so the reorder buffer holds at most ``window`` tasks.
 
+and, with a :class:`~.byte_budget.ByteBudget`, two in bytes (see NOTE [ streamproc byte bounds ]):
+
+* ``in_flight_bytes <= budget.in_flight_bytes + num_workers * (largest task)``: a task is
+  handed out only while the estimated bytes of the tasks in flight (``task_bytes(payload)``,
+  summed) are under the budget, unless its worker has none in flight (never fewer than one
+  task per worker; over the budget a worker holds one task at most);
+* deterministic runs: task ``index > released`` is handed out only while the outputs the
+  reorder buffer holds (``reorder_bytes``, told by :meth:`TaskDispatcher.set_released`) are
+  under ``budget.reorder_bytes``; task ``released`` itself always may go, so the run advances.
+
 and one rule keeps the workers busy, :func:`may_take_task`: every idle live worker gets a task
 before any worker gets a second one. Without it, the first feeder to ask took both tasks of a
 2-row-group input, and 2 workers took as long as 1.
@@ -24,9 +34,10 @@ from __future__ import annotations
 import collections
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
+from .byte_budget import ByteBudget
 from .task import Task
 
 #: How long a blocked wait lasts before it re-checks its condition. ``stop()`` and every state
@@ -99,6 +110,11 @@ class TaskDispatcher:
     ``hold_until_finished`` (runs that retry tasks): :meth:`next_task` returns None only when
     no task is left *and* none is in flight or requeued, so a feeder stays to send the tasks
     of a worker that dies at the very end.
+
+    ``byte_budget`` (None: counts only) with ``task_bytes`` (a task payload's estimated size,
+    :meth:`streamproc.io.base.Source.task_bytes`) adds the byte bounds above. A task is sized
+    once, after it is read; ``in_flight_bytes`` and ``peak_in_flight_bytes`` are what the
+    bound counted (tests read them).
     """
 
     def __init__(
@@ -109,8 +125,12 @@ class TaskDispatcher:
         window: Optional[int],
         run_id: int = 0,
         hold_until_finished: bool = False,
+        byte_budget: Optional[ByteBudget] = None,
+        task_bytes: Optional[Callable[[Any], int]] = None,
     ) -> None:
         self._payloads = payloads
+        self._budget = byte_budget
+        self._task_bytes = task_bytes if byte_budget is not None else None
         self._run_id = run_id
         self._max_in_flight = max_in_flight
         self._window = window
@@ -125,6 +145,11 @@ class TaskDispatcher:
         self._requeued: list[collections.deque[Task]] = [collections.deque() for _ in range(num_workers)]
         self.total_tasks: Optional[int] = None
         self.stopping = False
+        #: Estimated bytes of each task in flight, by index; their sum, and its largest value.
+        self._bytes_of: dict[int, int] = {}
+        self.in_flight_bytes = 0
+        self.peak_in_flight_bytes = 0
+        self._reorder_bytes = 0
 
     @property
     def reader(self) -> Optional[int]:
@@ -142,8 +167,32 @@ class TaskDispatcher:
             self._reader is None
             and self._in_flight[worker] < self._max_in_flight
             and (self._window is None or index < self._released + self._window)
+            and self._within_bytes(worker, index)
             and may_take_task(worker, self._in_flight, self._live)
         )
+
+    def _within_bytes(self, worker: int, index: int) -> bool:
+        """The byte bounds of the class docstring (caller holds ``_cond``)."""
+        budget = self._budget
+        if budget is None:
+            return True
+        if self._in_flight[worker] and self.in_flight_bytes >= budget.in_flight_bytes:
+            return False
+        return self._window is None or index <= self._released or self._reorder_bytes < budget.reorder_bytes
+
+    def _count_bytes(self, index: int, payload: Any) -> None:
+        """Adds task ``index``'s estimated bytes to those in flight (caller holds ``_cond``)."""
+        if self._task_bytes is None:
+            return
+        nbytes = self._task_bytes(payload)
+        if nbytes:
+            self._bytes_of[index] = nbytes
+            self.in_flight_bytes += nbytes
+            self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self.in_flight_bytes)
+
+    def _uncount_bytes(self, index: Optional[int]) -> None:
+        if index is not None:
+            self.in_flight_bytes -= self._bytes_of.pop(index, 0)
 
     def next_task(self, worker: int) -> Optional[Task]:
         """The next task for ``worker``, or None when no task is left or the run stops.
@@ -186,6 +235,7 @@ class TaskDispatcher:
             if index >= self._stop_at:  # a task before it failed meanwhile: not needed
                 return None
             self._in_flight[worker] += 1
+            self._count_bytes(index, payload)
         return Task(index, payload, self._run_id, None if key == index else key)
 
     def _take_requeued(self, worker: int) -> Optional[Task]:
@@ -196,7 +246,9 @@ class TaskDispatcher:
         if not queue or self._in_flight[worker] >= self._max_in_flight:
             return None
         self._in_flight[worker] += 1
-        return queue.popleft()
+        task = queue.popleft()
+        self._count_bytes(task.index, task.payload)
+        return task
 
     def _all_finished(self) -> bool:
         """Whether a caller may stop asking (caller holds ``_cond``; no task is left to read)."""
@@ -210,6 +262,8 @@ class TaskDispatcher:
         """
         with self._cond:
             self._in_flight[worker] -= len(tasks)
+            for task in tasks:
+                self._uncount_bytes(task.index)
             self._requeued[worker].extend(tasks)
             self._cond.notify_all()
 
@@ -240,10 +294,15 @@ class TaskDispatcher:
         """Hands out no task after ``index`` (which failed or could not be sent)."""
         self._finish(index + 1)
 
-    def task_finished(self, worker: int) -> None:
-        """``worker`` finished one of its tasks (collector: main thread)."""
+    def task_finished(self, worker: int, task_index: Optional[int] = None) -> None:
+        """``worker`` finished one of its tasks, ``task_index`` (collector: main thread).
+
+        ``task_index`` frees the task's bytes; without it (a caller with no byte budget) only
+        the count is freed.
+        """
         with self._cond:
             self._in_flight[worker] -= 1
+            self._uncount_bytes(task_index)
             self._cond.notify_all()
 
     def worker_gone(self, worker: int) -> None:
@@ -256,12 +315,14 @@ class TaskDispatcher:
             self._live[worker] = False
             self._cond.notify_all()
 
-    def set_released(self, next_task: int) -> None:
-        """The sink has received every output of the tasks before ``next_task`` (collector)."""
+    def set_released(self, next_task: int, reorder_bytes: int = 0) -> None:
+        """The sink has received every output of the tasks before ``next_task``; the reorder
+        buffer holds ``reorder_bytes`` of later outputs (collector)."""
         with self._cond:
-            if next_task != self._released:
-                self._released = next_task
+            if next_task != self._released or reorder_bytes < self._reorder_bytes:
                 self._cond.notify_all()
+            self._released = next_task
+            self._reorder_bytes = reorder_bytes
 
     def stop(self) -> None:
         """Wakes every waiting caller (they return None) and makes every later call return None."""

@@ -9,6 +9,12 @@ Memory invariant (deterministic): the buffered tasks are a subset of
 ``k >= next_task + window`` (see :class:`~.dispatch.TaskDispatcher`). So at most ``window``
 tasks' outputs are held here.
 
+Bytes: :meth:`ReorderBuffer.add` takes each chunk's size (the multiprocessing backend: its
+pickled message length, already known; the threads backend: an estimate), and
+``buffered_bytes`` is the sum over the chunks held, which the dispatcher bounds (see NOTE
+[ streamproc byte bounds ] in :mod:`.byte_budget`): ``buffered_bytes = sum(nbytes of the
+chunks added and not yet popped)``.
+
 Retries (``hold_tasks=True``, set when a task may be rerun after its worker died): a task's
 chunks are released only once its last chunk has arrived, in either mode, so the sink never
 sees part of a task that :meth:`ReorderBuffer.reset_task` may still discard. Without it, the
@@ -25,10 +31,11 @@ from .task import TaskOutput
 
 
 class _TaskOutputs:
-    __slots__ = ("chunks", "complete", "error")
+    __slots__ = ("chunks", "complete", "error", "nbytes")
 
     def __init__(self) -> None:
         self.chunks: deque[TaskOutput] = deque()
+        self.nbytes: deque[int] = deque()  # each chunk's size, alongside ``chunks``
         self.complete = False
         self.error: Optional[BaseException] = None
 
@@ -57,7 +64,10 @@ class ReorderBuffer:
         self.tasks_done = 0
         self._tasks: dict[int, _TaskOutputs] = {}
         self._arrived: deque[TaskOutput] = deque()
+        self._arrived_bytes: deque[int] = deque()
         self._error: Optional[BaseException] = None
+        #: The sizes of the chunks held (added, not popped), summed.
+        self.buffered_bytes = 0
 
     def _entry(self, task: int) -> _TaskOutputs:
         entry = self._tasks.get(task)
@@ -65,21 +75,27 @@ class ReorderBuffer:
             entry = self._tasks[task] = _TaskOutputs()
         return entry
 
-    def add(self, output: TaskOutput) -> None:
-        """Takes the next chunk of task ``output.task_index`` (a task's chunks come in order)."""
+    def add(self, output: TaskOutput, nbytes: int = 0) -> None:
+        """Takes the next chunk of task ``output.task_index`` (a task's chunks come in order),
+        of ``nbytes`` bytes (what it counts towards ``buffered_bytes`` until popped)."""
+        self.buffered_bytes += nbytes
         if self.deterministic:
             entry = self._entry(output.task_index)
             entry.chunks.append(output)
+            entry.nbytes.append(nbytes)
             entry.complete = output.last
         elif self.hold_tasks:
             entry = self._entry(output.task_index)
             entry.chunks.append(output)
+            entry.nbytes.append(nbytes)
             if output.last:
                 del self._tasks[output.task_index]
                 self._arrived.extend(entry.chunks)
+                self._arrived_bytes.extend(entry.nbytes)
                 self.tasks_done += 1
         else:
             self._arrived.append(output)
+            self._arrived_bytes.append(nbytes)
             if output.last:
                 self.tasks_done += 1
 
@@ -93,6 +109,8 @@ class ReorderBuffer:
         if entry is not None:
             assert not entry.complete, f"task {task} is complete"
             entry.chunks.clear()
+            self.buffered_bytes -= sum(entry.nbytes)
+            entry.nbytes.clear()
 
     def add_error(self, task: int, error: BaseException) -> None:
         if self.deterministic:
@@ -108,6 +126,7 @@ class ReorderBuffer:
         """Yields the outputs that may be released now."""
         if not self.deterministic:
             while self._arrived:
+                self.buffered_bytes -= self._arrived_bytes.popleft()
                 yield self._arrived.popleft()
             if self._error is not None:
                 raise self._error
@@ -119,6 +138,7 @@ class ReorderBuffer:
             if self.hold_tasks and not entry.complete and entry.error is None:
                 return
             while entry.chunks:
+                self.buffered_bytes -= entry.nbytes.popleft()
                 yield entry.chunks.popleft()
             if entry.error is not None:
                 raise entry.error

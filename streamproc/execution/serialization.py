@@ -4,7 +4,9 @@ The plan (source, ops and their user callables, the sink's finalizer) is dumped 
 main process, before any worker starts, and the same bytes go to every worker. dill handles
 lambdas, closures and functions defined in ``__main__``; ``recurse=True`` makes it pickle only
 the globals a function uses, so a script's functions work under spawn and forkserver, where
-the worker's ``__main__`` is not the script.
+the worker's ``__main__`` is not the script. With a
+:class:`~streamproc.execution.shared_weights.WeightShipper`, the large tensors of the models
+met travel beside the plan, once (see NOTE [ streamproc weights shipping ]).
 """
 
 from __future__ import annotations
@@ -13,23 +15,28 @@ import os
 import pickle
 import sys
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import SerializationError
 from ..ops import callable_name
 from ..plan import Plan
 
+if TYPE_CHECKING:
+    from .shared_weights import WeightShipper
+
 PICKLE_PROTOCOL = 5
 
 
-def dumps_worker_plan(plan: Plan, cpu_plan: Plan, *parts: Any) -> bytes:
+def dumps_worker_plan(
+    plan: Plan, cpu_plan: Plan, *parts: Any, weights: Optional[WeightShipper] = None, inherit: bool = False
+) -> bytes:
     """Dumps ``(cpu_plan, *parts)``, the CPU workers' half of ``plan``, after checking its captures.
 
     Every backend that sends a plan to other processes calls this once per run, in the main
     process, before any worker starts: the callables are checked first
     (:func:`~streamproc.execution.captures.check_plan_captures`) for captured OS resources that
     pickling would silently copy or reopen, and for the GPU workers' model travelling to CPU
-    workers.
+    workers. ``weights`` and ``inherit``: see :func:`dumps_plan`.
 
     Raises:
         SerializationError: naming the resource a callable captures, or what cannot be pickled.
@@ -40,11 +47,16 @@ def dumps_worker_plan(plan: Plan, cpu_plan: Plan, *parts: Any) -> bytes:
     from .captures import check_plan_captures  # main process only: workers never import it
 
     check_plan_captures(plan, cpu_plan)
-    return dumps_plan((cpu_plan, *parts), plan)
+    return dumps_plan((cpu_plan, *parts), plan, weights, inherit)
 
 
-def dumps_plan(obj: Any, plan: Plan) -> bytes:
+def dumps_plan(obj: Any, plan: Plan, weights: Optional[WeightShipper] = None, inherit: bool = False) -> bytes:
     """Dumps ``obj`` (part of ``plan``: its CPU half, or the GPU workers' forwards) with dill.
+
+    Main process. With ``weights``, the large tensors of the models met are replaced by
+    references that :func:`dill_loads` resolves: inherited (``inherit``: every process that
+    loads these bytes is forked from this one afterwards) or from a file written once (see
+    NOTE [ streamproc weights shipping ] in :mod:`.shared_weights`).
 
     Raises:
         SerializationError: naming the stage and the callable (or the source) that failed.
@@ -52,7 +64,9 @@ def dumps_plan(obj: Any, plan: Plan) -> bytes:
     import dill
 
     try:
-        return dill.dumps(obj, protocol=PICKLE_PROTOCOL, recurse=True)
+        if weights is None:
+            return dill.dumps(obj, protocol=PICKLE_PROTOCOL, recurse=True)
+        return _dumps_shipping_weights(obj, weights, inherit)
     except Exception as exc:
         culprit = _find_unpicklable(plan)
         raise SerializationError(
@@ -60,6 +74,23 @@ def dumps_plan(obj: Any, plan: Plan) -> bytes:
             f"{type(exc).__name__}: {exc}. Everything a stream uses must be picklable by dill "
             "(define objects at module level, or create them inside the function that uses them)."
         ) from exc
+
+
+def _dumps_shipping_weights(obj: Any, weights: WeightShipper, inherit: bool) -> bytes:
+    import io
+
+    import dill
+
+    hook = weights.pickling(inherit)
+
+    class _Pickler(dill.Pickler):  # type: ignore[misc]
+        def persistent_id(self, value: Any) -> Any:
+            return hook.persistent_id(value)
+
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=PICKLE_PROTOCOL, recurse=True).dump(obj)
+    hook.finish()  # the file is written only for a plan that pickled
+    return buffer.getvalue()
 
 
 def _find_unpicklable(plan: Plan) -> str | None:
@@ -210,15 +241,25 @@ def dill_loads(data: Any) -> Any:
     the simple backend's. Where the loading process has the class (fork; spawn and forkserver
     re-import the script), it is used instead; otherwise (a notebook, a class defined under
     ``if __name__ == "__main__":``) the copy is kept, as before.
+
+    Model weights that :func:`dumps_plan` shipped by reference are resolved here (in the
+    worker), by :func:`~streamproc.execution.shared_weights.resolve_weight`.
     """
     import io
 
     import dill
 
+    from .shared_weights import resolve_weight
+
+    memo: dict[Any, Any] = {}
+
     class _Unpickler(dill.Unpickler):  # type: ignore[misc]
         def find_class(self, module: str, name: str) -> Any:
             found = super().find_class(module, name)
             return _create_type_or_main_twin if found is dill._dill._create_type else found
+
+        def persistent_load(self, pid: Any) -> Any:
+            return resolve_weight(pid, memo)
 
     return _Unpickler(io.BytesIO(data)).load()
 

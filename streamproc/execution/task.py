@@ -233,6 +233,6 @@ def iter_selected_payloads(plan: Plan) -> Iterator[tuple[int, Any]]:
     holds no records, so skipping a parquet row group reads nothing of it.
     """
     selection = plan.task_selection
-    for key, payload in enumerate(plan.source.iter_tasks(plan.task_size)):
+    for key, payload in enumerate(plan.source.iter_tasks_of_plan(plan.task_size, plan.min_task_records)):
         if selection is None or selection.selects(key):
             yield key, payload

@@ -40,6 +40,8 @@ class ArrowTableSource(ChunkedSource):
     and converts ``chunk_size`` rows at a time to dicts, where the task runs.
     """
 
+    tasks_follow_task_size = True
+
     def __init__(self, table: Any, columns: Optional[list[str]] = None) -> None:
         import pyarrow as pa
 

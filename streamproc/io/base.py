@@ -27,8 +27,9 @@ Example subclass (a source of the squares of ``n`` numbers, read in the workers)
             return f"squares({self.n})"
 
 Ordering guarantee: concatenating ``read_task(p)`` over ``iter_tasks()`` in order gives the
-source's records in order; payload boundaries depend only on the source and ``task_size``,
-never on the number of workers.
+source's records in order; payload boundaries depend only on the source and ``task_size``
+(and, for an iterable, on its records' sizes: see NOTE [ streamproc byte bounds ] in
+:mod:`streamproc.execution.byte_budget`), never on timing or on the number of workers.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def row_ranges(rows: int, task_size: int) -> Iterator[tuple[int, int]]:
 class Source(ABC):
     """Where records come from. Instances are pickled (with dill) to each worker once."""
 
+    #: Whether tasks are runs of ``task_size`` records and :meth:`num_records` is cheap (an
+    #: in-memory list, DataFrame or table): the plan may then cut a small input finer
+    #: (:func:`streamproc.execution.granularity.finer_task_size`) when ``task_size`` is not set.
+    tasks_follow_task_size: bool = False
+
     @abstractmethod
     def iter_tasks(self, task_size: int) -> Iterator[Any]:
         """Yields task payloads in source order (main process)."""
@@ -60,6 +66,12 @@ class Source(ABC):
     @abstractmethod
     def read_task(self, payload: Any) -> Iterator[Any]:
         """Yields the records of one task (where the task runs)."""
+
+    def iter_tasks_of_plan(self, task_size: int, min_task_records: int) -> Iterator[Any]:
+        """The payloads a run uses (main process): :meth:`iter_tasks`, except that a source
+        cutting tasks by bytes as well (an iterable) keeps at least ``min_task_records`` records
+        in each task but the last (the plan's largest batch: batches never span tasks)."""
+        return self.iter_tasks(task_size)
 
     def read_task_chunks(self, payload: Any, chunk_size: int) -> Iterator[list[Any]]:
         """The records of one task as lists of at most ``chunk_size`` (override when cheaper)."""
@@ -69,6 +81,14 @@ class Source(ABC):
             if not chunk:
                 return
             yield chunk
+
+    def task_bytes(self, payload: Any) -> int:
+        """An estimate of the bytes task ``payload`` brings into flight (main process, cheap:
+        called once per task by the dispatcher, which bounds their sum; see NOTE [ streamproc
+        byte bounds ]). The default, 0, means "small": the payload names where the records are
+        and their count bounds it. Sources whose tasks carry records, or whose metadata says
+        how big a task is, override it."""
+        return 0
 
     def locate(self, payload: Any, row: int | None = None) -> str:
         """Where task ``payload`` (and its record number ``row``, counted from 0) is in the input,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import reprlib
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any, NamedTuple, Optional
 
+from ..execution.byte_budget import TASK_TARGET_BYTES, fill_task
 from .base import Source, row_ranges
 
 
@@ -22,18 +22,25 @@ def _short_repr(obj: Any, limit: int = 40) -> str:
 
 class ItemsTask(NamedTuple):
     """The payload of one task of an iterable: ``items`` are the iterable's items ``start``,
-    ``start + 1``, ... (counted from 0)."""
+    ``start + 1``, ... (counted from 0); ``nbytes`` their estimated size (see :func:`fill_task`)."""
 
     start: int
     items: list[Any]
+    nbytes: int = 0
 
 
 class IterableSource(Source):
     """Records from an iterable, pulled lazily ``task_size`` at a time in the main process.
 
+    A task also ends at about ``TASK_TARGET_BYTES`` of records (estimated from a sample,
+    :func:`~streamproc.execution.byte_budget.fill_task`), so 1 MiB records make tasks of a few
+    records: the cut depends only on the records, so every run and backend sees the same tasks.
+
     A generator can be consumed only once: running the stream a second time yields what is
     left of it. The iterable stays in the main process; workers receive the records.
     """
+
+    tasks_follow_task_size = True  # num_records(): a len() or None
 
     def __init__(self, iterable: Iterable[Any]) -> None:
         if not isinstance(iterable, Iterable):
@@ -41,12 +48,15 @@ class IterableSource(Source):
         self.iterable = iterable
 
     def iter_tasks(self, task_size: int) -> Iterator[ItemsTask]:
+        return self.iter_tasks_of_plan(task_size, 1)
+
+    def iter_tasks_of_plan(self, task_size: int, min_task_records: int) -> Iterator[ItemsTask]:
         iterator = iter(self.iterable)
         start = 0
         while True:
             records: list[Any] = []
             try:
-                records.extend(itertools.islice(iterator, task_size))
+                nbytes = fill_task(iterator, records, task_size, TASK_TARGET_BYTES, min_task_records)
             except Exception:
                 # Emit what the source gave before failing, then fail: outputs of the first k
                 # records come out before the source's error, as with a plain generator chain.
@@ -55,8 +65,11 @@ class IterableSource(Source):
                 raise
             if not records:
                 return
-            yield ItemsTask(start, records)
+            yield ItemsTask(start, records, nbytes)
             start += len(records)
+
+    def task_bytes(self, payload: ItemsTask) -> int:
+        return payload.nbytes
 
     def read_task(self, payload: ItemsTask) -> Iterator[Any]:
         return iter(payload.items)
@@ -78,6 +91,11 @@ class IterableSource(Source):
             return len(self.iterable)
         return None
 
+    def num_tasks(self, task_size: int) -> Optional[int]:
+        """A lower bound: ``ceil(len / task_size)`` of a sized iterable (tasks of big records
+        hold fewer records: counting them would size every record); None for a generator."""
+        return super().num_tasks(task_size)
+
     def describe(self) -> str:
         return f"from_iterable({_short_repr(self.iterable)})"
 
@@ -91,6 +109,8 @@ class PandasSource(Source):
 
     Tasks are row ranges; workers receive the DataFrame once, with the stream.
     """
+
+    tasks_follow_task_size = True
 
     def __init__(self, df: Any) -> None:
         import pandas as pd

@@ -241,6 +241,9 @@ class WorkerPool:
             if lease.inbox is not None and lease.worker is not None:
                 lease.inbox.put(lease.worker, WorkerCrashedError("the WorkerPool was closed during the run"))
         self._finalizer()  # _processes.stop(broken=True): idle workers hold nothing worth waiting for
+        from ..execution.shared_weights import close_pool_weights
+
+        close_pool_weights(self)  # the model weight files its runs wrote (no worker maps them now)
 
     # -- runs (called by the multiprocessing backend) -------------------------------------------
     def process_pool(self) -> ProcessPool:

@@ -6,7 +6,7 @@ Data flow (all pipes are one-way ``multiprocessing.Pipe``s; processes are the po
     ------------                                          -------------------------------------
     source.iter_tasks() --> TaskDispatcher
       (one lock; bounds: in-flight per worker,
-       reorder window)
+       reorder window, both in bytes too)
           |  next_task()
           v
     feeder thread i --StartRun, Task...Task, EndRun--> task pipe i --> read_task -> ops -> finalize
@@ -48,9 +48,11 @@ from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import PipelineShutdownError, SerializationError, add_context_note
+from ...execution.byte_budget import default_byte_budget
 from ...execution.dispatch import TaskDispatcher
 from ...execution.reorder import ReorderBuffer
 from ...execution.serialization import dumps_message, dumps_plan, dumps_worker_plan, loads_message
+from ...execution.shared_weights import WeightShipper, pool_weight_shipper
 from ...execution.split import split_plan
 from ...execution.task import TaskOutput, iter_selected_payloads
 from ...execution.timing import timed_payloads
@@ -85,6 +87,8 @@ if TYPE_CHECKING:
 MAX_TASKS_IN_FLIGHT_PER_WORKER = 2
 #: Deterministic runs: how many tasks past the oldest unfinished one may be handed out, per worker.
 REORDER_WINDOW_TASKS_PER_WORKER = 4
+#: Both windows are bounded in bytes as well (task payload estimates; the outputs' pickled
+#: message lengths): see NOTE [ streamproc byte bounds ] in :mod:`streamproc.execution.byte_budget`.
 #: Upper bound of one wait for results; sentinels wake us at once when a worker dies.
 RESULT_WAIT_TIMEOUT_S = 1.0
 #: How long shutdown waits for the feeder blocked inside the user's source to come out.
@@ -124,6 +128,7 @@ class _Run(RecoveryMixin):
         # A dead worker's part files are lost with it: no retries when the workers write.
         self.replaces_workers = self.retries.enabled and self.writers is None
         self.reorder = ReorderBuffer(self.deterministic, hold_tasks=self.replaces_workers)
+        self.weights: Optional[WeightShipper] = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def outputs(self) -> Generator[TaskOutput, None, None]:
@@ -141,11 +146,20 @@ class _Run(RecoveryMixin):
         # Serialize first: an unpicklable callable fails here, before any process exists.
         cpu_plan, forwards = split_plan(self.plan) if self.pool.topology.gpu_devices else (self.plan, {})
         log_levels = capture_log_levels()
-        plan_bytes = dumps_worker_plan(self.plan, cpu_plan, self.finalize, self.writers)
+        # Models' weights travel once, beside the plans (NOTE [ streamproc weights shipping ]):
+        # inherited by workers forked after this, else written once (a warm pool: once per pool).
+        warm_pool = getattr(self.lease, "pool", None)
+        self.weights = WeightShipper() if warm_pool is None else pool_weight_shipper(warm_pool)
+        forks_now = self.lease is None  # a warm pool's processes exist already
+        plan_bytes = dumps_worker_plan(
+            self.plan, cpu_plan, self.finalize, self.writers,
+            weights=self.weights, inherit=forks_now and self.pool.cpu_start_method == "fork",
+        )
         start = StartRun(self.run_id, plan_bytes, log_levels, per_task_stats=self.replaces_workers)
         options = self.plan.options
         gpu_setup = (forwards, options.autocast, options.forward_threads, log_levels, ModelSettings.from_options(options))
-        forwards_bytes = dumps_plan(gpu_setup, self.plan) if forwards else None
+        inherit_gpu = forks_now and self.pool.gpu_start_method == "fork"
+        forwards_bytes = dumps_plan(gpu_setup, self.plan, self.weights, inherit_gpu) if forwards else None
         if self.lease is None:
             self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
         # Created after the workers: no child inherits it (a replacement is told to close it).
@@ -158,7 +172,9 @@ class _Run(RecoveryMixin):
             payloads = self.writers.dispatch_units(payloads)
         self.dispatcher = TaskDispatcher(
             payloads, self.num_workers, MAX_TASKS_IN_FLIGHT_PER_WORKER, window, run_id=self.run_id,
-            hold_until_finished=self.replaces_workers,
+            hold_until_finished=self.replaces_workers, byte_budget=default_byte_budget(),
+            # A part group (workers write) is sized by its count: its payload is not the source's.
+            task_bytes=self.plan.source.task_bytes if self.writers is None else None,
         )
         first, last = dumps_message(start), dumps_message(EndRun(self.run_id))
         for worker, assignment in zip(self.pool.cpu_workers, self.assigned):
@@ -196,7 +212,7 @@ class _Run(RecoveryMixin):
                 records_out += output.count
                 yield output
             if self.deterministic:
-                dispatcher.set_released(reorder.next_task)
+                dispatcher.set_released(reorder.next_task, reorder.buffered_bytes)
             if dispatcher.total_tasks is not None and reorder.tasks_done >= dispatcher.total_tasks:
                 if self.writers is None:
                     return
@@ -258,21 +274,22 @@ class _Run(RecoveryMixin):
                 message = loads_message(data)
             except Exception as exc:
                 raise SerializationError(f"a result from {worker.id} cannot be unpickled in the main process: {exc}") from exc
-            self._handle(worker, message, reorder)
+            self._handle(worker, message, reorder, len(data))
             # Stop after a finished task: each one frees an in-flight slot, the feeder sends the
             # worker another, and with fast workers this loop would go on receiving results, an
             # unbounded number of them buffered before the sink reads any (deterministic=False).
             if getattr(message, "last", True) or not conn.poll():
                 return True
 
-    def _handle(self, worker: WorkerHandle, message: Any, reorder: ReorderBuffer) -> None:
+    def _handle(self, worker: WorkerHandle, message: Any, reorder: ReorderBuffer, nbytes: int = 0) -> None:
+        """Acts on one message from ``worker``, ``nbytes`` long as it came through the pipe."""
         assert self.dispatcher is not None
         if isinstance(message, (TaskChunk, TaskFailed, RunEnded)) and message.run_id != self.run_id:
             raise PipelineShutdownError(f"{worker.id} answered for run {message.run_id} during run {self.run_id}")
         if isinstance(message, (TaskChunk, TaskFailed, RecordStarted, TaskStuck)) and message.task_index not in self.held(worker):
             return  # a message about a task this worker no longer holds (it was killed meanwhile)
         if isinstance(message, TaskChunk):
-            reorder.add(self.retries.on_output(message.output) if self.replaces_workers else message.output)
+            reorder.add(self.retries.on_output(message.output) if self.replaces_workers else message.output, nbytes)
             if message.output.last:
                 self._task_done(worker, message.task_index)
         elif isinstance(message, RecordStarted):
@@ -333,7 +350,7 @@ class _Run(RecoveryMixin):
         assignment = self.assigned[worker.id.index]
         if assignment.slot is not None and assignment.slot.finished(task_index):
             assignment.running_since = time.monotonic()
-            self.dispatcher.task_finished(worker.id.index)
+            self.dispatcher.task_finished(worker.id.index, task_index)
 
     def _worker_exited(self, worker: WorkerHandle, reorder: ReorderBuffer) -> None:
         """``worker``'s process ended during the run: a crash (see the NOTE above), its own or a peer's."""
@@ -405,7 +422,11 @@ class _Run(RecoveryMixin):
         if broken:
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
         stuck = self._join_feeders()
-        self.pool.shutdown(broken=broken or stuck)
+        try:
+            self.pool.shutdown(broken=broken or stuck)
+        finally:
+            if self.weights is not None:  # the workers are gone (a warm pool's weights stay: see above)
+                self.weights.close()
         # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
         for report in self.pool.final_reports:
             self._add_worker_stats(report)
