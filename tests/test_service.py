@@ -312,9 +312,13 @@ def test_write_parquet_and_take_on_the_service_match_the_simple_backend(server: 
         paths[name] = run_guarded(write, RUN_TIMEOUT_S, f"write_parquet, {name}")
     assert [Path(p).name for p in paths["service"]] == [Path(p).name for p in paths["simple"]]
     assert pq.read_table(tmp_path / "service").equals(pq.read_table(tmp_path / "simple"))
-    # limit(): its inner run would wait for the pool its outer run holds: refused, with the way out.
-    with pytest.raises(ValueError, match=r"limit\(\) is not supported on a service pool yet"):
-        sp.from_iterable(range(1000)).map(times_ten).limit(33).set_processing(pool=pool).to_list()
+    # limit(): its inner run (the ops before it) shares the workers with the outer run.
+    limited = sp.from_iterable(range(1000)).map(times_ten).limit(33).map(str).set_processing(pool=pool, task_size=10)
+    assert run_guarded(limited.to_list, RUN_TIMEOUT_S, "limit(33) on the service") == [str(x * 10) for x in range(33)]
+    # ... except with retries, which have the workers alone: refused, with the way out.
+    retrying = sp.from_iterable(range(100)).map(times_ten).limit(5).set_processing(pool=pool, max_task_retries=1)
+    with pytest.raises(ValueError, match=r"limit\(\) on a service pool with max_task_retries is not supported"):
+        retrying.to_list()
     taken = sp.from_iterable(range(1000)).map(times_ten).set_processing(pool=pool, task_size=10)
     assert run_guarded(lambda: taken.take(33), RUN_TIMEOUT_S, "take(33) on the service") == [x * 10 for x in range(33)]
 

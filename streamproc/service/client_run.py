@@ -68,18 +68,23 @@ class ServiceBackend(Backend):
 
 
 def _refuse_nested_run(plan: Plan) -> None:
-    """A ``limit()`` whose inner stream runs on the service too would wait forever (main process).
+    """Refuses a ``limit()`` whose two runs could not share the server's workers (main process).
 
-    The inner run produces the outer run's tasks, and the pool runs one stream at a time: the
-    outer run holds it, the inner one waits for it.
+    The inner run (the ops before the limit) produces the outer run's tasks, so both must run
+    at once. Runs on a pool interleave, except those that have the workers alone (retries
+    replace dead workers: ``max_task_retries``): with one of those on either side, each run
+    would wait for the other.
     """
     from ..io.limit import LimitSource
 
-    if isinstance(plan.source, LimitSource) and plan.source.inner.options.pool is not None:
+    source = plan.source
+    if not isinstance(source, LimitSource) or source.inner.options.pool is None:
+        return
+    if source.inner.options.max_task_retries or plan.options.max_task_retries:
         raise ValueError(
-            "limit() is not supported on a service pool yet: the ops before the limit would run on the pool while "
-            "the run of the ops after it holds the pool (its streams run in turn), each waiting for the other; "
-            "take(n), or a break out of the loop, gives the first n records"
+            "limit() on a service pool with max_task_retries is not supported: "
+            "a run that retries has the pool's workers alone, and the ops before the limit must run at the same time "
+            "as those after it; drop max_task_retries, or use take(n), or a break out of the loop"
         )
 
 

@@ -31,11 +31,11 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from ..backends.multiprocessing.feeder import SOURCE_RETURN_GRACE_S
 from ..backends.multiprocessing.lease import RunInbox, WorkerExited, worker_exited
 from ..backends.multiprocessing.log_forwarding import reemit
 from ..backends.multiprocessing.messages import LogRecordMessage, RunEnded, WorkerFailed, WorkerStarted
 from ..backends.multiprocessing.pool import KILL_JOIN_TIMEOUT_S, WorkerHandle
-from ..backends.multiprocessing.run import SOURCE_RETURN_GRACE_S
 from ..execution.serialization import loads_message
 
 if TYPE_CHECKING:

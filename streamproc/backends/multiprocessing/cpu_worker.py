@@ -6,8 +6,9 @@ pipe, each run with its own plan, context and stage timer); for each ``Task`` it
 messages, the last with ``last=True``, or a ``TaskFailed`` carrying the user's exception and
 traceback; ``EndRun`` completes what the run wrote here and is answered with ``RunEnded``.
 An ``IsolatedTask`` runs record by record (see :mod:`.isolation`); with ``task_timeout`` a
-watchdog thread may send ``TaskStuck`` (see :mod:`.watchdog`).
-It exits on ``Stop``, when its parent dies, or when a pipe breaks.
+watchdog thread may send ``TaskStuck`` (see :mod:`.watchdog`). With GPU workers, the next
+task may start while one waits for its last GPU batches (see :mod:`.task_overlap`); its
+messages still follow the task before it. It exits on ``Stop``, when its parent dies, or when a pipe breaks.
 
 Only what a child process needs is imported here.
 """
@@ -26,6 +27,7 @@ from ...execution.task import Task, run_task
 from ...execution.timing import StageTimer
 from ...gpu.forward import phased
 from ...gpu.model_cache import ModelSettings
+from ...ops import MapGPU
 from .crash_isolation import run_isolated
 from .gpu_client import GPUChannel, GPUClient, RemoteForwardRunner
 from .log_forwarding import apply_log_levels, forward_worker_logs
@@ -41,6 +43,7 @@ from .messages import (
     WorkerId,
     WorkerStarted,
 )
+from .task_overlap import AheadTask, TaskOverlap, TaskTurn
 from .watchdog import TaskWatchdog
 from .worker_runtime import as_crash, start_worker_process
 from .worker_stats import WorkerClock
@@ -98,9 +101,12 @@ class _RunState:
         self.plan, finalize, writers = dill_loads(start.plan_bytes)
         options = self.plan.options
         models = ModelSettings.from_options(options)
+        last_gpu_stage = max((stage.index for stage in self.plan.stages if isinstance(stage.op, MapGPU)), default=None)
         run_id = self.run_id
         make_runner = (
-            (lambda stage: phased(RemoteForwardRunner(client, stage.index, run_id), models)) if client is not None else None
+            (lambda stage: phased(RemoteForwardRunner(client, stage.index, run_id, stage.index == last_gpu_stage), models))
+            if client is not None
+            else None
         )
         # Without GPU workers (num_gpu_workers=0), forward runs here, on the CPU: CPU workers
         # never initialise CUDA (see design.md section 3).
@@ -115,6 +121,22 @@ class _RunState:
         # The run's stage figures are summed here and sent now and then (RunEnded: the rest),
         # unless the main process needs each task's own (see StartRun.per_task_stats).
         self.timer = None if start.per_task_stats else StageTimer(self.plan, self.ctx)
+        self.per_task_stats = start.per_task_stats
+        self.has_gpu_workers = client is not None
+        self.models = models
+
+    def may_overlap_tasks(self, task_timeout: Optional[float]) -> bool:
+        """Whether this run's next task may start while one drains (see :mod:`.task_overlap`)."""
+        options = self.plan.options
+        return (
+            self.has_gpu_workers
+            and self.plan.has_gpu_stage
+            and task_timeout is None
+            and self.writer is None
+            and not self.per_task_stats
+            and options.on_error == "raise"
+            and self.models.memory_budget is None
+        )
 
     def end(self) -> tuple[list[str], Optional[int]]:
         """Completes this worker's part files (if any): their paths and rows (None: it wrote none)."""
@@ -154,24 +176,38 @@ def run_cpu_worker(
     clock = WorkerClock(str(worker), "cpu")
     result_conn = forward_worker_logs(worker, result_conn)
     sender = _ResultSender(result_conn, worker, clock)
-    client = GPUClient(worker, gpu_channels, gpu_cycle or []) if gpu_channels else None
+    client = GPUClient(worker, gpu_channels, gpu_cycle or [], parent_pid) if gpu_channels else None
     runs: dict[int, _RunState] = {}  # the active runs (one, but on a warm pool shared by several)
     if task_timeout is not None:
         sender.watchdog = TaskWatchdog(worker, task_timeout, sender.send, progress)
+
+    def run_task_in_turn(message: Task | IsolatedTask, turn: TaskTurn) -> None:
+        task = message.task if isinstance(message, IsolatedTask) else message
+        _run_task(runs[task.run_id], message, sender, worker, turn)
+
+    overlap = TaskOverlap(worker, task_conn, run_task_in_turn)
+    if client is not None:
+        client.overlap = overlap
     try:
         sender.send(WorkerStarted(worker))
         while True:
-            message = loads_message(clock.waiting_for_input(task_conn.recv_bytes))
-            if isinstance(message, (Task, IsolatedTask)):
+            message = overlap.next_message(lambda: loads_message(clock.waiting_for_input(task_conn.recv_bytes)))
+            if isinstance(message, AheadTask):  # started while the task before it drained
+                clock.busy(message.join)
+            elif isinstance(message, (Task, IsolatedTask)):
                 task = message.task if isinstance(message, IsolatedTask) else message
                 assert task.run_id in runs, f"task of run {task.run_id} outside it"
-                clock.busy(_run_task, runs[task.run_id], message, sender, worker)
+                clock.busy(overlap.run, message)
             elif isinstance(message, StartRun):
                 if not runs:  # overlapping runs share the process figures (see RunEnded.stats)
                     clock.begin_run()
-                runs[message.run_id] = _start_run(message, worker, client, sender)
+                runs[message.run_id] = started = _start_run(message, worker, client, sender)
+                # Tasks overlap within one run, while it has the worker alone (a shared worker's
+                # pipe interleaves runs: the task read ahead would be another run's).
+                overlap.run_id = started.run_id if len(runs) == 1 and started.may_overlap_tasks(task_timeout) else None
                 clock.loaded()
             elif isinstance(message, EndRun):
+                overlap.run_id = None
                 ended = runs.pop(message.run_id, None)
                 if ended is not None:
                     _end_run(ended, sender, worker, clock)
@@ -215,26 +251,34 @@ def _end_run(run: _RunState, sender: _ResultSender, worker: WorkerId, clock: Wor
     sender.send(RunEnded(run.run_id, worker, paths, rows, stats, tasks))
 
 
-def _run_task(run: _RunState, message: Task | IsolatedTask, sender: _ResultSender, worker: WorkerId) -> None:
+def _run_task(
+    run: _RunState, message: Task | IsolatedTask, sender: _ResultSender, worker: WorkerId, turn: Optional[TaskTurn] = None
+) -> None:
+    """Runs one task (the worker's main thread, or a task's own thread: see :mod:`.task_overlap`).
+
+    Its messages go out in ``turn``: after the last one of the task before it.
+    """
     task = message.task if isinstance(message, IsolatedTask) else message
+    send: Any = sender.send if turn is None else (lambda out: turn.send(sender.send, out))
     watchdog = sender.watchdog
     if watchdog is not None:
         watchdog.begin_task(run.run_id, task.index)
     try:
         if isinstance(message, IsolatedTask):
             begin_record = watchdog.begin_record if watchdog is not None else (lambda row: None)
-            run_isolated(run.plan, message, run.ctx, run.finalize, sender.send, begin_record)
+            run_isolated(run.plan, message, run.ctx, run.finalize, send, begin_record)
         else:
             # A run that writes in workers gets whole part groups (never retried: see retries.py).
             if run.writer is not None:
                 outputs = run.writer.run_group(run.plan, task, run.ctx, run.timer)
             else:
-                outputs = run_task(run.plan, task, run.ctx, run.finalize, run.timer)
+                timer = None if turn is not None and turn.ahead else run.timer  # see TaskTurn.ahead
+                outputs = run_task(run.plan, task, run.ctx, run.finalize, timer)
             for output in outputs:
-                sender.send(TaskChunk(run.run_id, output))
+                send(TaskChunk(run.run_id, output))
     except BaseException as exc:
         error = as_crash(exc, worker, f"in task {task.index}")
-        sender.send(TaskFailed(run.run_id, task.index, ExceptionWithTraceback(error, f"{worker}, task {task.index}")))
+        send(TaskFailed(run.run_id, task.index, ExceptionWithTraceback(error, f"{worker}, task {task.index}")))
         if error is not exc:
             raise  # the worker ends (sys.exit in user code): see as_crash
     finally:

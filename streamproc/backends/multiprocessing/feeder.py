@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 from ...errors import SerializationError
 from ...execution.dispatch import DispatchStopped, SourceFailed, TaskDispatcher
 from ...execution.serialization import dumps_message
 from ...execution.task import Task
 from .messages import WorkerId
+from .pool import SHUTDOWN_JOIN_TIMEOUT_S
+
+#: How long shutdown waits for the feeder blocked inside the user's source to come out.
+SOURCE_RETURN_GRACE_S = 1.0
 
 
 class WorkerSlot:
@@ -158,3 +164,30 @@ def feed_worker(
         dispatcher.worker_gone(worker.index)
         if not abandoned:
             on_exit()
+
+
+def join_feeders(feeders: list[Optional[threading.Thread]], reader: Optional[int], source: str) -> bool:
+    """Joins a run's feeders against one deadline (main process); True if one is left blocked.
+
+    After ``dispatcher.stop()`` every feeder returns at once but the one inside the user's
+    ``next()`` (index ``reader``, reading the source ``source`` describes), which nothing can
+    interrupt: it gets ``SOURCE_RETURN_GRACE_S``, then a warning, and exits sending nothing when
+    the source returns (``DispatchStopped``).
+    """
+    deadline = time.monotonic() + SHUTDOWN_JOIN_TIMEOUT_S
+    for index, feeder in enumerate(feeders):
+        if feeder is not None and index != reader:
+            feeder.join(max(0.0, deadline - time.monotonic()))
+    blocked = feeders[reader] if reader is not None else None
+    if blocked is None:
+        return False
+    blocked.join(max(0.0, min(SOURCE_RETURN_GRACE_S, deadline - time.monotonic())))
+    if not blocked.is_alive():
+        return False
+    warnings.warn(
+        f"streamproc: the source {source} is still blocked in next() "
+        f"(thread {blocked.name}); the thread exits, sending nothing, when the source returns",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return True

@@ -5,8 +5,13 @@ dispatch cycle; :class:`RemoteForwardRunner` is the forward runner of one stage:
 to ``max_pending`` batches in flight, so the worker prepares the next batches while the GPU
 computes, and yields outputs in the order the batches were sent.
 
-Bound: batches in flight from one CPU worker <= stages x ``max_pending``; the GPU worker
-answers each pipe in order, and a stale answer (for a batch whose task failed) is dropped.
+Bound: batches in flight from one CPU worker <= 2 tasks x stages x ``max_pending`` (two tasks
+overlap at a task boundary, see :mod:`.task_overlap`); the GPU worker answers each pipe in
+order, and a stale answer (for a batch whose task failed) is dropped. Two threads of the
+worker (the task ending and the next one) may send and wait at once: sends to one GPU worker
+are serialised by a lock, and one thread at a time reads a GPU worker's output pipe, filing
+the answers it reads for whichever thread waits for them. Large tensors travel through shared
+memory (:mod:`.tensor_transport`).
 Liveness: every wait for outputs is also a wait on the GPU worker's liveness pipe, whose
 only write end that GPU worker holds: it becomes readable (EOF) the moment that process
 ends, however it ends.
@@ -17,16 +22,24 @@ from __future__ import annotations
 import collections
 import itertools
 import multiprocessing.connection
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import WorkerCrashedError
 from ...execution.serialization import dumps_message, loads_message
-from .messages import ForwardFailed, ForwardRequest, NoMoreBatches, WorkerId
+from . import tensor_transport
+from .messages import ForwardFailed, ForwardRequest, ForwardResult, NoMoreBatches, WorkerId
 
-#: Batches of one stage in flight per GPU worker of the cycle: one computing, one waiting.
-MAX_BATCHES_IN_FLIGHT_PER_GPU = 2
+if TYPE_CHECKING:
+    from .task_overlap import TaskOverlap
+
+#: Batches of one stage in flight per GPU worker of the cycle (per task): one computing, the
+#: rest waiting, uploaded, so that the round trip of one batch (pickle, pipe, the peer sender
+#: thread, postprocess) hides behind the forward of the others; 2 capped a 2 ms forward at
+#: about 80% busy (issue 10, item 7).
+MAX_BATCHES_IN_FLIGHT_PER_GPU = 4
 #: Upper bound of one wait for outputs; the liveness pipe wakes it at once if the GPU worker dies.
 OUTPUT_WAIT_TIMEOUT_S = 1.0
 
@@ -51,50 +64,104 @@ class GPUClient:
     Args:
         channels: GPU worker index -> its :class:`GPUChannel`.
         cycle: the GPU worker indices this CPU worker sends to, in order.
+        main_pid: the main process's pid, which names the shared-memory segments of the run.
     """
 
-    def __init__(self, worker: WorkerId, channels: dict[int, GPUChannel], cycle: list[int]) -> None:
+    def __init__(self, worker: WorkerId, channels: dict[int, GPUChannel], cycle: list[int], main_pid: int = 0) -> None:
         self.worker = worker
         self.channels = channels
         self.cycle = cycle
+        self.main_pid = main_pid
         self._batch_ids = itertools.count()
         self._arrived: dict[int, Any] = {}
         self._forgotten: set[int] = set()
+        self._cond = threading.Condition()
+        #: Serialise the sends of the worker's threads on each batch pipe.
+        self._send_locks = {gpu: threading.Lock() for gpu in channels}
+        #: GPU workers whose output pipe a thread of this worker reads now (under ``_cond``).
+        self._reading: set[int] = set()
+        #: The worker's task overlap (see :mod:`.task_overlap`): once a runner has sent a task's
+        #: last batch of a stage and only waits, the next task starts if it is in the task
+        #: pipe, or as soon as it arrives there while the wait goes on.
+        self.overlap: Optional[TaskOverlap] = None
 
     def send(self, stage: int, batch: Any, gpu: int, run_id: Optional[int] = None) -> int:
         batch_id = next(self._batch_ids)
-        data = dumps_message(ForwardRequest(stage, batch_id, batch, run_id))
+        packed, segments = tensor_transport.pack(batch, self.main_pid)
         try:
-            self.channels[gpu].batch_writer.send_bytes(data)
+            data = dumps_message(ForwardRequest(stage, batch_id, packed, run_id))
+        except BaseException:
+            tensor_transport.discard_names(segments)
+            raise
+        channel = self.channels[gpu]
+        try:
+            with self._send_locks[gpu]:
+                channel.batch_writer.send_bytes(data)
         except OSError:  # BrokenPipeError, ConnectionResetError
+            tensor_transport.discard_names(segments)
             raise self._gpu_worker_gone(gpu) from None
         return batch_id
 
-    def wait_outputs(self, gpu: int, batch_id: int) -> Any:
+    def wait_outputs(self, gpu: int, batch_id: int, draining: bool = False) -> Any:
         """Blocks until GPU worker ``gpu`` answers ``batch_id``; raises what forward raised.
+
+        ``draining``: the task has nothing more to send for this stage; the wait also watches
+        the task pipe and starts the next task when it comes (see :mod:`.task_overlap`).
 
         Raises:
             WorkerCrashedError: the GPU worker ended before answering.
         """
         channel = self.channels[gpu]
-        while batch_id not in self._arrived:
-            ready = multiprocessing.connection.wait([channel.output_reader, channel.gpu_alive], OUTPUT_WAIT_TIMEOUT_S)
-            if not ready:
-                continue  # the watchdog thread ends this process if the main process dies
-            if channel.output_reader not in ready:
-                raise self._gpu_worker_gone(gpu)  # the liveness pipe says it is gone, with nothing left to read
+        while True:
+            with self._cond:
+                if batch_id in self._arrived:
+                    message = self._arrived.pop(batch_id)
+                    break
+                if gpu in self._reading:  # another thread of this worker reads the pipe: it files ours
+                    self._cond.wait(OUTPUT_WAIT_TIMEOUT_S)
+                    continue
+                self._reading.add(gpu)
             try:
-                message = loads_message(channel.output_reader.recv_bytes())
-            except EOFError:
-                raise self._gpu_worker_gone(gpu) from None
-            if message.batch_id in self._forgotten:
+                received = self._read_one(channel, gpu, draining)
+            finally:
+                with self._cond:
+                    self._reading.discard(gpu)
+                    self._cond.notify_all()
+            if received is not None:
+                self._file(received)
+        if isinstance(message, ForwardFailed):
+            raise message.error
+        return tensor_transport.unpack(message.outputs)
+
+    def _read_one(self, channel: GPUChannel, gpu: int, draining: bool) -> Optional[Any]:
+        """One answer from ``channel``, or None after :data:`OUTPUT_WAIT_TIMEOUT_S` or a task start without one."""
+        overlap = self.overlap
+        task_pipe = overlap.task_conn if draining and overlap is not None and overlap.wants_next() else None
+        watched = [channel.output_reader, channel.gpu_alive, *([task_pipe] if task_pipe is not None else [])]
+        ready = multiprocessing.connection.wait(watched, OUTPUT_WAIT_TIMEOUT_S)
+        if task_pipe is not None and task_pipe in ready and channel.output_reader not in ready:
+            assert overlap is not None
+            overlap.start_next()  # the next task came while this one drains
+            return None
+        if not ready:
+            return None  # the watchdog thread ends this process if the main process dies
+        if channel.output_reader not in ready:
+            raise self._gpu_worker_gone(gpu)  # the liveness pipe says it is gone, with nothing left to read
+        try:
+            return loads_message(channel.output_reader.recv_bytes())
+        except EOFError:
+            raise self._gpu_worker_gone(gpu) from None
+
+    def _file(self, message: Any) -> None:
+        """Keeps an answer for the thread that waits for it, or drops a forgotten one (its segments too)."""
+        with self._cond:
+            forgotten = message.batch_id in self._forgotten
+            if forgotten:
                 self._forgotten.discard(message.batch_id)
             else:
                 self._arrived[message.batch_id] = message
-        message = self._arrived.pop(batch_id)
-        if isinstance(message, ForwardFailed):
-            raise message.error
-        return message.outputs
+        if forgotten and isinstance(message, ForwardResult):
+            tensor_transport.discard(message.outputs)
 
     def _gpu_worker_gone(self, gpu: int) -> WorkerCrashedError:
         # Not PipelineShutdownError: the GPU worker ended while this worker still needed it,
@@ -106,8 +173,12 @@ class GPUClient:
 
     def forget(self, batch_id: int) -> None:
         """Drops the answer to ``batch_id`` when it comes (its task failed)."""
-        if self._arrived.pop(batch_id, None) is None:
-            self._forgotten.add(batch_id)
+        with self._cond:
+            message = self._arrived.pop(batch_id, None)
+            if message is None:
+                self._forgotten.add(batch_id)
+        if isinstance(message, ForwardResult):
+            tensor_transport.discard(message.outputs)
 
     def close(self) -> None:
         """Tells every GPU worker of the cycle that nothing more will come."""
@@ -125,10 +196,16 @@ class RemoteForwardRunner:
     #: Where forward runs, for the run's stats (``StageStats.forward_where``).
     location = "GPU workers"
 
-    def __init__(self, client: GPUClient, stage: int, run_id: Optional[int] = None) -> None:
+    def __init__(
+        self, client: GPUClient, stage: int, run_id: Optional[int] = None, last_gpu_stage: bool = True
+    ) -> None:
         self.client = client
         self.stage = stage
         self.run_id = run_id  # a warm pool's GPU worker serves several runs' stages
+        #: The plan's last ``map_gpu`` stage: its drain is where the next task starts, so that
+        #: every batch of a task is sent before the next task's first (the GPU worker serves a
+        #: pipe in order: the task ending is never queued behind the next one).
+        self.last_gpu_stage = last_gpu_stage
         self.max_pending = MAX_BATCHES_IN_FLIGHT_PER_GPU * len(client.cycle)
         self._next_gpu = itertools.cycle(client.cycle)
 
@@ -141,9 +218,12 @@ class RemoteForwardRunner:
                     yield done_records, self.client.wait_outputs(gpu, batch_id)
                 gpu = next(self._next_gpu)
                 pending.append((records, gpu, self.client.send(self.stage, batch, gpu, self.run_id)))
+            overlap = self.client.overlap
+            if pending and overlap is not None and self.last_gpu_stage:
+                overlap.start_next()  # no drain: the worker's next task starts now if it is there
             while pending:
                 done_records, gpu, batch_id = pending.popleft()
-                yield done_records, self.client.wait_outputs(gpu, batch_id)
+                yield done_records, self.client.wait_outputs(gpu, batch_id, draining=self.last_gpu_stage)
         finally:
             for _, _, batch_id in pending:
                 self.client.forget(batch_id)

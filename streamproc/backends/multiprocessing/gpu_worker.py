@@ -27,15 +27,17 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Optional
 
 from ...errors import ExceptionWithTraceback, SerializationError
-from ...execution.serialization import dill_loads, dumps_message, loads_message
+from ...execution.serialization import dumps_message, loads_message
 from ...gpu.placement import DeviceSpec, describe_device_spec, first_device
-from .log_forwarding import apply_log_levels, forward_worker_logs
+from . import tensor_transport
+from .gpu_runs import StageKey, batch_picker, end_gpu_run, load_forwards, runner_of, start_gpu_run
+from .log_forwarding import forward_worker_logs
 from .messages import (
     EndGPURun,
     ForwardFailed,
@@ -61,12 +63,14 @@ class _PeerSender:
     """Sends outputs to one CPU peer from thread ``streamproc-gpu-<i>-to-cpu-<j>``.
 
     The queue holds at most the peer's in-flight batches (the peer bounds them), so it is
-    bounded without blocking the GPU loop.
+    bounded without blocking the GPU loop. Large output tensors go through shared memory
+    (:mod:`.tensor_transport`); the peer unlinks their segments when it reads them.
     """
 
-    def __init__(self, worker: WorkerId, peer: int, conn: Any) -> None:
+    def __init__(self, worker: WorkerId, peer: int, conn: Any, main_pid: int = 0) -> None:
         self.worker = worker
         self.conn = conn
+        self.main_pid = main_pid
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"streamproc-gpu-{worker.index}-to-cpu-{peer}", daemon=True)
         self.thread.start()
@@ -76,9 +80,15 @@ class _PeerSender:
             message = self.queue.get()
             if message is None:
                 return
+            segments: list[str] = []
             try:
+                if isinstance(message, ForwardResult):
+                    packed, segments = tensor_transport.pack(message.outputs, self.main_pid)
+                    message = ForwardResult(message.batch_id, packed)
                 data = dumps_message(message)
             except BaseException as exc:
+                tensor_transport.discard_names(segments)
+                segments = []
                 # sys.exit() in a __reduce__ of the outputs must not end this thread silently:
                 # the batch would never be answered (see as_crash).
                 error = as_crash(exc, self.worker, "while pickling the outputs of forward")
@@ -88,6 +98,7 @@ class _PeerSender:
             try:
                 self.conn.send_bytes(data)
             except OSError:  # the peer is gone; the main process deals with it
+                tensor_transport.discard_names(segments)
                 return
 
     def close(self, timeout: float) -> None:
@@ -142,10 +153,10 @@ def run_gpu_worker(
         caches: dict[Any, ModelCache] = {}
         # Keyed by (run id, stage): None for the run this worker was started for; on a warm
         # pool each active run's, added by StartGPURun and dropped by EndGPURun.
-        runners: dict[_StageKey, DeviceForward] = {}
+        runners: dict[StageKey, DeviceForward] = {}
         settings: Optional[ModelSettings] = None
         if forwards_bytes is not None:
-            started, settings = _load_forwards(forwards_bytes, device, caches)
+            started, settings = load_forwards(forwards_bytes, device, caches)
             runners.update(((None, stage), runner) for stage, runner in started.items())
         clock.loaded()  # spawn, imports, models moved to the device
     except BaseException as exc:
@@ -157,7 +168,7 @@ def run_gpu_worker(
         )
         sys.exit(1)
 
-    senders = {reader: _PeerSender(worker, peer, writer) for peer, reader, writer, _ in channels}
+    senders = {reader: _PeerSender(worker, peer, writer, parent_pid) for peer, reader, writer, _ in channels}
     # A peer's liveness pipe (its only write end is in that CPU worker) wakes the wait when the
     # peer dies, even if a copy of its batch pipe's write end survived it somewhere.
     peer_alive = {alive: reader for _, reader, _, alive in channels}
@@ -165,7 +176,7 @@ def run_gpu_worker(
     peer_of = {reader: peer for peer, reader, _, _ in channels}
     lost: set[int] = set()  # peers that died, until replaced
     uploaded: collections.deque[tuple[_PeerSender, ForwardRequest, Any]] = collections.deque()
-    pick_next = _batch_picker(runners, settings)
+    pick_next = batch_picker(runners, settings)
     while open_readers or uploaded or (lost and control is not None):
         timeout = 0 if uploaded else PARENT_CHECK_INTERVAL_S
         watched = [*open_readers, *(alive for alive, reader in peer_alive.items() if reader in open_readers)]
@@ -180,15 +191,17 @@ def run_gpu_worker(
                 while control is not None:
                     control_message = _read_control(control)
                     if isinstance(control_message, StartGPURun):
-                        started, run_settings = _start_gpu_run(control_message, worker, device, caches, status_conn, where)
+                        started, run_settings = start_gpu_run(control_message, worker, device, caches, status_conn, where)
                         runners.update(((control_message.run_id, stage), runner) for stage, runner in started.items())
                         if started and run_settings != settings:  # runs sharing the worker share settings
                             settings = run_settings
-                            pick_next = _batch_picker(runners, settings)
+                            pick_next = batch_picker(runners, settings)
                     elif isinstance(control_message, EndGPURun):
-                        _end_gpu_run(control_message.run_id, runners, uploaded)
+                        end_gpu_run(control_message.run_id, runners, uploaded)
                     else:
-                        peer = _take_replacement(control_message, control, worker, senders, peer_alive, open_readers, peer_of)
+                        peer = _take_replacement(
+                            control_message, control, worker, senders, peer_alive, open_readers, peer_of, parent_pid
+                        )
                         if peer is None:
                             control = None  # the main process is shutting down: lost peers stay lost
                             break
@@ -213,20 +226,22 @@ def run_gpu_worker(
             if isinstance(message, NoMoreBatches):
                 open_readers.remove(reader)
                 continue
-            runner = _runner_of(runners, message)
+            runner = runner_of(runners, message)
             if runner is None:  # its run's StartGPURun failed to load (the run reports it)
                 error = RuntimeError(f"{where} has no forward for stage {message.stage}: the stream's models failed to load")
                 senders[reader].queue.put(ForwardFailed(message.batch_id, ExceptionWithTraceback(error, where)))
+                tensor_transport.discard(message.batch)
                 continue
             try:
-                uploaded.append((senders[reader], message, runner.upload(message.batch)))
+                # The batch's shared-memory segments are unlinked here, read or not (see .tensor_transport).
+                uploaded.append((senders[reader], message, runner.upload(tensor_transport.unpack(message.batch))))
             except Exception as exc:
                 senders[reader].queue.put(
                     ForwardFailed(message.batch_id, ExceptionWithTraceback(exc, f"{where}, {runner.stage}"))
                 )
         if uploaded:
             sender, request, batch = pick_next(uploaded)
-            runner = _runner_of(runners, request)
+            runner = runner_of(runners, request)
             assert runner is not None
             try:
                 sender.queue.put(ForwardResult(request.batch_id, runner.compute(batch)))
@@ -253,109 +268,6 @@ def run_gpu_worker(
     status_conn.send_bytes(dumps_message(WorkerDone(worker, stats)))
 
 
-def _load_forwards(
-    forwards_bytes: bytes, device: DeviceSpec, caches: dict[Any, ModelCache]
-) -> tuple[dict[int, DeviceForward], Optional[ModelSettings]]:
-    """The started runners of a run's ``map_gpu`` stages (GPU worker), from ``forwards_bytes``."""
-    stages, autocast, torch_threads, *rest = dill_loads(forwards_bytes)
-    apply_log_levels(rest[0] if rest else ())
-    settings = rest[1] if len(rest) > 1 else None
-    if settings not in caches:
-        from ...gpu import ModelCache
-
-        caches[settings] = ModelCache(first_device(device), settings)
-    return _device_forwards(stages, device, autocast, torch_threads, settings, caches[settings]), settings
-
-
-def _start_gpu_run(
-    start: StartGPURun, worker: WorkerId, device: DeviceSpec, caches: dict[Any, ModelCache], status_conn: Any, where: str
-) -> tuple[dict[int, DeviceForward], Optional[ModelSettings]]:
-    """A warm pool's next run (GPU worker): its runners, its models through the kept caches.
-
-    A failure to load (the user's ``__setstate__`` or ``.to()`` raising) ends the run, not the
-    worker: it goes to the main process as ``WorkerFailed`` and the run's batches are answered
-    with ``ForwardFailed``; the worker waits for the next run.
-    """
-    try:
-        return _load_forwards(start.forwards_bytes, device, caches)
-    except Exception as exc:
-        failed = WorkerFailed(worker, ExceptionWithTraceback(exc, f"{where}, loading run {start.run_id}"), start.run_id)
-        status_conn.send_bytes(dumps_message(failed))
-        return {}, None
-
-
-def _device_forwards(
-    stages: dict[int, Any],
-    device: DeviceSpec,
-    autocast: Any,
-    torch_threads: Optional[int],
-    settings: Optional[ModelSettings],
-    cache: Optional[ModelCache] = None,
-) -> dict[int, DeviceForward]:
-    """One started :class:`DeviceForward` per stage, all on ``device``, sharing one model cache
-    (a device group: its first device; models split across the group are not cached).
-
-    Stages start in index order, each moving its models to the device while they fit the
-    budget (all of them without one); a stage whose models alone exceed it raises ValueError.
-    """
-    from ...gpu import DeviceForward, ModelCache
-
-    if cache is None:
-        cache = ModelCache(first_device(device), settings)
-    runners = {
-        stage_index: DeviceForward(
-            stage.forward, device, autocast, stage.name, stage.batch_size, torch_threads, stage.place, cache
-        )
-        for stage_index, stage in stages.items()
-    }
-    for runner in runners.values():
-        runner.start()
-    return runners
-
-
-_Uploaded = tuple[_PeerSender, ForwardRequest, Any]
-#: ``(run id, stage index)``; run id None: the run the worker was started with.
-_StageKey = tuple[Optional[int], int]
-
-
-def _runner_of(runners: dict[_StageKey, DeviceForward], request: ForwardRequest) -> Optional[DeviceForward]:
-    """The forward serving ``request``: its run's stage, else the start-up run's (a one-run pool)."""
-    runner = runners.get((request.run_id, request.stage))
-    return runner if runner is not None else runners.get((None, request.stage))
-
-
-def _end_gpu_run(run_id: int, runners: dict[_StageKey, DeviceForward], uploaded: collections.deque[_Uploaded]) -> None:
-    """Drops run ``run_id``'s forwards and its batches not computed (GPU worker; its tasks are over)."""
-    for key in [key for key in runners if key[0] == run_id]:
-        del runners[key]
-    for entry in [entry for entry in uploaded if entry[1].run_id == run_id]:
-        uploaded.remove(entry)
-
-
-def _batch_picker(
-    runners: dict[_StageKey, DeviceForward], settings: Optional[ModelSettings]
-) -> Callable[[collections.deque[_Uploaded]], _Uploaded]:
-    """Takes the next batch to compute out of ``uploaded``: the oldest without a memory budget;
-    with one, as :class:`~streamproc.gpu.swap_schedule.RoundSchedule` says (loaded models first)."""
-    if settings is None or settings.memory_budget is None:
-        return collections.deque.popleft
-    from ...gpu.swap_schedule import RoundSchedule
-
-    schedule = RoundSchedule()
-
-    def is_loaded(entry: _Uploaded) -> bool:
-        runner = _runner_of(runners, entry[1])
-        return runner is not None and runner.models_loaded()
-
-    def pick(uploaded: collections.deque[_Uploaded]) -> _Uploaded:
-        chosen = schedule.pick(uploaded, is_loaded)
-        entry = uploaded[chosen]
-        del uploaded[chosen]
-        return entry
-
-    return pick
-
-
 def _read_control(control: Any) -> Optional[Any]:
     """The next message on the control pipe (``PeerReplaced`` or ``StartGPURun``); None once it is closed."""
     try:
@@ -372,6 +284,7 @@ def _take_replacement(
     peer_alive: dict[Any, Any],
     open_readers: list[Any],
     peer_of: dict[Any, int],
+    main_pid: int = 0,
 ) -> Optional[int]:
     """Reads the descriptors that follow ``message`` (a ``PeerReplaced``) on ``control``; serves the new peer.
 
@@ -395,7 +308,7 @@ def _take_replacement(
         del peer_of[reader]
         reader.close()
     batches = Connection(batch_fd, writable=False)
-    senders[batches] = _PeerSender(worker, message.peer, Connection(output_fd, readable=False))
+    senders[batches] = _PeerSender(worker, message.peer, Connection(output_fd, readable=False), main_pid)
     peer_alive[Connection(alive_fd, writable=False)] = batches
     peer_of[batches] = message.peer
     open_readers.append(batches)

@@ -43,7 +43,6 @@ import itertools
 import multiprocessing.connection
 import threading
 import time
-import warnings
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -59,7 +58,7 @@ from ...execution.timing import timed_payloads
 from ...gpu.model_cache import ModelSettings
 from ...plan import Plan
 from ...stats import RunStats
-from .feeder import WorkerSlot, feed_worker
+from .feeder import WorkerSlot, feed_worker, join_feeders
 from .lease import receive_routed
 from .log_forwarding import capture_log_levels, reemit
 from .messages import (
@@ -75,9 +74,10 @@ from .messages import (
     WorkerFailed,
     WorkerStarted,
 )
-from .pool import KILL_JOIN_TIMEOUT_S, SHUTDOWN_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
+from .pool import KILL_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
 from .recovery import RecoveryMixin, WorkerAssignment
 from .retries import TaskRetries
+from .tensor_transport import sweep_segments
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
@@ -91,8 +91,6 @@ REORDER_WINDOW_TASKS_PER_WORKER = 4
 #: message lengths): see NOTE [ streamproc byte bounds ] in :mod:`streamproc.execution.byte_budget`.
 #: Upper bound of one wait for results; sentinels wake us at once when a worker dies.
 RESULT_WAIT_TIMEOUT_S = 1.0
-#: How long shutdown waits for the feeder blocked inside the user's source to come out.
-SOURCE_RETURN_GRACE_S = 1.0
 
 _run_ids = itertools.count(1)
 
@@ -377,32 +375,6 @@ class _Run(RecoveryMixin):
         raise worker.crash_error(" during the run")
 
     # -- shutdown -------------------------------------------------------------------------------
-    def _join_feeders(self) -> bool:
-        """Joins the feeders against one deadline; True if one is left blocked in the source.
-
-        After ``dispatcher.stop()`` every feeder returns at once but the one inside the user's
-        ``next()``, which nothing can interrupt: it gets a short grace, then a warning, and
-        exits sending nothing when the source returns (``DispatchStopped``).
-        """
-        reader = self.dispatcher.reader if self.dispatcher is not None else None
-        deadline = time.monotonic() + SHUTDOWN_JOIN_TIMEOUT_S
-        for index, assignment in enumerate(self.assigned):
-            if assignment.feeder is not None and index != reader:
-                assignment.feeder.join(max(0.0, deadline - time.monotonic()))
-        blocked = self.assigned[reader].feeder if reader is not None else None
-        if blocked is None:
-            return False
-        blocked.join(max(0.0, min(SOURCE_RETURN_GRACE_S, deadline - time.monotonic())))
-        if not blocked.is_alive():
-            return False
-        warnings.warn(
-            f"streamproc: the source {self.plan.source.describe()} is still blocked in next() "
-            f"(thread {blocked.name}); the thread exits, sending nothing, when the source returns",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return True
-
     def shutdown(self, broken: bool = False) -> None:
         """Stops and reaps every process and thread of this run. Idempotent; see the NOTE above."""
         with self._shutdown_lock:
@@ -421,12 +393,14 @@ class _Run(RecoveryMixin):
             return
         if broken:
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
-        stuck = self._join_feeders()
+        reader = self.dispatcher.reader if self.dispatcher is not None else None
+        stuck = join_feeders([assignment.feeder for assignment in self.assigned], reader, self.plan.source.describe())
         try:
             self.pool.shutdown(broken=broken or stuck)
         finally:
             if self.weights is not None:  # the workers are gone (a warm pool's weights stay: see above)
                 self.weights.close()
+        sweep_segments()  # what killed workers left in /dev/shm (see tensor_transport)
         # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
         for report in self.pool.final_reports:
             self._add_worker_stats(report)
