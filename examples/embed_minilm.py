@@ -11,8 +11,8 @@ It generates ``--docs`` documents with ``classify_documents.generate_dataset`` (
 ``--data``), then reads them back, cleans them, and runs one ``map_gpu`` stage:
 ``prepare_batch`` tokenizes with the model's WordPiece tokenizer (CPU worker), the module
 (BERT encoder + mean pooling + L2 normalisation, exactly what sentence-transformers does for
-this model) runs on the GPU worker, and ``postprocess`` keeps ``id`` and a 384-float
-``embedding``. It is an optional example: no test needs it.
+this model), built by each process that runs forward (the GPU worker, or each CPU worker
+without one), and ``postprocess`` keeps ``id`` and a 384-float ``embedding``. It is an optional example: no test needs it.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class MiniLMEmbedder(nn.Module):
         from transformers import AutoModel
 
         self.encoder = AutoModel.from_pretrained(path)
+        self.eval()  # also when a worker builds it (forward=MiniLMEmbedder, fn_kwargs={"forward": {"path": ...}})
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = self.encoder(**batch).last_hidden_state
@@ -115,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     path = model_dir()  # fails early, with the install hint, when the package is missing
     generate_dataset(args.data, args.docs, args.seed)
 
-    started = time.perf_counter()
-    model = MiniLMEmbedder(path).eval()
-    print(f"model: all-MiniLM-L6-v2 from {path} ({time.perf_counter() - started:.1f} s)")
+    print(f"model: all-MiniLM-L6-v2 from {path}")
 
     stream = (
         sp.read_parquet(args.data, columns=["id", "text"])
@@ -125,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         .filter(has_tokens)
         # sort_by: each task's documents are batched in length order (outputs in input order),
         # so a batch pads to a length close to its records' own (docs/tuning.md).
+        # forward is the class: each process that runs forward builds the model from the
+        # package's files; the main process never loads it (nor imports transformers), so
+        # forked workers do not inherit a copy of it (docs/benchmarks.md, "Throughput round 2").
         .map_gpu(
-            prepare_batch, model, postprocess,
+            prepare_batch, MiniLMEmbedder, postprocess,
             batch_size=args.batch_size, batch_by=subword_estimate, sort_by=subword_estimate,
+            fn_kwargs={"forward": {"path": path}},
         )
         .set_processing(
             backend=args.backend, num_cpu_workers=args.workers, gpu_worker_devices=[args.device] if args.device else None

@@ -56,7 +56,8 @@ def main() -> None:
         sp.from_iterable(range(args.records))
         .map(make_document)
         .map(count_words)
-        .map_gpu(tokenize, model, batch_size="4096 padded_tokens", batch_by="n_tokens")
+        # sort_by: each task's documents are batched in length order (outputs in input order).
+        .map_gpu(tokenize, model, batch_size="4096 padded_tokens", batch_by="n_tokens", sort_by="n_tokens")
         .set_processing(backend="multiprocessing", num_cpu_workers=args.workers, gpu_worker_devices=["cpu"])
     )
     with sp.collect_stats() as stats:

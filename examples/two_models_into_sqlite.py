@@ -67,6 +67,11 @@ def token_ids(text: str) -> list[int]:
     return [zlib.crc32(word.lower().encode()) % VOCAB for word in text.split()[:MAX_TOKENS]] or [0]
 
 
+def n_words(record: dict[str, Any]) -> int:
+    """The sort key of both stages: batches of paragraphs of similar lengths pad little."""
+    return min(MAX_TOKENS, len(record["text"].split()))
+
+
 def collate(records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """CPU worker: pads the records' token ids into one batch."""
     ids = [token_ids(r["text"]) for r in records]
@@ -117,8 +122,8 @@ def main() -> None:
     budget = max(model_bytes(tagger), model_bytes(embedder))  # one model at a time on the device
     stream = (
         sp.read_parquet(out / "corpus")
-        .map_gpu(collate, tagger, count_entities, batch_size=64)
-        .map_gpu(collate, embedder, attach_embedding, batch_size=64)
+        .map_gpu(collate, tagger, count_entities, batch_size=64, sort_by=n_words)
+        .map_gpu(collate, embedder, attach_embedding, batch_size=64, sort_by=n_words)
         .set_processing(num_cpu_workers=1, gpu_worker_devices=[args.device], gpu_memory_budget=budget)
     )
     started = time.perf_counter()

@@ -93,12 +93,13 @@ def test_parts_are_not_cut_at_rows_per_file(tmp_path):
 
 @pytest.mark.parametrize("config", WRITER_CONFIGS[:2] + WRITER_CONFIGS[-3:-1], ids=config_id)
 def test_parquet_source_parts_hold_row_groups(tmp_path, config):
-    # One task per row group: with task_size=100 and rows_per_file=300, a part holds 3 row groups.
+    # One task per row group, G counted in row groups (Source.rows_per_task): with row groups
+    # of 10 rows and rows_per_file=30, a part holds 3 row groups, whatever task_size says.
     table = pa.table({"x": list(range(70))})
     pq.write_table(table.slice(0, 40), tmp_path / "a.parquet", row_group_size=10)
     pq.write_table(table.slice(40), tmp_path / "b.parquet", row_group_size=10)
     stream = sp.read_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"]).set_processing(task_size=100, **config)
-    paths = run_guarded(lambda: stream.write_parquet(tmp_path / "out", rows_per_file=300), GUARD_S, "write_parquet")
+    paths = run_guarded(lambda: stream.write_parquet(tmp_path / "out", rows_per_file=30), GUARD_S, "write_parquet")
     assert [os.path.basename(p) for p in paths] == ["part-000000.parquet", "part-000003.parquet", "part-000006.parquet"]
     columns = [pq.read_table(p).column("x").to_pylist() for p in paths]
     assert columns == [list(range(0, 30)), list(range(30, 60)), list(range(60, 70))]

@@ -123,6 +123,12 @@ class Source(ABC):
         records = self.num_records()
         return None if records is None else -(-records // task_size)
 
+    def rows_per_task(self, task_size: int) -> int:
+        """The most records one task gives (main process): ``task_size``, unless the source
+        cuts its tasks otherwise (parquet: one row group each). ``write_parquet`` derives its
+        part size ``G`` from it, so it must be a function of the input only."""
+        return task_size
+
     @abstractmethod
     def describe(self) -> str:
         """A short text for ``repr(stream)``."""

@@ -1,6 +1,7 @@
 """The part layout of ``write_parquet`` and the writer of one part file.
 
-Part layout (design.md section 5): with ``G`` tasks per part (:func:`tasks_per_group`), part
+Part layout (design.md section 5): with ``G`` tasks per part (:func:`tasks_per_group`: from
+``rows_per_file`` and the most rows a task holds, ``task_size`` or a parquet row group), part
 ``g`` holds the outputs of the consecutive tasks ``[g*G, (g+1)*G)`` of the whole stream, in
 task order, and is named by its first task: ``part-<g*G:06d>.parquet``. It is a pure function
 of the task key, never of timing or of the number of workers, so a resumed run, a shard and
@@ -33,13 +34,16 @@ _PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
 _IN_PROGRESS_NAME = re.compile(r"^\.part-(\d+)\.parquet(?:\.\w+)?\.inprogress$")
 
 
-def tasks_per_group(rows_per_file: int, task_size: int) -> int:
-    """``G``, the tasks per part: ``max(1, rows_per_file // task_size)``.
+def tasks_per_group(rows_per_file: int, rows_per_task: int) -> int:
+    """``G``, the tasks per part: ``max(1, rows_per_file // rows_per_task)``.
+
+    ``rows_per_task`` is the most rows a task holds (``Source.rows_per_task``): ``task_size``,
+    or a parquet source's largest row group (its tasks are row groups).
 
     >>> tasks_per_group(1_000_000, 1024), tasks_per_group(10, 6)
     (976, 1)
     """
-    return max(1, rows_per_file // task_size)
+    return max(1, rows_per_file // rows_per_task)
 
 
 def part_name(group: int, group_size: int) -> str:

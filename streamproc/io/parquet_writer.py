@@ -100,7 +100,7 @@ class ParquetOutput:
         """Checks the directory and the manifest; returns ``plan`` with its task selection set."""
         selection = plan.task_selection or TaskSelection()
         self._source_text = plan.source.describe()
-        group_size = tasks_per_group(self.rows_per_file, plan.task_size)
+        group_size = tasks_per_group(self.rows_per_file, plan.source.rows_per_task(plan.task_size))
         self.selection = dataclasses.replace(selection, tasks_per_group=group_size)
         self.settings = PartSettings(self.directory, group_size, self.row_group_size, schema=self.user_schema)
         self.manifest_name = manifest_name(selection.rank, selection.world_size)

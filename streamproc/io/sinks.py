@@ -291,7 +291,7 @@ class ParquetSink(Sink):
             return False
         selection = plan.task_selection
         world_size = selection.world_size if selection is not None else 1
-        groups = -(-tasks // tasks_per_group(self.output.rows_per_file, plan.task_size))
+        groups = -(-tasks // tasks_per_group(self.output.rows_per_file, plan.source.rows_per_task(plan.task_size)))
         workers = plan.options.num_cpu_workers
         if workers is None:
             pool = getattr(plan.options, "pool", None)
