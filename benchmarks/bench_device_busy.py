@@ -67,11 +67,14 @@ def make_stream(n: int, device_s: float, prepare_s: float) -> sp.Stream:
         return torch.tensor(batch, dtype=torch.float64)
 
     def forward(x: Any) -> Any:
+        # Its whole call is the device's time: the output is built first, the end stamped last.
         start = time.perf_counter()
+        out = torch.empty((len(x), 3), dtype=torch.float64)
+        out[:, 0] = x * 2
+        out[:, 1] = start
         time.sleep(device_s)
-        end = time.perf_counter()
-        times = torch.tensor([start, end], dtype=torch.float64).expand(len(x), 2)
-        return torch.cat([x[:, None] * 2, times], dim=1)
+        out[:, 2] = time.perf_counter()
+        return out
 
     def postprocess(records: list[int], outputs: Any) -> list[tuple[float, float, float]]:
         return [tuple(row) for row in outputs.tolist()]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..errors import SerializationError
 from ..ops import callable_name
 from ..plan import Plan
+from .tensor_pickling import dumps_with_prefix
 
 if TYPE_CHECKING:
     from .shared_weights import WeightShipper
@@ -159,7 +160,7 @@ def dumps_message(message: Any) -> bytes:
 
 def _dumps(message: Any) -> bytes:
     try:
-        return _STD_PICKLE + pickle.dumps(message, protocol=PICKLE_PROTOCOL)
+        return dumps_with_prefix(_STD_PICKLE, message)
     except RecursionError:
         raise
     except Exception:
