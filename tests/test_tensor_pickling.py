@@ -62,3 +62,23 @@ def test_nested_batches_with_other_leaves() -> None:
     same_tensor(back[0]["input_ids"], batch["input_ids"])
     same_tensor(back[0]["mask"], batch["mask"])
     assert back[0]["names"] == ["a", "b"] and back[1][1] == 3
+
+
+class Registered:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def _rebuild_registered(value: int) -> Registered:
+    return Registered(value + 1)  # marks that the registered reducer ran
+
+
+def test_a_copyreg_reducer_registered_after_the_first_message_still_applies() -> None:
+    import copyreg
+
+    round_trip(torch.ones(2))  # the table exists now
+    copyreg.pickle(Registered, lambda obj: (_rebuild_registered, (obj.value,)))
+    try:
+        assert round_trip(Registered(1)).value == 2
+    finally:
+        del copyreg.dispatch_table[Registered]

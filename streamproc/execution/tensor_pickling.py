@@ -61,12 +61,14 @@ def dumps_with_prefix(prefix: bytes, message: Any) -> bytes:
     Once torch is imported in this process, exact ``torch.Tensor`` instances go through
     :func:`reduce_tensor` (a ``dispatch_table`` entry, looked up in C by exact type: records
     of ints, strings, lists and dicts pay nothing for it, and subclasses such as
-    ``nn.Parameter`` keep torch's pickling).
+    ``nn.Parameter`` keep torch's pickling). The table copies ``copyreg.dispatch_table``, again
+    whenever entries were registered since, so a user's ``copyreg.pickle`` reducers still apply.
     """
     torch = sys.modules.get("torch")
     if torch is None:
         return prefix + pickle.dumps(message, protocol=PROTOCOL)
-    if not _dispatch_table:
+    if len(_dispatch_table) != len(copyreg.dispatch_table) + 1:  # first use, or copyreg.pickle() since
+        _dispatch_table.clear()
         _dispatch_table.update(copyreg.dispatch_table)
         _dispatch_table[torch.Tensor] = reduce_tensor
     buffer = io.BytesIO()
