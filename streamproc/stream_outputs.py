@@ -58,15 +58,16 @@ class StreamOutputs:
     ) -> list[str]:
         """Runs the stream and writes dict records to part files ``path/part-<first task>.parquet``.
 
-        Part layout: with ``G = max(1, rows_per_file // task_size)``, part ``g`` holds the
-        outputs of tasks ``[g*G, (g+1)*G)`` in task order, named by its first task, whatever the
-        backend, the number of workers or the timing (a parquet source: ``G`` row groups per
-        part). Records become Arrow where they are produced; on multiprocessing the CPU workers
-        write whole parts when every worker has one, else the main process writes (docs/api.md
-        says exactly when). A part counts once the manifest (``_streamproc_manifest.json``)
-        lists it; ``resume=True`` completes an interrupted write (error, Ctrl-C, SIGTERM, kill)
-        into the uninterrupted run's directory. ``schema`` fixes the column types, else they are
-        unified across tasks. See docs/long-jobs.md.
+        Part layout: with ``G = max(1, rows_per_file // rows per task)``, rows per task being
+        ``task_size`` (a parquet source: its largest row group, a task being a row group), part
+        ``g`` holds the outputs of tasks ``[g*G, (g+1)*G)`` in task order, named by its first
+        task, whatever the backend, the number of workers or the timing. Records become Arrow
+        where they are produced; on multiprocessing the CPU workers write whole parts when every
+        worker has one, else the main process writes (docs/api.md says exactly when). A part
+        counts once the manifest (``_streamproc_manifest.json``) lists it; ``resume=True``
+        completes an interrupted write (error, Ctrl-C, SIGTERM, kill) into the uninterrupted
+        run's directory. ``schema`` fixes the column types, else they are unified across tasks.
+        See docs/long-jobs.md.
 
         Returns:
             The paths of this rank's part files, in task order (committed earlier ones too).

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -79,14 +79,19 @@ def streamproc_actors() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("streamproc-"))
 
 
-def wait_until_no_streamproc_actor() -> list[str]:
-    """Waits (deadline loop) until no streamproc actor is alive; returns those left (empty: none)."""
+def _poll_until_empty(names: Callable[[], list[str]]) -> list[str]:
+    """Calls ``names`` until it is empty or ``ACTORS_GONE_TIMEOUT_S`` has passed; returns its last answer."""
     deadline = time.monotonic() + ACTORS_GONE_TIMEOUT_S
-    left = streamproc_actors()
+    left = names()
     while left and time.monotonic() < deadline:
         time.sleep(POLL_S)
-        left = streamproc_actors()
+        left = names()
     return left
+
+
+def wait_until_no_streamproc_actor() -> list[str]:
+    """Waits (deadline loop) until no streamproc actor is alive; returns those left (empty: none)."""
+    return _poll_until_empty(streamproc_actors)
 
 
 def wait_until_only_warm_actors() -> list[str]:
@@ -97,12 +102,7 @@ def wait_until_only_warm_actors() -> list[str]:
     def others() -> list[str]:
         return sorted(set(streamproc_actors()) - set(warm_actor_names()))
 
-    deadline = time.monotonic() + ACTORS_GONE_TIMEOUT_S
-    left = others()
-    while left and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        left = others()
-    return left
+    return _poll_until_empty(others)
 
 
 def assert_no_actor_kept() -> None:

@@ -22,6 +22,7 @@ import pytest
 import streamproc as sp
 from streamproc.backends.multiprocessing.tensor_transport import SHM_DIR, segment_owner_prefix
 from tests.hang_guard import run_guarded
+from tests.test_gpu_workers import gpu_workers as gpu_workers_on_cpu
 from tests.utils import UserError, assert_same_as_simple
 
 torch = pytest.importorskip("torch")
@@ -36,14 +37,8 @@ BATCH_SIZE = 3
 
 
 def gpu_workers(cpu: int, gpu: int, **options: Any) -> dict[str, Any]:
-    return {
-        "backend": "multiprocessing",
-        "num_cpu_workers": cpu,
-        "num_gpu_workers": gpu,
-        "gpu_worker_devices": ["cpu"] * gpu,
-        "task_size": TASK_SIZE,
-        **options,
-    }
+    """``set_processing`` kwargs: tests/test_gpu_workers.py's, with tasks of ``TASK_SIZE`` records."""
+    return gpu_workers_on_cpu(cpu, gpu, task_size=TASK_SIZE, **options)
 
 
 def prepare(batch: list[int]) -> Any:
