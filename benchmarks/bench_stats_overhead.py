@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 MODES = ("full", "nostats", "bare")
 
-_tagged: Callable[[Any, str], Iterator[Any]]  # streamproc.ops._tagged, once a mode needs it
+_tagged: Callable[[Any, str], Iterator[Any]]  # streamproc.stage_tags.tagged, once a mode needs it
 
 
 class _NoTimer:
@@ -106,7 +106,7 @@ def _switch_off(mode: str) -> None:
     import streamproc.backends.simple as simple
     import streamproc.backends.threads as threads
     import streamproc.execution.task as task
-    from streamproc.ops import _tagged
+    from streamproc.stage_tags import tagged as _tagged
 
     if mode == "full":
         return

@@ -7,12 +7,9 @@ executor chains the ops of a stream once per task (see :mod:`streamproc.executio
 never sees records of two tasks at once: this is what makes batch composition independent of
 the backend and of the number of workers.
 
-Error attribution: the executor runs every stage's output inside :func:`_tagged` (or
-:func:`_tagged_timed`, which also times it: see
-:func:`streamproc.execution.task.iter_task_records`), and an exception is tagged by the first
-stage it crosses (see :func:`tag_stage`). An exception from upstream has already been tagged
-by its own stage when it passes through a downstream one, so each error names the stage
-(and, for ``map_gpu``, the callable) that raised it.
+Error attribution: every stage's output runs inside :func:`streamproc.stage_tags.tagged`, and
+an exception is tagged by the first stage it crosses, so each error names the stage (and, for
+``map_gpu``, the callable) that raised it (see :mod:`streamproc.stage_tags`).
 
 Error policy: with ``on_error="raise"`` (``ctx.error_policy is None``) each op runs the code
 path above and nothing else; otherwise it runs the same fast path first and isolates the
@@ -27,25 +24,18 @@ from __future__ import annotations
 
 import functools
 import itertools
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional
 
 from .batching import BatchBy, BatchSize, iter_batches
 from .errors import add_context_note
 from .execution import isolation, sorting
+from .stage_tags import tag_stage, tagged
 
 if TYPE_CHECKING:
     from .execution.context import ExecutionContext
     from .plan import Stage
-
-#: Attribute set on an exception by the first stage that sees it (so that downstream stages,
-#: through which it propagates, do not claim it).
-STAGE_ATTR = "_streamproc_stage"
-
 
 def callable_name(fn: Any) -> str:
     """A short readable name for a user callable, for reprs and error messages."""
@@ -55,16 +45,6 @@ def callable_name(fn: Any) -> str:
         return callable_name(fn.cls)
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     return name if name else type(fn).__name__
-
-
-def tag_stage(exc: BaseException, stage: str) -> None:
-    """Records on ``exc`` the stage it came from, unless an upstream stage already did."""
-    if getattr(exc, STAGE_ATTR, None) is None:
-        try:
-            setattr(exc, STAGE_ATTR, stage)
-        except AttributeError:
-            pass
-        add_context_note(exc, f"streamproc: raised in {stage}")
 
 
 @dataclass(frozen=True)
@@ -188,59 +168,6 @@ class Op:
         return {}
 
 
-def _tagged(it: Iterable[Any], stage: str) -> Iterator[Any]:
-    """Yields from ``it``, tagging an exception with ``stage`` on its way out."""
-    try:
-        yield from it
-    except Exception as exc:
-        tag_stage(exc, stage)
-        raise
-
-
-class ChunkTotals(Protocol):
-    """Where :func:`_tagged_timed` adds up a stage's output (see :mod:`streamproc.execution.timing`)."""
-
-    seconds: float
-    chunks: int
-    records: int
-
-
-def _tagged_timed(it: Iterable[list[Any]], stage: str, into: ChunkTotals) -> Iterator[list[Any]]:
-    """:func:`_tagged`, also adding to ``into`` the time spent producing each chunk, and its length.
-
-    One generator layer does both, so a timed stage costs no extra layer: two ``perf_counter``
-    calls per chunk, never per record. (A ``for`` loop, not ``next()`` in a ``try``: the end
-    of ``it`` then raises no ``StopIteration`` to catch.) Runs where the task runs.
-    """
-    clock = time.perf_counter
-    start = clock()
-    try:
-        for item in it:
-            into.seconds += clock() - start
-            into.chunks += 1
-            into.records += len(item)
-            yield item
-            start = clock()
-    except Exception as exc:  # from ``it`` (the consumer throws nothing in but GeneratorExit)
-        into.seconds += clock() - start
-        tag_stage(exc, stage)
-        raise
-    into.seconds += clock() - start
-
-
-#: The code of the generators that every stage's output runs inside (see :func:`stage_running_in`).
-_STAGE_CODES = (_tagged.__code__, _tagged_timed.__code__)
-
-
-def stage_running_in(thread: threading.Thread) -> str:
-    """The stage ``thread`` is running now (each stage runs inside ``_tagged`` or ``_tagged_timed``;
-    the innermost wins)."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    while frame is not None and frame.f_code not in _STAGE_CODES:
-        frame = frame.f_back
-    return str(frame.f_locals["stage"]) if frame is not None else "streamproc's own code"
-
-
 def records_of(chunks: Iterator[list[Any]]) -> Iterator[Any]:
     """The records of consecutive chunks, one by one (for ops that regroup records)."""
     return itertools.chain.from_iterable(chunks)
@@ -334,7 +261,7 @@ class MapBatches(BatchedOp):
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         if self.sort_by is not None:
-            return _tagged(sorting.apply_sorted(self, chunks, ctx, stage), stage.name)
+            return tagged(sorting.apply_sorted(self, chunks, ctx, stage), stage.name)
         fn = resolve(self.fn, ctx, stage, "fn")
         policy = ctx.error_policy
         if policy is not None:
@@ -385,18 +312,18 @@ class MapGPU(BatchedOp):
 
     def apply(self, chunks: Iterator[list[Any]], ctx: ExecutionContext, stage: Stage) -> Iterator[list[Any]]:
         if self.sort_by is not None:
-            return _tagged(sorting.apply_sorted(self, chunks, ctx, stage), stage.name)
+            return tagged(sorting.apply_sorted(self, chunks, ctx, stage), stage.name)
         postprocess = resolve(self.postprocess, ctx, stage, "postprocess") or default_postprocess
         prepare_batch = resolve(self.prepare_batch, ctx, stage, "prepare_batch")
         policy = ctx.error_policy
         if policy is not None:
             steps = isolation.MapGPUSteps(stage.name, prepare_batch, ctx.forward_runner(stage), postprocess)
-            return _tagged(isolation.map_gpu_isolated(self._batches(chunks), steps, policy), stage.name)
+            return tagged(isolation.map_gpu_isolated(self._batches(chunks), steps, policy), stage.name)
         # Each part is tagged separately so that an error names the callable that raised it.
-        batches = _tagged(self._batches(chunks), stage.name)
-        prepared = _tagged(((batch, prepare_batch(batch)) for batch in batches), f"{stage.name}, prepare_batch")
-        done = _tagged(ctx.forward_runner(stage).run(prepared), f"{stage.name}, forward")
-        return _tagged((list(postprocess(records, outputs)) for records, outputs in done), f"{stage.name}, postprocess")
+        batches = tagged(self._batches(chunks), stage.name)
+        prepared = tagged(((batch, prepare_batch(batch)) for batch in batches), f"{stage.name}, prepare_batch")
+        done = tagged(ctx.forward_runner(stage).run(prepared), f"{stage.name}, forward")
+        return tagged((list(postprocess(records, outputs)) for records, outputs in done), f"{stage.name}, postprocess")
 
     def describe(self) -> str:
         names = [callable_name(self.prepare_batch), callable_name(self.forward)]

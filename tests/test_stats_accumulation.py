@@ -20,8 +20,8 @@ import streamproc.execution.timing as timing
 from streamproc.execution.context import ExecutionContext
 from streamproc.execution.task import Task, run_task
 from streamproc.execution.timing import StageTimer
-from streamproc.ops import stage_running_in
 from streamproc.plan import build_plan
+from streamproc.stage_tags import stage_running_in
 from streamproc.stats import RunStats, TaskStats
 from tests.hang_guard import run_guarded
 from tests.utils import is_odd

@@ -43,8 +43,8 @@ from ..execution.task import ChunkFinalizer, Task, TaskOutput, iter_selected_pay
 from ..execution.timing import StageTimer, timed_payloads
 from ..gpu.forward import set_torch_threads, shared_forward_runners
 from ..gpu.model_cache import ModelSettings
-from ..ops import stage_running_in
 from ..plan import Plan
+from ..stage_tags import stage_running_in
 from ..stats import ProcessStats, RunStats
 from .base import Backend, BackendCapabilities, RunHandle
 from .multiprocessing.cpu_budget import default_num_cpu_workers

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..errors import SerializationError
 from ..ops import callable_name
 from ..plan import Plan
+from .tensor_pickling import PROTOCOL as PICKLE_PROTOCOL  # one protocol for plans and messages
 from .tensor_pickling import dumps_with_prefix
 
 if TYPE_CHECKING:
     from .shared_weights import WeightShipper
-
-PICKLE_PROTOCOL = 5
 
 
 def dumps_worker_plan(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import add_context_note
-from ..ops import _tagged
+from ..stage_tags import tagged
 from ..stats import TaskStats
 from .error_policy import RECORDS_IN_KEY, ErrorPolicy, make_policy
 from .timing import StageTimer, timed_finalize
@@ -84,15 +84,15 @@ def iter_task_records(
     """Streams the output records of one task, in lists (source read included).
 
     The source's chunks and every stage's output run inside a generator that tags an error
-    with the stage it came from (:func:`~streamproc.ops._tagged`); with a ``timer``, the same
+    with the stage it came from (:func:`~streamproc.stage_tags.tagged`); with a ``timer``, the same
     generator times and counts them once per chunk (see :mod:`.timing`), and the stages see
     the timer's context, whose forward runners are timed.
     """
     source = plan.source.read_task_chunks(payload, plan.chunk_size)
     if timer is None:
-        chunks: Iterator[list[Any]] = _tagged(source, "the source")
+        chunks: Iterator[list[Any]] = tagged(source, "the source")
         for stage in plan.stages:
-            chunks = _tagged(stage.op.apply(chunks, ctx, stage), stage.name)
+            chunks = tagged(stage.op.apply(chunks, ctx, stage), stage.name)
         return chunks
     chunks = timer.wrap(source, 0, "the source")
     ctx = timer.ctx

@@ -1,7 +1,7 @@
 """Timing the stages of tasks, once per chunk: what :class:`~streamproc.stats.TaskStats` holds.
 
 Runs wherever the tasks run (main process, worker thread, CPU worker). Each stage's output
-iterator (and the source's) runs inside :func:`streamproc.ops._tagged_timed`, the generator
+iterator (and the source's) runs inside :func:`streamproc.stage_tags.tagged_timed`, the generator
 that tags the stage's errors, which also adds the time spent inside its ``next()`` to a
 running total, and counts chunks and records. The wrappers nest: stage ``k``
 pulls from the wrapper of stage ``k - 1``, so
@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
-from ..ops import _tagged_timed
+from ..stage_tags import tagged_timed
 from ..stats import ProcessStats, StageStats, TaskStats
 
 T = TypeVar("T")
@@ -175,8 +175,8 @@ class StageTimer:
 
     def wrap(self, it: Iterator[list[Any]], layer: int, stage: str) -> Iterator[list[Any]]:
         """The source's chunks (``layer`` 0) or stage ``layer``'s output, tagged with ``stage``
-        (see :func:`streamproc.ops._tagged`) and timed into that layer, in one generator."""
-        return _tagged_timed(it, stage, self._layers[layer])
+        (see :func:`streamproc.stage_tags.tagged`) and timed into that layer, in one generator."""
+        return tagged_timed(it, stage, self._layers[layer])
 
     def begin_task(self) -> None:
         """A task starts (before its first chunk is asked for)."""

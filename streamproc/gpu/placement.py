@@ -182,7 +182,8 @@ def _moveown_tensors(module: Any, device: torch.device) -> None:
 def _place_by_hook(
     model: Any, names: tuple[str, ...], devices: list[torch.device], stage: str, place: PlaceHook
 ) -> Placement:
-    from ..ops import callable_name, tag_stage
+    from ..ops import callable_name
+    from ..stage_tags import tag_stage
 
     hook_name = callable_name(place)
     try:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, Optional
 
-from ...ops import stage_running_in
+from ...stage_tags import stage_running_in
 from .messages import TaskStuck, WorkerId
 
 #: Samples of the task's stack per ``task_timeout`` (and at least this often: 1 s).
