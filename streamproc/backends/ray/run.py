@@ -61,11 +61,12 @@ from ...execution.timing import timed_payloads
 from ...plan import Plan
 from ...stats import RunStats
 from .actor_pool import PoolKey, keep_warm, kill_actors, pool_key, take_warm
-from .actors import ACTOR_START_TIMEOUT_S, RunActor, await_gpu_places, first_line, remote_class, wait_until_gone
+from .actors import ACTOR_START_TIMEOUT_S, RunActor, await_gpu_places, first_line, wait_until_gone
 from .cluster import ActorSizing, alive_node_cpus, size_actors, spread_over_nodes
-from .cpu import CPUWorker, RunEnd, TaskResult
+from .cpu import RunEnd, TaskResult
 from .dispatch import ActorDispatch
-from .gpu import ActorStarted, GPUWorker
+from .gpu import ActorStarted
+from .launch import start_cpu_actor, start_gpu_actors
 
 if TYPE_CHECKING:
     from ...io.sinks import Sink
@@ -184,37 +185,16 @@ class _RayRun:
         self.payloads = payloads
 
     def _start_gpu_workers(self, sizing: ActorSizing, forwards_bytes: Optional[bytes]) -> None:
-        if not sizing.gpu_devices:
-            return
-        remote = remote_class(self.ray, GPUWorker)
-        forwards_ref = self.ray.put(forwards_bytes)  # once for every GPU worker
-        for index, device in enumerate(sizing.gpu_devices):
-            name = f"{self.token}-gpu-{index}"
-            handle = remote.options(name=name, num_cpus=0, num_gpus=sizing.gpus_per_gpu_worker, max_restarts=0).remote(
-                index, device, forwards_ref
-            )
-            actor = RunActor(handle, name)
-            self.gpu.append(actor)
-            self.created.append(actor)
+        if sizing.gpu_devices:
+            self.gpu = start_gpu_actors(self.ray, self.token, sizing, forwards_bytes)
+            self.created.extend(self.gpu)
 
     def _new_cpu_worker(self, index: int, generation: int = 0) -> RunActor:
-        name = f"{self.token}-cpu-{index}" + (f"-r{generation}" if generation else "")
         if self._nodes is None:  # once per run: the alive nodes' CPUs decide where its actors go
             self._nodes = spread_over_nodes(len(self.cpu) or self._num_cpu, alive_node_cpus(self.ray))
+        # A replacement (its node may be the one lost) goes wherever Ray spreads it.
         node = self._nodes[index] if generation == 0 else None
-        # num_cpus=0: see ActorSizing (no CPU held, by this run or while warm). A hard affinity:
-        # a soft one falls back to the driver's node whenever the chosen raylet is slow to
-        # answer (a loaded machine), which left every actor on one node. A replacement (its
-        # node may be the one lost) goes wherever Ray spreads it.
-        strategy: Any = "SPREAD"
-        if node is not None:
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
-        handle = remote_class(self.ray, CPUWorker).options(
-            name=name, num_cpus=0, max_restarts=0, scheduling_strategy=strategy
-        ).remote(index)
-        actor = RunActor(handle, name, generation=generation)
+        actor = start_cpu_actor(self.ray, self.token, index, generation, node)
         self.created.append(actor)
         return actor
 
