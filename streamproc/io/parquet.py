@@ -2,7 +2,8 @@
 
 Tasks of a parquet source are row groups: the main process only lists them, reading every
 file's footer when the run starts (so a truncated, empty or corrupt footer fails at once,
-naming the file) and unifying the files' schemas (:mod:`.parquet_schema`); the rows are
+naming the file; once per file and run: :mod:`.parquet_metadata`) and unifying the files'
+schemas (:mod:`.parquet_schema`); the rows are
 decoded where the task runs, a CPU worker with the multiprocessing backend, in slices of
 ``READ_BATCH_ROWS`` so a large row group is never held whole. A corrupt data page fails in
 the task that reads it, naming the file and the row group.
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 from ..errors import CorruptInputError, SchemaError
 from .base import READ_BATCH_ROWS, ChunkedSource
+from .parquet_metadata import FileFooter, FooterCache
 from .parquet_schema import conform_batch, unify_file_schemas
 from .paths import PathLike, resolve_files
 
@@ -51,7 +53,7 @@ class RowGroupTask(NamedTuple):
 
 class _Footer(NamedTuple):
     path: str
-    row_group_rows: list[int]
+    row_group_rows: tuple[int, ...]
     schema: pa.Schema
 
 
@@ -65,22 +67,6 @@ def _reader_errors() -> tuple[type[BaseException], ...]:
 
 def _is_corruption(exc: BaseException) -> bool:
     return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
-
-
-def read_footer_schema(path: str, filesystem: Any) -> pa.Schema:
-    """The Arrow schema in the footer of ``path`` (main process).
-
-    Raises:
-        CorruptInputError: the file is empty, truncated or not parquet (names the file).
-    """
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_schema(path, filesystem=filesystem)
-    except _reader_errors() as exc:
-        if not _is_corruption(exc):
-            raise
-        raise _corrupt_footer(path, exc) from exc
 
 
 def _corrupt_footer(path: str, exc: BaseException) -> CorruptInputError:
@@ -99,10 +85,12 @@ class ParquetSource(ChunkedSource):
     def __init__(self, path: PathLike, columns: Optional[list[str]] = None, filesystem: Any = None) -> None:
         self.path_text = str(path)
         self.filesystem, self.files = resolve_files(path, PARQUET_SUFFIXES, filesystem, what="read_parquet")
+        self.columns: Optional[list[str]] = None
+        self._footers = FooterCache(self.filesystem)
         if columns is not None:
             if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
                 raise TypeError(f"read_parquet: columns must be a list of column names, got {columns!r}")
-            schema = read_footer_schema(self.files[0], self.filesystem)
+            schema = self._read_footer(self.files[0]).schema
             missing = [c for c in columns if c not in schema.names]
             if missing:
                 raise SchemaError(
@@ -115,29 +103,39 @@ class ParquetSource(ChunkedSource):
     def _parquet_file(self, path: str) -> Any:
         # Keep the last file open: consecutive tasks usually come from the same file. One per
         # thread: the threads backend's threads share this source, and a reader is not shared.
+        # Opened with the footer the cache holds, so the main process (simple and threads
+        # backends) decodes no footer twice.
         import pyarrow.parquet as pq
 
         opened: Optional[tuple[str, Any]] = getattr(self._local, "open", None)
         if opened is None or opened[0] != path:
-            opened = (path, pq.ParquetFile(path, filesystem=self.filesystem))
+            metadata = self._footer(path).metadata
+            opened = (path, pq.ParquetFile(path, metadata=metadata, filesystem=self.filesystem))
             self._local.open = opened
         return opened[1]
 
-    def _read_footer(self, path: str) -> _Footer:
-        """The row counts of the row groups of ``path`` and its schema (selected columns only)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    def _footer(self, path: str) -> FileFooter:
+        """The footer of ``path``, read once while the file is unchanged (:mod:`.parquet_metadata`).
 
+        Raises:
+            CorruptInputError: the file is empty, truncated or not parquet (names the file).
+        """
         try:
-            metadata = pq.read_metadata(path, filesystem=self.filesystem)
-            schema = metadata.schema.to_arrow_schema()
+            return self._footers.footer(path)
         except _reader_errors() as exc:
             if not _is_corruption(exc):
                 raise
             raise _corrupt_footer(path, exc) from exc
+
+    def _read_footer(self, path: str) -> _Footer:
+        """The row counts of the row groups of ``path`` and its schema (selected columns only)."""
+        import pyarrow as pa
+
+        footer = self._footer(path)
+        schema = footer.schema
         if self.columns is not None:
             schema = pa.schema([schema.field(name) for name in self.columns if name in schema.names])
-        return _Footer(path, [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)], schema)
+        return _Footer(path, footer.row_group_rows, schema)
 
     def iter_tasks(self, task_size: int) -> Iterator[RowGroupTask]:
         """One task per row group (main process); every footer is read before the first task."""
@@ -186,9 +184,9 @@ class ParquetSource(ChunkedSource):
         """Each file's path, size, rows and row groups (footers only; main process)."""
         files = []
         for path in self.files:
-            metadata = self._parquet_file(path).metadata
-            size = self.filesystem.get_file_info(path).size
-            files.append({"path": path, "size": size, "rows": metadata.num_rows, "row_groups": metadata.num_row_groups})
+            footer = self._footer(path)
+            rows, groups = footer.metadata.num_rows, footer.metadata.num_row_groups
+            files.append({"path": path, "size": footer.size, "rows": rows, "row_groups": groups})
         return {"files": files, "columns": self.columns}
 
     def num_records(self) -> int:
