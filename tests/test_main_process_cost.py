@@ -186,3 +186,47 @@ def test_a_slot_holds_the_payloads_of_tasks_in_flight_only_when_asked(keeps_payl
     finally:
         reader.close()
         writer.close()
+
+
+# --- TaskDispatcher: set_released wakes only the callers the window holds ---------------------
+
+
+class _CountingCondition:
+    """A ``threading.Condition`` that counts its ``notify_all`` calls."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._cond = threading.Condition()
+        self.notified = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cond, name)
+
+    def __enter__(self) -> Any:
+        return self._cond.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._cond.__exit__(*exc)
+
+    def notify_all(self) -> None:
+        self.notified += 1
+        self._cond.notify_all()
+
+
+def test_set_released_wakes_no_one_unless_a_caller_waits_for_the_window():
+    from streamproc.execution.dispatch import TaskDispatcher
+
+    dispatcher = TaskDispatcher(iter([(i, i) for i in range(10)]), num_workers=1, max_in_flight=5, window=2)
+    dispatcher._cond = cond = _CountingCondition()  # type: ignore[assignment]
+    first, second = dispatcher.next_task(0), dispatcher.next_task(0)
+    assert (first.index, second.index) == (0, 1)  # type: ignore[union-attr]
+    before = cond.notified
+    dispatcher.set_released(1)  # the window moves, but no caller is held by it: no wakeup
+    assert cond.notified == before
+    assert dispatcher.next_task(0).index == 2  # type: ignore[union-attr]
+    assert not dispatcher._may_read(0)  # task 3 is outside the window [1, 3): a caller would wait
+    before = cond.notified
+    dispatcher.set_released(2)
+    assert cond.notified == before + 1
+    assert dispatcher.next_task(0).index == 3  # type: ignore[union-attr]

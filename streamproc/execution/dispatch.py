@@ -150,6 +150,9 @@ class TaskDispatcher:
         self.in_flight_bytes = 0
         self.peak_in_flight_bytes = 0
         self._reorder_bytes = 0
+        #: Whether a caller waits because of the window or the reorder bytes (``set_released``
+        #: wakes the callers only then; every other change wakes them anyway).
+        self._window_waiters = False
 
     @property
     def reader(self) -> Optional[int]:
@@ -163,13 +166,12 @@ class TaskDispatcher:
 
     def _may_read(self, worker: int) -> bool:
         index = self._next_index
-        return (
-            self._reader is None
-            and self._in_flight[worker] < self._max_in_flight
-            and (self._window is None or index < self._released + self._window)
-            and self._within_bytes(worker, index)
-            and may_take_task(worker, self._in_flight, self._live)
-        )
+        if self._reader is not None or self._in_flight[worker] >= self._max_in_flight:
+            return False
+        if self._window is not None and index >= self._released + self._window:
+            self._window_waiters = True
+            return False
+        return self._within_bytes(worker, index) and may_take_task(worker, self._in_flight, self._live)
 
     def _within_bytes(self, worker: int, index: int) -> bool:
         """The byte bounds of the class docstring (caller holds ``_cond``)."""
@@ -178,7 +180,10 @@ class TaskDispatcher:
             return True
         if self._in_flight[worker] and self.in_flight_bytes >= budget.in_flight_bytes:
             return False
-        return self._window is None or index <= self._released or self._reorder_bytes < budget.reorder_bytes
+        if self._window is None or index <= self._released or self._reorder_bytes < budget.reorder_bytes:
+            return True
+        self._window_waiters = True
+        return False
 
     def _count_bytes(self, index: int, payload: Any) -> None:
         """Adds task ``index``'s estimated bytes to those in flight (caller holds ``_cond``)."""
@@ -319,7 +324,12 @@ class TaskDispatcher:
         """The sink has received every output of the tasks before ``next_task``; the reorder
         buffer holds ``reorder_bytes`` of later outputs (collector)."""
         with self._cond:
-            if next_task != self._released or reorder_bytes < self._reorder_bytes:
+            # Only a caller held by the window (or the reorder bytes) can go on now: waking the
+            # others (feeders waiting for their own worker's slot, most of the time) costs each
+            # a wakeup and a turn of the GIL per finished task, in the main process (issue 10).
+            moved = next_task != self._released or reorder_bytes < self._reorder_bytes
+            if moved and self._window_waiters:
+                self._window_waiters = False
                 self._cond.notify_all()
             self._released = next_task
             self._reorder_bytes = reorder_bytes
