@@ -188,45 +188,56 @@ def test_a_slot_holds_the_payloads_of_tasks_in_flight_only_when_asked(keeps_payl
         writer.close()
 
 
-# --- TaskDispatcher: set_released wakes only the callers the window holds ---------------------
+# --- TaskDispatcher: a change wakes only the callers it may let go on ----------------------------
 
 
-class _CountingCondition:
-    """A ``threading.Condition`` that counts its ``notify_all`` calls."""
+def counting_notifications(condition: Any) -> list[int]:
+    """Counts ``condition``'s ``notify_all`` calls (in the returned one-item list)."""
+    count = [0]
+    notify_all = condition.notify_all
 
-    def __init__(self) -> None:
-        import threading
+    def counted() -> None:
+        count[0] += 1
+        notify_all()
 
-        self._cond = threading.Condition()
-        self.notified = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cond, name)
-
-    def __enter__(self) -> Any:
-        return self._cond.__enter__()
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self._cond.__exit__(*exc)
-
-    def notify_all(self) -> None:
-        self.notified += 1
-        self._cond.notify_all()
+    condition.notify_all = counted
+    return count
 
 
 def test_set_released_wakes_no_one_unless_a_caller_waits_for_the_window():
     from streamproc.execution.dispatch import TaskDispatcher
 
     dispatcher = TaskDispatcher(iter([(i, i) for i in range(10)]), num_workers=1, max_in_flight=5, window=2)
-    dispatcher._cond = cond = _CountingCondition()  # type: ignore[assignment]
     first, second = dispatcher.next_task(0), dispatcher.next_task(0)
     assert (first.index, second.index) == (0, 1)  # type: ignore[union-attr]
-    before = cond.notified
+    woken = counting_notifications(dispatcher._cond)
     dispatcher.set_released(1)  # the window moves, but no caller is held by it: no wakeup
-    assert cond.notified == before
+    assert woken == [0]
     assert dispatcher.next_task(0).index == 2  # type: ignore[union-attr]
-    assert not dispatcher._may_read(0)  # task 3 is outside the window [1, 3): a caller would wait
-    before = cond.notified
+    with dispatcher._cond:
+        assert not dispatcher._may_read(0)  # task 3 is outside the window [1, 3): a caller would wait
+    woken[0] = 0
     dispatcher.set_released(2)
-    assert cond.notified == before + 1
+    assert woken == [1]
     assert dispatcher.next_task(0).index == 3  # type: ignore[union-attr]
+
+
+def test_a_finished_task_wakes_its_own_workers_caller_not_the_others():
+    import threading
+
+    from streamproc.execution.dispatch import TaskDispatcher
+
+    dispatcher = TaskDispatcher(iter([(i, i) for i in range(10)]), num_workers=2, max_in_flight=1, window=None)
+    assert dispatcher.next_task(0).index == 0 and dispatcher.next_task(1).index == 1  # type: ignore[union-attr]
+    with dispatcher._cond:  # both callers would now wait for their own worker's slot
+        assert [dispatcher._condition_for(w) for w in (0, 1)] == dispatcher._slot_freed
+    woken = [counting_notifications(condition) for condition in dispatcher._slot_freed]
+    dispatcher.task_finished(1, 1)
+    assert woken == [[0], [1]]
+    got: list[Any] = []
+    caller = threading.Thread(target=lambda: got.append(dispatcher.next_task(1)), name="test-caller", daemon=True)
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive() and got[0].index == 2
+    dispatcher.stop()  # wakes everyone, whatever they wait for
+    assert woken == [[1], [2]]
