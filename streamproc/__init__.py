@@ -7,12 +7,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from .bottleneck import Bottleneck
-from .collect import collect_stats
 from .errors import (
     AuthenticationError,
     CorruptInputError,
@@ -29,16 +28,50 @@ from .errors import (
     TooManyErrorsError,
     WorkerCrashedError,
 )
-from .execution.captures import ModelShippedWarning
-from .execution.schedule import get_dispatch_schedule
-from .execution.worker_info import WorkerInfo, get_worker_info
 from .io.paths import PathLike
-from .service.client import connect
-from .service.pool import WorkerPool
-from .stats import RunStats
 from .stream import Stream
 
+if TYPE_CHECKING:
+    from .bottleneck import Bottleneck
+    from .collect import collect_stats
+    from .execution.captures import ModelShippedWarning
+    from .execution.schedule import get_dispatch_schedule
+    from .execution.worker_info import WorkerInfo, get_worker_info
+    from .service.client import connect
+    from .service.pool import WorkerPool
+    from .stats import RunStats
+
 __version__ = "0.1.0"
+
+#: Public names imported on first use (PEP 562), not by ``import streamproc``: a run forks its
+#: workers from the main process as it is then, and every module imported before the fork is
+#: counted again in each worker's RSS. ``connect`` alone (``secrets`` -> ``hmac`` ->
+#: OpenSSL) added 3.7 MB to each process of the tree (bench_memory.py ``--idle``; issue 10).
+_LAZY_NAMES = {
+    "Bottleneck": ".bottleneck",
+    "collect_stats": ".collect",
+    "ModelShippedWarning": ".execution.captures",
+    "get_dispatch_schedule": ".execution.schedule",
+    "WorkerInfo": ".execution.worker_info",
+    "get_worker_info": ".execution.worker_info",
+    "connect": ".service.client",
+    "WorkerPool": ".service.pool",
+    "RunStats": ".stats",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public name of :data:`_LAZY_NAMES` on first use (wherever it is used)."""
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streamproc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_NAMES})
 
 
 def from_iterable(iterable: Iterable[Any]) -> Stream:

@@ -1,6 +1,6 @@
 """Handing out tasks: one dispatcher over the source, shared by every backend with workers.
 
-Pure scheduling state (one condition, no processes): tested without any worker. Whoever feeds
+Pure scheduling state (one lock, no processes): tested without any worker. Whoever feeds
 a worker (a feeder thread of the multiprocessing backend, a worker thread of the threads
 backend) asks :meth:`TaskDispatcher.next_task` for the next numbered task, so whichever worker
 is free gets the next task. Two bounds keep memory flat whatever the input size:
@@ -134,7 +134,16 @@ class TaskDispatcher:
         self._run_id = run_id
         self._max_in_flight = max_in_flight
         self._window = window
-        self._cond = threading.Condition()
+        # One lock, three conditions on it, so that a change wakes only the callers it may
+        # let go on: ``_reader_done`` (a caller waits for another to come out of the source),
+        # ``_slot_freed[w]`` (worker w's caller waits for one of its tasks to finish), and
+        # ``_cond`` for every other wait (window, bytes, fairness, the end of the run). With one
+        # condition, every finished task and every read woke every feeder: one GIL turn each,
+        # for nothing but one of them, in the main process (issue 10). See _condition_for.
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._reader_done = threading.Condition(lock)
+        self._slot_freed = [threading.Condition(lock) for _ in range(num_workers)]
         self._in_flight = [0] * num_workers
         self._live = [True] * num_workers
         self._reader: Optional[int] = None  # the worker whose caller is inside next(payloads)
@@ -150,6 +159,9 @@ class TaskDispatcher:
         self.in_flight_bytes = 0
         self.peak_in_flight_bytes = 0
         self._reorder_bytes = 0
+        #: Whether a caller waits because of the window or the reorder bytes (``set_released``
+        #: wakes the callers only then; every other change wakes them anyway).
+        self._window_waiters = False
 
     @property
     def reader(self) -> Optional[int]:
@@ -163,13 +175,12 @@ class TaskDispatcher:
 
     def _may_read(self, worker: int) -> bool:
         index = self._next_index
-        return (
-            self._reader is None
-            and self._in_flight[worker] < self._max_in_flight
-            and (self._window is None or index < self._released + self._window)
-            and self._within_bytes(worker, index)
-            and may_take_task(worker, self._in_flight, self._live)
-        )
+        if self._reader is not None or self._in_flight[worker] >= self._max_in_flight:
+            return False
+        if self._window is not None and index >= self._released + self._window:
+            self._window_waiters = True
+            return False
+        return self._within_bytes(worker, index) and may_take_task(worker, self._in_flight, self._live)
 
     def _within_bytes(self, worker: int, index: int) -> bool:
         """The byte bounds of the class docstring (caller holds ``_cond``)."""
@@ -178,7 +189,10 @@ class TaskDispatcher:
             return True
         if self._in_flight[worker] and self.in_flight_bytes >= budget.in_flight_bytes:
             return False
-        return self._window is None or index <= self._released or self._reorder_bytes < budget.reorder_bytes
+        if self._window is None or index <= self._released or self._reorder_bytes < budget.reorder_bytes:
+            return True
+        self._window_waiters = True
+        return False
 
     def _count_bytes(self, index: int, payload: Any) -> None:
         """Adds task ``index``'s estimated bytes to those in flight (caller holds ``_cond``)."""
@@ -216,7 +230,7 @@ class TaskDispatcher:
                         return None
                 elif self._may_read(worker):
                     break
-                self._cond.wait(WAIT_POLL_INTERVAL_S)
+                self._condition_for(worker).wait(WAIT_POLL_INTERVAL_S)
             index = self._next_index
             self._reader = worker
         try:
@@ -237,6 +251,35 @@ class TaskDispatcher:
             self._in_flight[worker] += 1
             self._count_bytes(index, payload)
         return Task(index, payload, self._run_id, None if key == index else key)
+
+    def _condition_for(self, worker: int) -> threading.Condition:
+        """What ``worker``'s caller, which may not go on, waits on (caller holds the lock).
+
+        The condition of the first reason it may not; the caller re-checks everything when
+        woken. Who notifies which:
+
+        * ``_reader_done`` (another caller is inside the source): :meth:`_end_reading`;
+        * ``_slot_freed[worker]`` (its tasks in flight are at ``max_in_flight``): only a task
+          of that worker finishing (:meth:`task_finished`) or coming back (:meth:`requeue`);
+        * ``_cond`` (the window, the bytes, fairness, the end of a holding run):
+          :meth:`_end_reading` (the reader's worker holds one more task: fairness),
+          :meth:`task_finished` (bytes freed; maybe the end), :meth:`set_released` (when a
+          caller waits for the window or the reorder bytes);
+        * all three: :meth:`requeue`, :meth:`_finish`, :meth:`worker_gone`, :meth:`stop`.
+        """
+        if self._next_index < self._stop_at:  # _may_read was asked, and said no
+            if self._reader is not None:
+                return self._reader_done
+            if self._in_flight[worker] >= self._max_in_flight:
+                return self._slot_freed[worker]
+        return self._cond
+
+    def _notify_everyone(self) -> None:
+        """Wakes every waiting caller, whatever it waits for (caller holds the lock)."""
+        self._cond.notify_all()
+        self._reader_done.notify_all()
+        for condition in self._slot_freed:
+            condition.notify_all()
 
     def _take_requeued(self, worker: int) -> Optional[Task]:
         """A requeued task for ``worker`` if it may take one now (caller holds ``_cond``)."""
@@ -265,7 +308,7 @@ class TaskDispatcher:
             for task in tasks:
                 self._uncount_bytes(task.index)
             self._requeued[worker].extend(tasks)
-            self._cond.notify_all()
+            self._notify_everyone()
 
     def _end_reading(self, index: int, next_index: int, total: Optional[int] = None) -> None:
         """The source returned for task ``index`` (``total``: it ended or failed there).
@@ -278,7 +321,8 @@ class TaskDispatcher:
             self._next_index = next_index
             if total is not None:
                 self._finish(total)
-            self._cond.notify_all()
+            self._reader_done.notify_all()
+            self._cond.notify_all()  # fairness: the reader's worker holds one more task now
             if self.stopping:
                 self._close_payloads()
                 raise DispatchStopped(f"the run stopped while the source was read for task {index}")
@@ -288,7 +332,7 @@ class TaskDispatcher:
             if self.total_tasks is None or total < self.total_tasks:
                 self.total_tasks = total
             self._stop_at = min(self._stop_at, total)
-            self._cond.notify_all()
+            self._notify_everyone()
 
     def fail_at(self, index: int) -> None:
         """Hands out no task after ``index`` (which failed or could not be sent)."""
@@ -303,7 +347,8 @@ class TaskDispatcher:
         with self._cond:
             self._in_flight[worker] -= 1
             self._uncount_bytes(task_index)
-            self._cond.notify_all()
+            self._slot_freed[worker].notify_all()
+            self._cond.notify_all()  # bytes freed; with hold_until_finished, maybe the end
 
     def worker_gone(self, worker: int) -> None:
         """``worker``'s feeder has exited and will not ask again: the others stop waiting for it.
@@ -313,13 +358,18 @@ class TaskDispatcher:
         """
         with self._cond:
             self._live[worker] = False
-            self._cond.notify_all()
+            self._notify_everyone()
 
     def set_released(self, next_task: int, reorder_bytes: int = 0) -> None:
         """The sink has received every output of the tasks before ``next_task``; the reorder
         buffer holds ``reorder_bytes`` of later outputs (collector)."""
         with self._cond:
-            if next_task != self._released or reorder_bytes < self._reorder_bytes:
+            # Only a caller held by the window (or the reorder bytes) can go on now: waking the
+            # others (feeders waiting for their own worker's slot, most of the time) costs each
+            # a wakeup and a turn of the GIL per finished task, in the main process (issue 10).
+            moved = next_task != self._released or reorder_bytes < self._reorder_bytes
+            if moved and self._window_waiters:
+                self._window_waiters = False
                 self._cond.notify_all()
             self._released = next_task
             self._reorder_bytes = reorder_bytes
@@ -328,7 +378,7 @@ class TaskDispatcher:
         """Wakes every waiting caller (they return None) and makes every later call return None."""
         with self._cond:
             self.stopping = True
-            self._cond.notify_all()
+            self._notify_everyone()
             if self._reader is None:  # else the reader closes it when the source returns
                 self._close_payloads()
 

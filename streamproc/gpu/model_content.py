@@ -6,7 +6,6 @@ cache runs (where forward runs). torch is imported inside functions only.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -44,6 +43,8 @@ def model_digest(module: Any) -> str:
     for a 90 MB model; BLAKE2b took 0.5-1.8 s for 90 MB of bytes). It runs once per process
     and model, at start-up.
     """
+    import hashlib  # lazily: OpenSSL is 3.7 MB of RSS in every forked worker (issue 10, memory row)
+
     import torch
 
     digest = hashlib.sha256()

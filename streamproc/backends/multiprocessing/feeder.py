@@ -47,6 +47,11 @@ class WorkerSlot:
         first_message / last_message: the run's ``StartRun`` / ``EndRun`` bytes (empty: not sent).
         encode: the bytes of a task (an isolated task is sent as ``IsolatedTask``).
         survives_worker_death: whether the run replaces a dead worker (retries enabled).
+        keeps_payloads: whether ``tasks`` keep each task's payload once it is sent (a dead
+            worker's tasks are sent again; a stuck task's error locates its record). Without,
+            ``tasks`` holds each task without its payload, so the main process does not hold
+            the records of every task in flight after pickling them (1 MiB per task of big
+            records: issue 10, memory row).
     """
 
     def __init__(
@@ -56,8 +61,10 @@ class WorkerSlot:
         last_message: bytes,
         encode: Callable[[Task], bytes] = dumps_message,
         survives_worker_death: bool = False,
+        keeps_payloads: bool = True,
     ) -> None:
         self.lock = threading.Lock()
+        self.keeps_payloads = keeps_payloads
         self.task_conn = task_conn
         self.first_message = first_message
         self.last_message = last_message
@@ -74,8 +81,9 @@ class WorkerSlot:
         Raises:
             OSError: the process is gone (the task stays recorded: the collector requeues it).
         """
+        held = task if self.keeps_payloads else Task(task.index, None, task.run_id, task.key)
         with self.lock:
-            self.tasks[task.index] = task
+            self.tasks[task.index] = held
             self._send_start()
             self.task_conn.send_bytes(data)
 

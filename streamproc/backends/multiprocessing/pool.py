@@ -34,7 +34,6 @@ from ...execution.serialization import dumps_message, loads_message
 from .cpu_worker import run_cpu_worker
 from .environment import format_exit_code
 from .gpu_client import GPUChannel
-from .gpu_worker import run_gpu_worker
 from .messages import PeerReplaced, RunEnded, StartGPURun, Stop, WorkerDone, WorkerId
 from .topology import Topology
 
@@ -206,6 +205,9 @@ class ProcessPool:
 
         ``cpu_alive[i]`` is the read end of CPU worker ``i``'s liveness pipe.
         """
+        # Imported here: a run without GPU workers (and each worker it forks) never loads it.
+        from .gpu_worker import run_gpu_worker
+
         context: Any = multiprocessing.get_context(self.gpu_start_method)
         cpu_ends: dict[int, dict[int, GPUChannel]] = {}
         for index, device in enumerate(self.topology.gpu_devices):

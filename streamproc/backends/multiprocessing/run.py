@@ -76,6 +76,7 @@ from .messages import (
 )
 from .pool import KILL_JOIN_TIMEOUT_S, ProcessPool, WorkerHandle
 from .recovery import RecoveryMixin, WorkerAssignment
+from .result_wait import ResultWaiter
 from .retries import TaskRetries
 from .tensor_transport import sweep_segments
 
@@ -117,6 +118,7 @@ class _Run(RecoveryMixin):
         self._feeder_errors: collections.deque[tuple[int, BaseException]] = collections.deque()
         self._wakeup_reader: Any = None
         self._wakeup_writer: Any = None
+        self._waiter: Optional[ResultWaiter] = None
         self._shutdown_lock = threading.Lock()
         self._is_shut_down = False
         options = plan.options
@@ -162,6 +164,7 @@ class _Run(RecoveryMixin):
             self.pool.start(forwards_bytes, options.task_timeout, replaceable=self.replaces_workers)
         # Created after the workers: no child inherits it (a replacement is told to close it).
         self._wakeup_reader, self._wakeup_writer = multiprocessing.connection.Pipe(duplex=False)
+        self._waiter = ResultWaiter(self._wakeup_reader)
         if self.lease is not None:  # a warm pool's processes: wait for the pool, send its GPU workers this run's forwards
             self.lease.begin(self, forwards_bytes)
         window = REORDER_WINDOW_TASKS_PER_WORKER * self.num_workers if self.deterministic else None
@@ -179,7 +182,10 @@ class _Run(RecoveryMixin):
             assignment.slot = (
                 self.lease.slot(worker, first, last, self.retries.encode)  # shared with other runs, or not
                 if self.lease is not None
-                else WorkerSlot(worker.task_conn, first, last, self.retries.encode, self.replaces_workers)
+                else WorkerSlot(
+                    worker.task_conn, first, last, self.retries.encode, self.replaces_workers,
+                    keeps_payloads=self.replaces_workers or options.task_timeout is not None,
+                )
             )
             assignment.feeder = threading.Thread(
                 target=feed_worker,
@@ -233,24 +239,22 @@ class _Run(RecoveryMixin):
             )
 
     def _wait_and_receive(self, reorder: ReorderBuffer) -> None:
-        live = self.pool.live_workers()
-        by_reader = {w.result_conn: w for w in live}
-        by_sentinel = {w.process.sentinel: w for w in live}
         timeout = self.plan.options.task_timeout
         wait_s = RESULT_WAIT_TIMEOUT_S if timeout is None else min(RESULT_WAIT_TIMEOUT_S, timeout / 4)
         if self.lease is not None and self.lease.inbox is not None:  # the pool's router reads the pipes
             receive_routed(self, self.lease.inbox, reorder, wait_s)
             return
-        ready = multiprocessing.connection.wait([*by_reader, *by_sentinel, self._wakeup_reader], timeout=wait_s)
+        assert self._waiter is not None
+        ready = self._waiter.wait(self.pool.live_workers(), wait_s)
         if timeout is not None:
             self._check_backstop(timeout)
-        for obj in ready:
-            if obj is self._wakeup_reader:
+        for what, worker in ready:
+            if worker is None:
                 self._take_feeder_errors(reorder)
-            elif obj in by_reader:
-                self._receive_available(by_reader[obj], reorder)
+            elif what == "result":
+                self._receive_available(worker, reorder)
             else:
-                self._worker_exited(by_sentinel[obj], reorder)
+                self._worker_exited(worker, reorder)
 
     def _take_feeder_errors(self, reorder: ReorderBuffer) -> None:
         while self._wakeup_reader.poll():
@@ -387,9 +391,7 @@ class _Run(RecoveryMixin):
             try:
                 self.lease.end(self, broken)
             finally:
-                if self._wakeup_writer is not None:
-                    self._wakeup_writer.close()
-                    self._wakeup_reader.close()
+                self._close_wakeup()
             return
         if broken:
             self.pool.terminate()  # no feeder may stay blocked sending to a busy worker
@@ -404,6 +406,11 @@ class _Run(RecoveryMixin):
         # A CPU worker's RunEnded may follow the last output; GPU workers end after the CPU workers.
         for report in self.pool.final_reports:
             self._add_worker_stats(report)
+        self._close_wakeup()
+
+    def _close_wakeup(self) -> None:
+        if self._waiter is not None:
+            self._waiter.close()
         if self._wakeup_writer is not None:
             self._wakeup_writer.close()
             self._wakeup_reader.close()
