@@ -6,8 +6,9 @@ Five workloads, 2 workers on this 2-core machine, every side checked for its out
   paragraphs (the prose of the docs shipped with the installed packages: bench_sort_by's corpus,
   deterministic order), batches of 32. Sides: sentence-transformers' single-process ``encode``
   (default threads; it sorts the whole input by length), its ``start_multi_process_pool`` with
-  2 CPU processes, streamproc ``map_gpu(sort_by="n_tokens")`` with 2 CPU workers (forward in
-  them, 1 torch thread each) and with 1 CPU + 1 GPU worker on device ``cpu`` (``--gpu-threads``
+  2 CPU processes, streamproc ``map_gpu(sort_by=subword_count)`` (each record's exact token
+  count, computed in the worker) with 2 CPU workers (forward in them, 1 torch thread each; the
+  main process set to 1 thread, so that the workers are forked) and with 1 CPU + 1 GPU worker on device ``cpu`` (``--gpu-threads``
   torch threads in the GPU worker). Each side runs in a fresh child process whose process tree
   is sampled every 20 ms (peak of the summed RSS); its time starts after the model is loaded
   (the pool's start, each process loading the model, is in its time; streamproc's worker start
@@ -303,9 +304,9 @@ MINILM_SIDES = ("st-encode", "st-pool", "sp-2cpu", "sp-2cpu-model-per-worker", "
 MINILM_LABELS = {
     "st-encode": "sentence-transformers encode, 1 process, default threads",
     "st-pool": f"sentence-transformers start_multi_process_pool, {NUM_WORKERS} CPU processes",
-    "sp-2cpu": 'streamproc map_gpu(sort_by="n_tokens"), 2 CPU workers',
+    "sp-2cpu": "streamproc map_gpu(sort_by=subword_count), 2 CPU workers",
     "sp-2cpu-model-per-worker": "the same, forward=MiniLMEmbedder (a class: built in each worker, never in the main process)",
-    "sp-1cpu-1gpu": 'streamproc map_gpu(sort_by="n_tokens"), 1 CPU + 1 GPU worker on "cpu"',
+    "sp-1cpu-1gpu": 'streamproc map_gpu(sort_by=subword_count), 1 CPU + 1 GPU worker on "cpu"',
 }
 
 
@@ -322,7 +323,7 @@ def _minilm_class() -> type:
 def minilm_child(args: argparse.Namespace) -> int:
     """One MiniLM side in this (fresh) process: prints ``{"count", "seconds", "load_s"}``, saves the embeddings."""
     import numpy as np
-    from bench_sort_by import MiniLMPrepare, minilm, minilm_path, postprocess
+    from bench_sort_by import MiniLMPrepare, minilm, minilm_path, postprocess, subword_count
 
     path = minilm_path()
     assert path is not None
@@ -346,6 +347,13 @@ def minilm_child(args: argparse.Namespace) -> int:
                 st_model.stop_multi_process_pool(pool)
         seconds = time.perf_counter() - t0
     else:
+        import torch
+
+        # The main process computes nothing: with one torch thread it never starts OpenMP's
+        # pool, so the workers can be forked (inheriting torch and transformers, already
+        # imported) instead of started from the forkserver, where each re-imports them
+        # (3-4 s of start-up per worker here); see NOTE [ streamproc start methods ].
+        torch.set_num_threads(1)
         forward: Any
         fn_kwargs: dict[str, Any] = {"prepare_batch": {"path": path}}
         if side == "sp-2cpu-model-per-worker":
@@ -363,7 +371,7 @@ def minilm_child(args: argparse.Namespace) -> int:
         else:
             options.update(num_cpu_workers=1, num_gpu_workers=1, gpu_worker_devices=["cpu"], torch_threads=args.gpu_threads)
         stream = sp.from_iterable(records).map_gpu(
-            MiniLMPrepare, forward, postprocess, batch_size=args.minilm_batch, sort_by="n_tokens", fn_kwargs=fn_kwargs
+            MiniLMPrepare, forward, postprocess, batch_size=args.minilm_batch, sort_by=subword_count, fn_kwargs=fn_kwargs
         ).set_processing(**options)
         t0 = time.perf_counter()
         with profiled(f"minilm-{side}"):
