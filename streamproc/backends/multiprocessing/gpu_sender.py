@@ -67,5 +67,5 @@ class PeerSender:
 
 def close_senders(senders: dict[Any, PeerSender]) -> None:
     """Sends every queued output, then ends each sender thread (waiting a little for each)."""
-    for sender in senders.values():
+    for sender in list(senders.values()):  # a copy: the intake thread may still serve a replacement peer
         sender.close(timeout=PARENT_CHECK_INTERVAL_S * 5)
