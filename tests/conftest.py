@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
@@ -90,3 +91,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def ctrl_c_raises() -> Any:
+    """SIGINT raises ``KeyboardInterrupt`` in the main thread during the test, whatever the runner inherited.
+
+    A process started in the background by a shell without job control (``cmd &`` in a
+    script, as a CI runner may start the suite) inherits SIGINT ignored, and Python then keeps
+    it ignored: a test that sends itself Ctrl-C would wait for an interrupt that never comes.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+

@@ -87,7 +87,7 @@ def interrupt_main_when_blocked(source: BlockingSource, num_workers: int, interr
 
 
 @pytest.mark.parametrize("num_workers", [2, 4])
-def test_ctrl_c_while_the_source_blocks(num_workers):
+def test_ctrl_c_while_the_source_blocks(num_workers, ctrl_c_raises):
     source = BlockingSource()
     stream = (
         sp.from_iterable(source)

@@ -131,7 +131,7 @@ def send_sigint_when_started(started_path: Any, done: threading.Event) -> None:
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_ctrl_c_while_waiting_for_results(tmp_path, method):
+def test_ctrl_c_while_waiting_for_results(tmp_path, method, ctrl_c_raises):
     started, release = tmp_path / "started", tmp_path / "never-created"
     stream = sp.from_iterable(range(100)).map(fakes.BlockAt(12, str(started), str(release))).set_processing(**options(method))
     done = threading.Event()
