@@ -8,11 +8,11 @@ Five workloads, 2 workers on this 2-core machine, every side checked for its out
   (default threads; it sorts the whole input by length), its ``start_multi_process_pool`` with
   2 CPU processes, streamproc ``map_gpu(sort_by=subword_count)`` (each record's exact token
   count, computed in the worker) with 2 CPU workers (forward in them, 1 torch thread each; the
-  main process set to 1 thread, so that the workers are forked) and with 1 CPU + 1 GPU worker on device ``cpu`` (``--gpu-threads``
-  torch threads in the GPU worker). Each side runs in a fresh child process whose process tree
-  is sampled every 20 ms (peak of the summed RSS); its time starts after the model is loaded
-  (the pool's start, each process loading the model, is in its time; streamproc's worker start
-  and model shipping are in its). Embeddings are checked within 1e-5 of ``encode``'s.
+  main process set to 1 thread, so that the workers are forked) and with 1 CPU + 1 GPU worker
+  on device ``cpu`` (``--gpu-threads`` torch threads in the GPU worker). Each side runs in a
+  fresh child process whose process tree is sampled every 20 ms (peak of the summed RSS); its
+  time starts after the model is loaded (the pool's start, each process loading the model, is
+  in its time; streamproc's worker start and model shipping are in its). Embeddings are checked within 1e-5 of ``encode``'s.
   Targets: >= 1.0x ``encode`` (goal 1.5x), >= 3x the pool, peak RSS <= 2 GB.
 * ``identity``: ``map`` of an identity over 1M ints: records/s against ``Pool(2).imap``
   (chunksize 1024). Target: at least Pool's.

@@ -34,6 +34,7 @@ Times are reported, never asserted (record them in docs/benchmarks.md, "sort_by"
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 import random
@@ -113,15 +114,15 @@ def subword_count(record: dict[str, Any]) -> int:
     paragraphs, 70,144 padded tokens in tasks of 256 against 108,320 by word count and 76,288
     for sentence-transformers' global sort by characters (``encode``'s own key).
     """
-    tokenizer = _TOKENIZERS.get("minilm")
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = _TOKENIZERS["minilm"] = AutoTokenizer.from_pretrained(minilm_path())
-    return len(tokenizer(record["text"], truncation=True, max_length=MAX_LENGTH)["input_ids"])
+    return len(_minilm_tokenizer()(record["text"], truncation=True, max_length=MAX_LENGTH)["input_ids"])
 
 
-_TOKENIZERS: dict[str, Any] = {}
+@functools.lru_cache(maxsize=1)
+def _minilm_tokenizer() -> Any:
+    """The MiniLM package's tokenizer, loaded once per process (where the sort key runs)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path())
 
 
 # -- the models ---------------------------------------------------------------------------------

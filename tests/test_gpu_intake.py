@@ -91,11 +91,16 @@ def wait_uploaded(intake: BatchIntake, count: int) -> None:
         assert intake.cond.wait_for(lambda: len(intake.uploaded) >= count, TIMEOUT_S), list(intake.uploaded)
 
 
+def run_next(intake: BatchIntake) -> tuple[Any, float]:
+    """The next batch, oldest first, as the GPU worker's main thread takes it (and the seconds waited)."""
+    return intake.next_batch(lambda uploaded: uploaded.popleft())
+
+
 def drain(intake: BatchIntake) -> list[Any]:
     """Takes every batch, oldest first, until the intake ends (as the GPU worker's main thread does)."""
     taken = []
     while True:
-        entry, _ = intake.next_batch(lambda uploaded: uploaded.popleft())
+        entry, _ = run_next(intake)
         if entry is None:
             return taken
         taken.append(entry[2])
@@ -157,10 +162,6 @@ def test_control_messages_run_in_the_main_thread_before_later_batches() -> None:
         assert not intake.thread.is_alive()
 
     run_guarded(scenario, TIMEOUT_S, "the intake with a control pipe")
-
-
-def run_next(intake: BatchIntake) -> tuple[Any, float]:
-    return intake.next_batch(lambda uploaded: uploaded.popleft())
 
 
 def test_a_batch_that_fails_to_upload_is_answered_and_the_next_ones_go_on() -> None:
