@@ -163,21 +163,15 @@ class DeviceForward:
         on_device, ready = uploaded
         # Between two forwards every microsecond is device idle time (and this code runs right
         # after a wait on the device, with cold caches): the common case (no thread count to
-        # set, no memory budget, outputs already on the CPU) skips what it does not need.
+        # set, outputs already on the CPU) skips what it does not need.
         threads = self.torch_threads
         threads_before = torch.get_num_threads() if threads is not None else None
         try:
             if threads is not None and threads_before != threads:
                 torch.set_num_threads(threads)
-            if self.cache.budget is None:
-                if not self.cache.is_loaded(self.models):
-                    self.cache.load(self.models)
+            with self.cache.using(self.models):
                 start = time.perf_counter()
                 outputs = self._forward_on_device(on_device, ready)
-            else:
-                with self.cache.using(self.models):
-                    start = time.perf_counter()
-                    outputs = self._forward_on_device(on_device, ready)
             computed = time.perf_counter()
             self.forward_seconds += computed - start
             self.batches += 1

@@ -231,17 +231,22 @@ class ModelCache:
                 if entry.on_device:
                     self._move_to_host(entry)
 
-    @contextlib.contextmanager
-    def using(self, models: ModelSet) -> Iterator[None]:
+    def using(self, models: ModelSet) -> contextlib.AbstractContextManager[None]:
         """Loads ``models`` and keeps them on the device until the block ends.
 
-        Without a budget nothing is ever evicted: the block only checks they are loaded.
+        Without a budget nothing is ever evicted: it only checks they are loaded, and the block
+        is a ``nullcontext`` (a GPU worker enters one per batch, between two forwards, where a
+        generator-based context manager's few microseconds are device idle time).
         """
         if self.budget is None:
             if not self.is_loaded(models):
                 self.load(models)
-            yield
-            return
+            return contextlib.nullcontext()
+        return self._held(models)
+
+    @contextlib.contextmanager
+    def _held(self, models: ModelSet) -> Iterator[None]:
+        """``using`` under a budget: ``models`` loaded and counted as in use until the block ends."""
         with self._changed:
             self._load(models)
             for key in models:
