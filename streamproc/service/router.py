@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from ..backends.multiprocessing.lease import RunInbox, Unreadable, WorkerExited
 from ..backends.multiprocessing.log_forwarding import reemit
 from ..backends.multiprocessing.messages import LogRecordMessage, WorkerDone, WorkerFailed, WorkerStarted
+from ..backends.multiprocessing.result_wait import ResultWaiter
 from ..errors import SerializationError
 from ..execution.serialization import loads_message
 
@@ -82,22 +83,19 @@ class Router:
 
     # -- the thread -------------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stopping:
-            live = self.processes.live_workers()
-            by_conn = {w.result_conn: w for w in live}
-            by_sentinel = {w.process.sentinel: w for w in live}
-            ready = multiprocessing.connection.wait([*by_conn, *by_sentinel, self._wake_reader], timeout=ROUTER_WAIT_S)
-            for obj in ready:
-                if obj is self._wake_reader:
-                    continue
-                worker = by_conn.get(obj) or by_sentinel[obj]
-                if worker.exited:
-                    continue  # handled in this turn already (pipe and sentinel both ready)
-                if obj in by_conn and self._read(worker, MAX_MESSAGES_PER_TURN):
-                    continue
-                worker.process.join(0.0 if obj in by_sentinel else 0.1)
-                if worker.process.exitcode is not None:
-                    self._exited(worker)
+        waiter = ResultWaiter(self._wake_reader)  # the collector's wait, on the pool's workers
+        try:
+            while not self._stopping:
+                for what, worker in waiter.wait(self.processes.live_workers(), ROUTER_WAIT_S):
+                    if worker is None or worker.exited:
+                        continue  # the wakeup pipe, or handled in this turn already (pipe and sentinel both ready)
+                    if what == "result" and self._read(worker, MAX_MESSAGES_PER_TURN):
+                        continue
+                    worker.process.join(0.0 if what == "exited" else 0.1)
+                    if worker.process.exitcode is not None:
+                        self._exited(worker)
+        finally:
+            waiter.close()
 
     def _read(self, worker: WorkerHandle, limit: Optional[int]) -> bool:
         """Routes up to ``limit`` messages waiting from ``worker``; False at the end of its pipe."""

@@ -1,6 +1,7 @@
 """The collector's wait: result pipes, process sentinels and a wakeup pipe, one poll object.
 
-Runs in the main process (the collector, the sink's thread). ``multiprocessing.connection.wait``
+Runs in the main process: a run's collector (the sink's thread), and a warm pool's router thread
+(``service/router.py``), each with its own. ``multiprocessing.connection.wait``
 builds a new selector and registers every object on each call: 13 us for 5 objects here,
 against 2 us for ``select()`` on a selector kept between calls. The collector waits once per
 finished task or so (about 1,000 times per million tiny records), so :class:`ResultWaiter`
